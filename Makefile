@@ -1,0 +1,61 @@
+# maskaudit: `make demo` and `make test` each do all of their own set-up.
+#
+# Set-up installs PyTorch 2.11.0 (the version tch 0.24 is built against) into a venv under the
+# user's cache directory, shared by every clone, and links .libtorch to its torch/ folder, which
+# .cargo/config.toml hands to torch-sys. With LIBTORCH or LIBTORCH_USE_PYTORCH=1 in the
+# environment, that libtorch is used and nothing is installed.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+TORCH_VERSION := 2.11.0
+CACHE_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/maskaudit
+VENV ?= $(CACHE_DIR)/venv-torch-$(TORCH_VERSION)
+PYTHON ?= python3
+CARGO ?= cargo
+
+.PHONY: all setup build demo test fixtures bench check-fmt clippy
+
+all: build
+
+ifneq ($(or $(LIBTORCH),$(LIBTORCH_USE_PYTORCH)),)
+setup:
+	@echo "using the libtorch from the environment (LIBTORCH / LIBTORCH_USE_PYTORCH)"
+VENV_PYTHON := $(PYTHON)
+else
+VENV_PYTHON := $(VENV)/bin/python
+setup: $(VENV)/.installed
+	@torch_dir=$$($(VENV_PYTHON) -c 'import os, torch; print(os.path.dirname(torch.__file__))'); \
+	if [ "$$(readlink .libtorch 2>/dev/null)" != "$$torch_dir" ]; then ln -sfn "$$torch_dir" .libtorch; fi
+
+# flock: two clones setting up at once share one venv. The stamp is written last, so an
+# interrupted install is redone.
+$(VENV)/.installed:
+	@mkdir -p $(CACHE_DIR)
+	@exec 9>$(CACHE_DIR)/.lock; flock 9; \
+	if [ ! -f $@ ]; then \
+	  echo "installing PyTorch $(TORCH_VERSION) into $(VENV) (once; about 5 GB)"; \
+	  rm -rf $(VENV); \
+	  $(PYTHON) -m venv $(VENV); \
+	  $(VENV)/bin/python -m pip install --quiet --disable-pip-version-check torch==$(TORCH_VERSION) numpy; \
+	  touch $@; \
+	fi
+endif
+
+build: setup
+	$(CARGO) build --release --locked
+
+demo: build
+	./target/release/maskaudit check fixtures/tiny_lm.pt fixtures/ragged.jsonl --pad-id 0 --batch-size 4
+
+test: setup
+	$(CARGO) test --locked
+
+# Regenerates the committed fixtures with the set-up's PyTorch.
+fixtures: setup
+	$(VENV_PYTHON) fixtures/generate.py
+
+check-fmt:
+	$(CARGO) fmt --all -- --check
+
+clippy: setup
+	$(CARGO) clippy --all-targets --locked -- -D warnings

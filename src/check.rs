@@ -1,0 +1,305 @@
+//! `maskaudit check`: stream the dataset through the model and aggregate the per-token losses.
+//!
+//! The dataset is read one row at a time and processed one batch at a time, so memory does
+//! not grow with the number of rows.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use indicatif::ProgressBar;
+use tch::{Device, Kind, Tensor};
+
+use crate::aggregate::{Contamination, LossTotals};
+use crate::batch::{Batch, Batcher};
+use crate::data::{DataError, FieldNames, JsonlReader, MaskSource, Row};
+use crate::findings::{Code, Finding, Severity, SeverityOverrides};
+use crate::model::{self, device_name, DeviceChoice, LanguageModel, ModelError, TorchScriptLm};
+use crate::report::{DataSummary, ModelInfo, Report, Verdict, SCHEMA_VERSION};
+
+/// Relative contamination above which, with no `--max-contamination`, the finding is a warning.
+pub const NOTABLE_CONTAMINATION: f64 = 0.01;
+
+#[derive(Debug, Clone)]
+pub struct CheckOptions {
+    pub model: PathBuf,
+    pub data: PathBuf,
+    pub device: DeviceChoice,
+    pub batch_size: usize,
+    pub pad_id: Option<i64>,
+    pub max_contamination: Option<f64>,
+    pub fields: FieldNames,
+    pub overrides: SeverityOverrides,
+}
+
+pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
+    // Without this the JIT re-profiles and re-optimises the graph for every new sequence length.
+    tch::jit::set_profiling_mode(false);
+    let _no_grad = tch::no_grad_guard();
+
+    let device = opts.device.resolve()?;
+    let model = TorchScriptLm::load(&opts.model, device)?;
+    let mut reader = JsonlReader::open(&opts.data, opts.fields.clone())?;
+    if let Some(total) = reader.total_bytes() {
+        progress.set_length(total);
+    }
+    let data_path = reader.path().to_string();
+
+    let mut batcher = Batcher::new(opts.batch_size, opts.pad_id, data_path.clone());
+    let mut totals = LossTotals::default();
+    let mut sources = BTreeSet::new();
+    let vocab = model.vocab_size();
+
+    let mut rows_seen = 0u64;
+    while let Some(row) = reader.next() {
+        let row = row?;
+        check_vocabulary(&row, vocab, &data_path, &opts.fields.input_ids)?;
+        sources.insert(row.mask_source);
+        rows_seen += 1;
+        if let Some(batch) = batcher.push(row)? {
+            process_batch(&model, &batch, &mut totals, &opts.model)?;
+            progress.set_position(reader.bytes_read());
+        }
+    }
+    if let Some(batch) = batcher.finish()? {
+        process_batch(&model, &batch, &mut totals, &opts.model)?;
+    }
+    progress.set_position(reader.bytes_read());
+    if rows_seen == 0 {
+        return Err(DataError::Empty { path: data_path }.into());
+    }
+
+    let mask_source = match sources.len() {
+        1 => sources.first().expect("one source").as_str().to_string(),
+        _ => "mixed".to_string(),
+    };
+    let losses = totals.aggregates();
+    let contamination = Contamination::of(&losses);
+    let mut findings = data_findings(&totals, &sources);
+    findings.extend(contamination_finding(
+        contamination,
+        totals.padding_fraction(),
+        opts.max_contamination,
+    ));
+    opts.overrides.apply(&mut findings);
+    let verdict = Verdict::of(&findings);
+
+    Ok(Report {
+        schema_version: SCHEMA_VERSION,
+        model: ModelInfo {
+            path: model::path_string(&opts.model),
+            vocab_size: vocab,
+            device: device_name(device),
+            signature: model.signature(),
+            output: model.output_form(),
+        },
+        data: DataSummary {
+            path: data_path,
+            rows: totals.rows,
+            batches: totals.batches,
+            batch_size: opts.batch_size,
+            pad_id: opts.pad_id,
+            positions: totals.positions,
+            supervised_positions: totals.trained,
+            padding_fraction: totals.padding_fraction(),
+            mask_source,
+        },
+        losses,
+        contamination,
+        findings,
+        verdict,
+    })
+}
+
+/// Token ids must be checked before they reach libtorch: an out-of-range id is an abort on
+/// the CPU and poisons the whole CUDA context on a GPU.
+pub fn check_vocabulary(row: &Row, vocab: i64, path: &str, field: &str) -> Result<(), DataError> {
+    match row
+        .input_ids
+        .iter()
+        .enumerate()
+        .find(|(_, &id)| id >= vocab)
+    {
+        Some((i, id)) => Err(DataError::Field {
+            path: path.to_string(),
+            line: row.line,
+            field: field.to_string(),
+            message: format!(
+                "token id {id} at index {i} is outside the model's vocabulary (size {vocab})"
+            ),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Batch tensors on the model's device.
+pub struct BatchTensors {
+    pub input_ids: Tensor,
+    pub attention_mask: Tensor,
+}
+
+impl BatchTensors {
+    pub fn new(batch: &Batch, device: Device) -> Result<Self, tch::TchError> {
+        let shape = [batch.rows as i64, batch.seq_len as i64];
+        let upload = |v: &[i64]| -> Result<Tensor, tch::TchError> {
+            Tensor::f_from_slice(v)?.f_view(shape)?.f_to_device(device)
+        };
+        Ok(Self {
+            input_ids: upload(&batch.input_ids)?,
+            attention_mask: upload(&batch.attention_mask)?,
+        })
+    }
+}
+
+/// Runs one batch through the model and returns its per-token losses `[B, T-1]` as a host
+/// vector. Also the building block of the user-loss audit.
+pub fn batch_losses<M: LanguageModel>(
+    model: &M,
+    batch: &Batch,
+    model_path: &std::path::Path,
+) -> Result<(BatchTensors, Tensor, Vec<f32>)> {
+    let path = model::path_string(model_path);
+    let first_line = batch.lines.first().copied().unwrap_or(0);
+    let tensors = BatchTensors::new(batch, model.device())?;
+    let logits = model
+        .logits(&tensors.input_ids, &tensors.attention_mask)
+        .map_err(|e| match e {
+            ModelError::Torch(message) => ModelError::Forward {
+                path: path.clone(),
+                line: first_line,
+                message,
+            },
+            other => other,
+        })?;
+    let losses = model::token_losses(&logits, &tensors.input_ids, model::CHUNK_ELEMENTS)
+        .map_err(ModelError::from)?
+        .ok_or(ModelError::NonFinite {
+            path,
+            line: first_line,
+        })?;
+    let host: Vec<f32> = Vec::try_from(
+        losses
+            .f_to_device(Device::Cpu)
+            .and_then(|t| t.f_to_kind(Kind::Float))
+            .and_then(|t| t.f_flatten(0, -1))
+            .map_err(ModelError::from)?,
+    )
+    .context("copying per-token losses to the host")?;
+    Ok((tensors, logits, host))
+}
+
+fn process_batch<M: LanguageModel>(
+    model: &M,
+    batch: &Batch,
+    totals: &mut LossTotals,
+    model_path: &std::path::Path,
+) -> Result<()> {
+    if batch.seq_len < 2 {
+        // One-token rows have no next-token position: nothing to run.
+        totals.add_batch(&[], &[], batch.rows);
+        return Ok(());
+    }
+    let (_, _, losses) = batch_losses(model, batch, model_path)?;
+    totals.add_batch(&losses, &batch.target_mask(), batch.rows);
+    Ok(())
+}
+
+fn data_findings(totals: &LossTotals, sources: &BTreeSet<MaskSource>) -> Vec<Finding> {
+    let mut findings = vec![];
+    if totals.trained == 0 {
+        findings.push(Finding::new(
+            Code::NoTrainedPositions,
+            Severity::Error,
+            format!(
+                "none of the {} next-token positions has a trained target: check the mask field",
+                totals.positions
+            ),
+        ));
+    }
+    if sources.len() > 1 {
+        let names: Vec<&str> = sources.iter().map(|s| s.as_str()).collect();
+        findings.push(Finding::new(
+            Code::MixedMaskSource,
+            Severity::Warning,
+            format!(
+                "rows take their mask from different fields: {}",
+                names.join(", ")
+            ),
+        ));
+    }
+    findings
+}
+
+/// The contamination finding: an error above `max` (relative, either direction), a warning
+/// above 1% when no maximum is given, otherwise information.
+pub fn contamination_finding(
+    contamination: Option<Contamination>,
+    padding_fraction: Option<f64>,
+    max: Option<f64>,
+) -> Option<Finding> {
+    let c = contamination?;
+    if padding_fraction == Some(0.0) {
+        return Some(Finding::new(
+            Code::NoPadding,
+            Severity::Info,
+            "every next-token position is trained: a loss over all positions equals the masked mean",
+        ));
+    }
+    let size = c.relative.abs();
+    let direction = if c.absolute < 0.0 { "lower" } else { "higher" };
+    let message = format!(
+        "a loss that includes the {:.1}% untrained positions reads {:+.4} ({:+.2}%) vs the masked token mean: {} than the truth",
+        padding_fraction.unwrap_or(0.0) * 100.0,
+        c.absolute,
+        c.relative * 100.0,
+        direction
+    );
+    let severity = match max {
+        Some(max) if size > max => Severity::Error,
+        Some(_) => Severity::Info,
+        None if size > NOTABLE_CONTAMINATION => Severity::Warning,
+        None => Severity::Info,
+    };
+    let message = match max {
+        Some(max) if size > max => format!("{message}; above --max-contamination {max}"),
+        _ => message,
+    };
+    Some(Finding::new(Code::PaddingContamination, severity, message))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contamination_severity_follows_the_threshold() {
+        let c = Some(Contamination {
+            absolute: -0.5,
+            relative: -0.2,
+        });
+        let sev = |max| contamination_finding(c, Some(0.3), max).unwrap().severity;
+        assert_eq!(sev(None), Severity::Warning);
+        assert_eq!(sev(Some(0.1)), Severity::Error);
+        assert_eq!(sev(Some(0.25)), Severity::Info);
+        let f = contamination_finding(c, Some(0.0), Some(0.1)).unwrap();
+        assert_eq!((f.code, f.severity), (Code::NoPadding, Severity::Info));
+        assert!(contamination_finding(None, Some(0.3), None).is_none());
+    }
+
+    #[test]
+    fn vocabulary_check_names_line_and_index() {
+        let row = Row {
+            line: 12,
+            input_ids: vec![1, 2, 48],
+            mask: vec![1; 3],
+            attention_mask: vec![1; 3],
+            mask_source: MaskSource::AllTokens,
+        };
+        let err = check_vocabulary(&row, 48, "d.jsonl", "input_ids").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "d.jsonl:12: input_ids: token id 48 at index 2 is outside the model's vocabulary (size 48)"
+        );
+        assert!(check_vocabulary(&row, 49, "d.jsonl", "input_ids").is_ok());
+    }
+}

@@ -1,0 +1,138 @@
+//! Command-line arguments.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::data::FieldNames;
+use crate::findings::Code;
+use crate::model::DeviceChoice;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "maskaudit",
+    version,
+    about = "Audit how padding and loss masks enter a causal language model's training loss",
+    after_help = "Exit status: 0 pass, 1 a check failed (an error finding), 2 usage or input error."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the model over the dataset and compare the loss with and without the mask.
+    Check(Box<CheckArgs>),
+    /// Print the long explanation of a finding code, with a fix.
+    Explain {
+        /// A finding code, e.g. padding-contamination; `all` lists every code.
+        code: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// TorchScript causal LM: forward(input_ids[, attention_mask]) -> logits [B,T,V]
+    pub model: PathBuf,
+    /// Pre-tokenized dataset, one JSON object per line; `-` reads standard input
+    pub data: PathBuf,
+
+    #[command(flatten)]
+    pub data_opts: DataArgs,
+
+    /// cpu, cuda, cuda:N, or auto (CUDA when available)
+    #[arg(long, default_value = "auto", value_parser = parse_device, help_heading = "Model")]
+    pub device: DeviceChoice,
+
+    /// Fail (exit 1) when |all_positions_mean − masked_token_mean| / masked_token_mean exceeds this
+    #[arg(long, value_name = "RELATIVE", value_parser = parse_fraction, help_heading = "Checks")]
+    pub max_contamination: Option<f64>,
+
+    #[command(flatten)]
+    pub severity: SeverityArgs,
+
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+/// How rows are read and batched.
+#[derive(Debug, Args)]
+pub struct DataArgs {
+    /// Rows per batch, in file order; the last batch may be partial
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Data")]
+    pub batch_size: u32,
+    /// Token id used to right-pad rows to the longest row of their batch (padding gets mask 0)
+    #[arg(long, value_parser = clap::value_parser!(i64).range(0..), help_heading = "Data")]
+    pub pad_id: Option<i64>,
+    /// Field holding the token ids
+    #[arg(long, default_value = "input_ids", help_heading = "Data")]
+    pub input_field: String,
+    /// Field holding labels aligned with the ids (-100 = not trained)
+    #[arg(long, default_value = "labels", help_heading = "Data")]
+    pub labels_field: String,
+    /// Field holding a 0/1 loss mask aligned with the ids
+    #[arg(long, default_value = "loss_mask", help_heading = "Data")]
+    pub mask_field: String,
+    /// Field holding the 0/1 attention mask
+    #[arg(long, default_value = "attention_mask", help_heading = "Data")]
+    pub attention_mask_field: String,
+}
+
+impl DataArgs {
+    pub fn fields(&self) -> FieldNames {
+        FieldNames {
+            input_ids: self.input_field.clone(),
+            labels: self.labels_field.clone(),
+            loss_mask: self.mask_field.clone(),
+            attention_mask: self.attention_mask_field.clone(),
+        }
+    }
+}
+
+/// Severity overrides by finding code.
+#[derive(Debug, Args)]
+pub struct SeverityArgs {
+    /// Make a finding code an error (exit 1); repeatable
+    #[arg(long, value_name = "CODE", value_parser = parse_code, help_heading = "Checks")]
+    pub deny: Vec<Code>,
+    /// Make a finding code a warning; repeatable
+    #[arg(long, value_name = "CODE", value_parser = parse_code, help_heading = "Checks")]
+    pub warn: Vec<Code>,
+    /// Make a finding code informational (never fails); repeatable
+    #[arg(long, value_name = "CODE", value_parser = parse_code, help_heading = "Checks")]
+    pub allow: Vec<Code>,
+}
+
+#[derive(Debug, Args)]
+pub struct OutputArgs {
+    /// Output format
+    #[arg(long, value_enum, default_value_t = Format::Table, help_heading = "Output")]
+    pub format: Format,
+    /// No progress bar
+    #[arg(long, short, help_heading = "Output")]
+    pub quiet: bool,
+}
+
+fn parse_device(s: &str) -> Result<DeviceChoice, String> {
+    s.parse()
+}
+
+fn parse_code(s: &str) -> Result<Code, String> {
+    s.parse()
+}
+
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
+        _ => Err(format!(
+            "'{s}' is not a non-negative number (0.05 means 5%)"
+        )),
+    }
+}

@@ -1,0 +1,175 @@
+//! Findings: what a check concluded, each under a stable code.
+//!
+//! Codes are part of the JSON contract and of the CLI (`--deny`, `--warn`, `--allow`,
+//! `maskaudit explain CODE`). Checks push findings with their default severity; the user's
+//! overrides are applied once, at the end, so every output format sees the same verdict.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Error,
+    Warning,
+    Info,
+}
+
+impl fmt::Display for Severity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+            Severity::Info => "info",
+        })
+    }
+}
+
+macro_rules! codes {
+    ($($variant:ident => $name:literal, $description:literal;)*) => {
+        /// Every finding code maskaudit can emit.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub enum Code { $($variant,)* }
+
+        impl Code {
+            pub const ALL: &'static [Code] = &[$(Code::$variant,)*];
+
+            /// The kebab-case name used in JSON and on the command line.
+            pub fn name(self) -> &'static str {
+                match self { $(Code::$variant => $name,)* }
+            }
+
+            /// One sentence: what the finding means.
+            pub fn description(self) -> &'static str {
+                match self { $(Code::$variant => $description,)* }
+            }
+        }
+    };
+}
+
+codes! {
+    PaddingContamination => "padding-contamination",
+        "A loss over all positions would differ from the masked token mean by this much: what padding does to a loss that does not mask it.";
+    NoPadding => "no-padding",
+        "Every position is trained, so padding cannot contaminate this dataset's loss.";
+    NoTrainedPositions => "no-trained-positions",
+        "The mask trains no target at all: no loss can be computed.";
+    MixedMaskSource => "mixed-mask-source",
+        "Rows take their mask from different fields (loss_mask, labels, attention_mask), which usually means rows were built by different code.";
+}
+
+impl fmt::Display for Code {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Code {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Code::ALL
+            .iter()
+            .copied()
+            .find(|c| c.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Code::ALL.iter().map(|c| c.name()).collect();
+                format!("unknown finding code '{s}' (known: {})", names.join(", "))
+            })
+    }
+}
+
+impl Serialize for Code {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Finding {
+    pub code: Code,
+    pub severity: Severity,
+    pub message: String,
+}
+
+impl Finding {
+    pub fn new(code: Code, severity: Severity, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            severity,
+            message: message.into(),
+        }
+    }
+}
+
+/// The user's severity overrides (`--deny`, `--warn`, `--allow`).
+#[derive(Debug, Clone, Default)]
+pub struct SeverityOverrides {
+    map: BTreeMap<Code, Severity>,
+}
+
+impl SeverityOverrides {
+    /// Later lists win over earlier ones: allow, then warn, then deny.
+    pub fn new(deny: &[Code], warn: &[Code], allow: &[Code]) -> Self {
+        let mut map = BTreeMap::new();
+        for (codes, severity) in [
+            (allow, Severity::Info),
+            (warn, Severity::Warning),
+            (deny, Severity::Error),
+        ] {
+            for &code in codes {
+                map.insert(code, severity);
+            }
+        }
+        Self { map }
+    }
+
+    pub fn apply(&self, findings: &mut [Finding]) {
+        for f in findings {
+            if let Some(&severity) = self.map.get(&f.code) {
+                f.severity = severity;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn codes_are_unique_kebab_case_and_round_trip() {
+        let names: HashSet<&str> = Code::ALL.iter().map(|c| c.name()).collect();
+        assert_eq!(names.len(), Code::ALL.len());
+        for &code in Code::ALL {
+            assert!(code
+                .name()
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c == '-'));
+            assert_eq!(code.name().parse::<Code>(), Ok(code));
+            assert!(code.description().ends_with('.'));
+        }
+        assert!("nope"
+            .parse::<Code>()
+            .unwrap_err()
+            .contains("padding-contamination"));
+    }
+
+    #[test]
+    fn overrides_change_severity_deny_last() {
+        let mut findings = vec![
+            Finding::new(Code::NoPadding, Severity::Info, "a"),
+            Finding::new(Code::MixedMaskSource, Severity::Warning, "b"),
+        ];
+        SeverityOverrides::new(
+            &[Code::NoPadding],
+            &[Code::NoPadding],
+            &[Code::MixedMaskSource],
+        )
+        .apply(&mut findings);
+        assert_eq!(findings[0].severity, Severity::Error);
+        assert_eq!(findings[1].severity, Severity::Info);
+    }
+}

@@ -1,0 +1,492 @@
+//! The model interface, and the one implementation: a TorchScript module through tch.
+//!
+//! Everything that touches libtorch for the model lives here, so that another format
+//! (torch.export / AOTInductor) can be added behind [`LanguageModel`] later.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use tch::{CModule, Device, IValue, Kind, Tensor};
+
+/// A causal language model: token ids in, next-token logits out.
+pub trait LanguageModel {
+    fn vocab_size(&self) -> i64;
+    fn device(&self) -> Device;
+    /// Logits `[B, T, V]` for `input_ids` `[B, T]`; `attention_mask` is 1 for tokens, 0 for padding.
+    fn logits(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor, ModelError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: no such file")]
+    Missing { path: String },
+    #[error("{path}: not a TorchScript module: {message}")]
+    NotTorchScript { path: String, message: String },
+    #[error("{path}: forward failed for every accepted signature: {tried}")]
+    Signature { path: String, tried: String },
+    #[error("{path}: unsupported output: {found}; expected logits [batch, positions, vocabulary] as a tensor, the first element of a tuple or list, or a dict's \"logits\" entry")]
+    Output { path: String, found: String },
+    #[error("{path}: forward failed on the batch starting at line {line}: {message}")]
+    Forward {
+        path: String,
+        line: usize,
+        message: String,
+    },
+    #[error(
+        "{path}: the model returned NaN or infinite logits for the batch starting at line {line}"
+    )]
+    NonFinite { path: String, line: usize },
+    #[error("--device {device}: {message}")]
+    Device { device: String, message: String },
+    #[error("libtorch: {0}")]
+    Torch(String),
+}
+
+impl From<tch::TchError> for ModelError {
+    fn from(e: tch::TchError) -> Self {
+        ModelError::Torch(torch_message(&e.to_string()))
+    }
+}
+
+/// `--device`: cpu, cuda, cuda:N, or auto.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| format!("'{s}' is not one of cpu, cuda, cuda:N, auto")),
+        }
+    }
+}
+
+impl DeviceChoice {
+    pub fn resolve(self) -> Result<Device, ModelError> {
+        match self {
+            DeviceChoice::Cpu => Ok(Device::Cpu),
+            DeviceChoice::Auto => Ok(if tch::Cuda::is_available() {
+                Device::Cuda(0)
+            } else {
+                Device::Cpu
+            }),
+            DeviceChoice::Cuda(n) => {
+                let count = tch::Cuda::device_count();
+                let name = if n == 0 {
+                    "cuda".into()
+                } else {
+                    format!("cuda:{n}")
+                };
+                if count == 0 {
+                    Err(ModelError::Device {
+                        device: name,
+                        message: "CUDA is not available (no GPU, or libtorch without CUDA)".into(),
+                    })
+                } else if n as i64 >= count {
+                    Err(ModelError::Device {
+                        device: name,
+                        message: format!("only {count} CUDA device(s) are visible"),
+                    })
+                } else {
+                    Ok(Device::Cuda(n))
+                }
+            }
+        }
+    }
+}
+
+/// `cpu`, `cuda:0`, …
+pub fn device_name(device: Device) -> String {
+    match device {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(n) => format!("cuda:{n}"),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+/// Which arguments the module's forward takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Signature {
+    InputIdsAttentionMask,
+    InputIds,
+}
+
+impl fmt::Display for Signature {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Signature::InputIdsAttentionMask => "forward(input_ids, attention_mask)",
+            Signature::InputIds => "forward(input_ids)",
+        })
+    }
+}
+
+/// Where the logits were found in the module's output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputForm {
+    Tensor,
+    TupleFirst,
+    DictLogits,
+}
+
+impl fmt::Display for OutputForm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            OutputForm::Tensor => "a tensor",
+            OutputForm::TupleFirst => "the first element of a tuple",
+            OutputForm::DictLogits => "the \"logits\" entry of a dict",
+        })
+    }
+}
+
+/// A TorchScript causal LM.
+pub struct TorchScriptLm {
+    module: CModule,
+    path: String,
+    device: Device,
+    vocab_size: i64,
+    signature: Signature,
+    output_form: OutputForm,
+}
+
+impl TorchScriptLm {
+    /// Loads the module and probes it once with a two-token input to learn its signature,
+    /// output form and vocabulary size.
+    pub fn load(path: &Path, device: Device) -> Result<Self, ModelError> {
+        let display = path.display().to_string();
+        if !path.is_file() {
+            return Err(ModelError::Missing { path: display });
+        }
+        let mut module =
+            CModule::load_on_device(path, device).map_err(|e| ModelError::NotTorchScript {
+                path: display.clone(),
+                message: torch_message(&e.to_string()),
+            })?;
+        module.set_eval();
+
+        let ids = Tensor::f_from_slice(&[0i64, 0])?
+            .f_view([1, 2])?
+            .f_to_device(device)?;
+        let mask = ids.f_ones_like()?;
+        let mut tried = vec![];
+        for signature in [Signature::InputIdsAttentionMask, Signature::InputIds] {
+            match call(&module, signature, &ids, &mask) {
+                Ok(out) => {
+                    let (logits, output_form) =
+                        extract_logits(out).map_err(|found| ModelError::Output {
+                            path: display.clone(),
+                            found,
+                        })?;
+                    let size = logits.size();
+                    if size.len() != 3
+                        || size[0] != 1
+                        || size[1] != 2
+                        || !logits.is_floating_point()
+                    {
+                        return Err(ModelError::Output {
+                            path: display,
+                            found: format!(
+                                "a {:?} tensor of shape {:?} for input_ids of shape [1, 2]",
+                                logits.kind(),
+                                size
+                            ),
+                        });
+                    }
+                    return Ok(Self {
+                        module,
+                        path: display,
+                        device,
+                        vocab_size: size[2],
+                        signature,
+                        output_form,
+                    });
+                }
+                Err(e) => tried.push(format!("{signature}: {}", torch_message(&e.to_string()))),
+            }
+        }
+        Err(ModelError::Signature {
+            path: display,
+            tried: tried.join("; "),
+        })
+    }
+
+    pub fn signature(&self) -> Signature {
+        self.signature
+    }
+
+    pub fn output_form(&self) -> OutputForm {
+        self.output_form
+    }
+
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// The underlying module, for methods other than forward (a user's loss method).
+    pub fn module(&self) -> &CModule {
+        &self.module
+    }
+}
+
+fn call(
+    module: &CModule,
+    signature: Signature,
+    ids: &Tensor,
+    mask: &Tensor,
+) -> Result<IValue, tch::TchError> {
+    match signature {
+        Signature::InputIdsAttentionMask => module.forward_is(&[
+            IValue::Tensor(ids.shallow_clone()),
+            IValue::Tensor(mask.shallow_clone()),
+        ]),
+        Signature::InputIds => module.forward_is(&[IValue::Tensor(ids.shallow_clone())]),
+    }
+}
+
+/// Finds the logits tensor in a module's output, or says what came back instead.
+pub fn extract_logits(out: IValue) -> Result<(Tensor, OutputForm), String> {
+    match out {
+        IValue::Tensor(t) => Ok((t, OutputForm::Tensor)),
+        IValue::Tuple(items) | IValue::GenericList(items) => match items.into_iter().next() {
+            Some(IValue::Tensor(t)) => Ok((t, OutputForm::TupleFirst)),
+            Some(other) => Err(format!(
+                "a tuple whose first element is {}",
+                describe(&other)
+            )),
+            None => Err("an empty tuple".into()),
+        },
+        IValue::TensorList(items) => items
+            .into_iter()
+            .next()
+            .map(|t| (t, OutputForm::TupleFirst))
+            .ok_or_else(|| "an empty list".into()),
+        IValue::GenericDict(entries) => {
+            let mut keys = vec![];
+            for (k, v) in entries {
+                match (k, v) {
+                    (IValue::String(k), IValue::Tensor(t)) if k == "logits" => {
+                        return Ok((t, OutputForm::DictLogits))
+                    }
+                    (IValue::String(k), _) => keys.push(k),
+                    (other, _) => keys.push(describe(&other)),
+                }
+            }
+            Err(format!(
+                "a dict without a \"logits\" tensor (keys: {})",
+                keys.join(", ")
+            ))
+        }
+        other => Err(describe(&other)),
+    }
+}
+
+/// A short description of an IValue for error messages.
+pub fn describe(v: &IValue) -> String {
+    match v {
+        IValue::None => "None".into(),
+        IValue::Tensor(t) => format!("a {:?} tensor of shape {:?}", t.kind(), t.size()),
+        IValue::Double(x) => format!("the float {x}"),
+        IValue::Int(x) => format!("the int {x}"),
+        IValue::Bool(x) => format!("the bool {x}"),
+        IValue::Tuple(v) => format!("a tuple of {} elements", v.len()),
+        IValue::GenericList(v) => format!("a list of {} elements", v.len()),
+        IValue::TensorList(v) => format!("a list of {} tensors", v.len()),
+        IValue::GenericDict(v) => format!("a dict of {} entries", v.len()),
+        IValue::String(_) => "a string".into(),
+        IValue::IntList(_)
+        | IValue::DoubleList(_)
+        | IValue::BoolList(_)
+        | IValue::StringList(_) => "a list".into(),
+        IValue::Object(_) => "an object".into(),
+        IValue::Device(_) => "a device".into(),
+        _ => "an unsupported value".into(),
+    }
+}
+
+impl LanguageModel for TorchScriptLm {
+    fn vocab_size(&self) -> i64 {
+        self.vocab_size
+    }
+
+    fn device(&self) -> Device {
+        self.device
+    }
+
+    fn logits(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor, ModelError> {
+        let out = call(&self.module, self.signature, input_ids, attention_mask)?;
+        let (logits, _) = extract_logits(out).map_err(|found| ModelError::Output {
+            path: self.path.clone(),
+            found,
+        })?;
+        let (b, t) = (input_ids.size()[0], input_ids.size()[1]);
+        let size = logits.size();
+        if size != [b, t, self.vocab_size] || !logits.is_floating_point() {
+            return Err(ModelError::Output {
+                path: self.path.clone(),
+                found: format!(
+                    "a {:?} tensor of shape {size:?} for input_ids of shape [{b}, {t}]",
+                    logits.kind()
+                ),
+            });
+        }
+        Ok(logits)
+    }
+}
+
+/// Elements of the largest `[rows, V]` slice of logits that the cross-entropy works on at once.
+/// Bounds the f32 upcast and log-softmax buffers (64 MiB each at f32).
+pub const CHUNK_ELEMENTS: i64 = 1 << 24;
+
+/// Next-token cross-entropy with reduction 'none': `ℓ[b,t] = CE(logits[b,t], input_ids[b,t+1])`,
+/// as f32 `[B, T-1]` on the logits' device. Half-precision logits are upcast chunk by chunk.
+/// Returns `Ok(None)` when a logit is NaN or infinite.
+pub fn token_losses(
+    logits: &Tensor,
+    input_ids: &Tensor,
+    chunk_elements: i64,
+) -> Result<Option<Tensor>, tch::TchError> {
+    let size = logits.size();
+    let (b, t, v) = (size[0], size[1], size[2]);
+    let positions = t - 1;
+    if positions <= 0 {
+        return Ok(Some(Tensor::f_zeros(
+            [b, 0],
+            (Kind::Float, logits.device()),
+        )?));
+    }
+    let rows_per_chunk = (chunk_elements / v.max(1)).max(1);
+    let mut pieces = Vec::new();
+    let mut non_finite = Tensor::f_zeros([], (Kind::Bool, logits.device()))?;
+    for row in 0..b {
+        let row_logits = logits.f_select(0, row)?;
+        let row_targets = input_ids.f_select(0, row)?.f_narrow(0, 1, positions)?;
+        let mut start = 0;
+        while start < positions {
+            let n = rows_per_chunk.min(positions - start);
+            let mut x = row_logits.f_narrow(0, start, n)?;
+            if x.kind() != Kind::Float && x.kind() != Kind::Double {
+                x = x.f_to_kind(Kind::Float)?;
+            }
+            non_finite = non_finite.f_logical_or(&x.f_isfinite()?.f_all()?.f_logical_not()?)?;
+            let target = row_targets.f_narrow(0, start, n)?;
+            let loss =
+                x.f_cross_entropy_loss::<Tensor>(&target, None, tch::Reduction::None, -100, 0.0)?;
+            pieces.push(loss.f_to_kind(Kind::Float)?);
+            start += n;
+        }
+    }
+    if bool::try_from(&non_finite)? {
+        return Ok(None);
+    }
+    Ok(Some(Tensor::f_cat(&pieces, 0)?.f_view([b, positions])?))
+}
+
+/// libtorch errors carry C++ backtraces over many lines; keep the line that says what happened.
+pub fn torch_message(raw: &str) -> String {
+    let raw = raw.split("Exception raised from").next().unwrap_or(raw);
+    let lines: Vec<&str> = raw
+        .lines()
+        .map(|l| l.trim().trim_start_matches("Internal torch error: "))
+        .filter(|l| !l.is_empty() && !l.starts_with("frame #"))
+        .collect();
+    // TorchScript prints a traceback, then the exception on the last line.
+    let is_exception = |l: &&&str| {
+        let head = l.split(':').next().unwrap_or("");
+        !head.contains(' ') && (head.ends_with("Error") || head.ends_with("Exception"))
+    };
+    let pick = lines
+        .iter()
+        .rev()
+        .find(is_exception)
+        .or(lines.first())
+        .copied()
+        .unwrap_or("unknown libtorch error");
+    let pick = pick.strip_prefix("builtins.").unwrap_or(pick);
+    // The zip reader's message goes on about checkpoints; its first sentence is the point.
+    let pick = match pick.find(". ") {
+        Some(i) if pick.len() > 200 => &pick[..=i],
+        _ => pick,
+    };
+    let mut s: String = pick.chars().take(300).collect();
+    if pick.chars().count() > 300 {
+        s.push('…');
+    }
+    s
+}
+
+/// For displaying a model path in messages and reports.
+pub fn path_string(p: &Path) -> String {
+    PathBuf::from(p).display().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_choices_parse() {
+        assert_eq!("auto".parse(), Ok(DeviceChoice::Auto));
+        assert_eq!("cpu".parse(), Ok(DeviceChoice::Cpu));
+        assert_eq!("cuda".parse(), Ok(DeviceChoice::Cuda(0)));
+        assert_eq!("cuda:3".parse(), Ok(DeviceChoice::Cuda(3)));
+        assert!("gpu".parse::<DeviceChoice>().is_err());
+        assert!("cuda:x".parse::<DeviceChoice>().is_err());
+    }
+
+    #[test]
+    fn torch_message_keeps_the_meaningful_line() {
+        let raw = "The following operation failed in the TorchScript interpreter.\nTraceback of TorchScript (most recent call last):\n  File \"x.py\", line 3\nbuiltins.RuntimeError: boom happened\n";
+        assert_eq!(torch_message(raw), "RuntimeError: boom happened");
+        assert_eq!(
+            torch_message("Internal torch error: forward() is missing value for argument 'labels'. Declaration: forward(Tensor a) -> Tensor\nException raised from x at y.h:61\nframe #0: c10::Error::Error(c10::SourceLocation)"),
+            "forward() is missing value for argument 'labels'. Declaration: forward(Tensor a) -> Tensor"
+        );
+    }
+
+    #[test]
+    fn chunked_cross_entropy_matches_unchunked() {
+        let _guard = tch::no_grad_guard();
+        tch::manual_seed(0);
+        let logits = Tensor::randn([3, 7, 11], (Kind::Float, Device::Cpu));
+        let ids = Tensor::randint(11, [3, 7], (Kind::Int64, Device::Cpu));
+        let whole = token_losses(&logits, &ids, 1 << 20).unwrap().unwrap();
+        let chunked = token_losses(&logits, &ids, 22).unwrap().unwrap();
+        assert_eq!(whole.size(), vec![3, 6]);
+        assert!(whole.allclose(&chunked, 1e-6, 1e-6, false));
+        // Reference: the flattened call on a contiguous copy.
+        let flat = logits
+            .narrow(1, 0, 6)
+            .reshape([18, 11])
+            .cross_entropy_loss::<Tensor>(
+                &ids.narrow(1, 1, 6).reshape([18]),
+                None,
+                tch::Reduction::None,
+                -100,
+                0.0,
+            )
+            .view([3, 6]);
+        assert!(whole.allclose(&flat, 1e-6, 1e-6, false));
+    }
+
+    #[test]
+    fn non_finite_logits_are_reported() {
+        let _guard = tch::no_grad_guard();
+        let logits = Tensor::zeros([1, 3, 4], (Kind::Float, Device::Cpu));
+        let _ = logits.narrow(1, 1, 1).fill_(f64::NAN);
+        let ids = Tensor::zeros([1, 3], (Kind::Int64, Device::Cpu));
+        assert!(token_losses(&logits, &ids, 1 << 20).unwrap().is_none());
+    }
+}

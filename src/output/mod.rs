@@ -1,0 +1,3 @@
+//! Renderers of a [`Report`](crate::report::Report): one module a format.
+pub mod json;
+pub mod table;

@@ -1,0 +1,122 @@
+//! The human-readable report: a summary, a comparison table and the findings.
+
+use std::io::Write;
+
+use comfy_table::presets::UTF8_FULL_CONDENSED;
+use comfy_table::{Cell, CellAlignment, Table};
+
+use crate::findings::Finding;
+use crate::report::{Report, Verdict};
+
+/// Each aggregate, with what it is and where it comes from.
+const AGGREGATES: &[(&str, &str)] = &[
+    (
+        "masked_token_mean",
+        "Σℓm/Σm over trained targets: the correct loss",
+    ),
+    (
+        "all_positions_mean",
+        "Σℓ/N: padding included (reduce before mask)",
+    ),
+    (
+        "masked_sum_over_all_positions",
+        "Σℓm/N: divided by numel, not by Σm",
+    ),
+    (
+        "sequence_mean",
+        "mean of row means: short rows overweighted",
+    ),
+    (
+        "batch_mean_of_means",
+        "mean of batch means: accumulation without token counts",
+    ),
+];
+
+fn value_of(report: &Report, name: &str) -> Option<f64> {
+    let l = &report.losses;
+    match name {
+        "masked_token_mean" => l.masked_token_mean,
+        "all_positions_mean" => l.all_positions_mean,
+        "masked_sum_over_all_positions" => l.masked_sum_over_all_positions,
+        "sequence_mean" => l.sequence_mean,
+        "batch_mean_of_means" => l.batch_mean_of_means,
+        _ => None,
+    }
+}
+
+pub fn write<W: Write>(out: &mut W, report: &Report) -> std::io::Result<()> {
+    let d = &report.data;
+    let m = &report.model;
+    writeln!(out, "maskaudit check: {} on {}", m.path, d.path)?;
+    writeln!(out)?;
+    let padding = d
+        .padding_fraction
+        .map(|p| format!("{:.2}%", p * 100.0))
+        .unwrap_or_else(|| "n/a".into());
+    let pad = d
+        .pad_id
+        .map(|p| format!(", padded with id {p}"))
+        .unwrap_or_default();
+    writeln!(
+        out,
+        "  data   {} rows in {} batches of up to {}{pad}; {} next-token positions, {} trained; padding {padding}; mask from {}",
+        d.rows, d.batches, d.batch_size, d.positions, d.supervised_positions, d.mask_source
+    )?;
+    writeln!(
+        out,
+        "  model  vocabulary {} on {}; {} returns logits as {}",
+        m.vocab_size, m.device, m.signature, m.output
+    )?;
+    writeln!(out)?;
+
+    let reference = report.losses.masked_token_mean;
+    let mut table = Table::new();
+    table.load_preset(UTF8_FULL_CONDENSED);
+    table.set_header(vec!["aggregate", "loss", "vs masked", "%", "what it is"]);
+    for &(name, what) in AGGREGATES {
+        let value = value_of(report, name);
+        let (delta, pct) = match (value, reference) {
+            (Some(v), Some(r)) if name != "masked_token_mean" => (
+                format!("{:+.6}", v - r),
+                format!(
+                    "{:+.2}%",
+                    crate::aggregate::relative_difference(v, r) * 100.0
+                ),
+            ),
+            _ => (String::new(), String::new()),
+        };
+        table.add_row(vec![
+            Cell::new(name),
+            Cell::new(
+                value
+                    .map(|v| format!("{v:.6}"))
+                    .unwrap_or_else(|| "n/a".into()),
+            )
+            .set_alignment(CellAlignment::Right),
+            Cell::new(delta).set_alignment(CellAlignment::Right),
+            Cell::new(pct).set_alignment(CellAlignment::Right),
+            Cell::new(what),
+        ]);
+    }
+    writeln!(out, "{table}")?;
+    writeln!(out)?;
+    write_findings(out, &report.findings)?;
+    write_verdict(out, report.verdict)
+}
+
+pub fn write_findings<W: Write>(out: &mut W, findings: &[Finding]) -> std::io::Result<()> {
+    for f in findings {
+        writeln!(out, "{}[{}]: {}", f.severity, f.code, f.message)?;
+    }
+    if !findings.is_empty() {
+        writeln!(out)?;
+    }
+    Ok(())
+}
+
+pub fn write_verdict<W: Write>(out: &mut W, verdict: Verdict) -> std::io::Result<()> {
+    match verdict {
+        Verdict::Pass => writeln!(out, "verdict: pass"),
+        Verdict::Fail => writeln!(out, "verdict: FAIL"),
+    }
+}

@@ -1,0 +1,69 @@
+//! The report: everything a run concluded, independent of how it is rendered.
+//!
+//! `output::table` and `output::json` render the same value, so the exit status and the
+//! verdict never depend on the format.
+
+use serde::Serialize;
+
+use crate::aggregate::{Aggregates, Contamination};
+use crate::findings::{Finding, Severity};
+use crate::model::{OutputForm, Signature};
+
+/// Bumped when a key changes meaning or disappears; new keys may appear within a version.
+pub const SCHEMA_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Pass,
+    Fail,
+}
+
+impl Verdict {
+    pub fn of(findings: &[Finding]) -> Self {
+        if findings.iter().any(|f| f.severity == Severity::Error) {
+            Verdict::Fail
+        } else {
+            Verdict::Pass
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelInfo {
+    pub path: String,
+    pub vocab_size: i64,
+    pub device: String,
+    /// `input_ids` or `input_ids_attention_mask`.
+    pub signature: Signature,
+    /// `tensor`, `tuple_first` or `dict_logits`.
+    pub output: OutputForm,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DataSummary {
+    pub path: String,
+    pub rows: u64,
+    pub batches: u64,
+    pub batch_size: usize,
+    pub pad_id: Option<i64>,
+    /// Next-token positions of all batches, padding included (N).
+    pub positions: u64,
+    /// Positions whose target is trained (Σm).
+    pub supervised_positions: u64,
+    /// 1 − Σm / N.
+    pub padding_fraction: Option<f64>,
+    /// `loss_mask`, `labels`, `attention_mask`, `all_tokens`, or `mixed`.
+    pub mask_source: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub schema_version: u32,
+    pub model: ModelInfo,
+    pub data: DataSummary,
+    pub losses: Aggregates,
+    pub contamination: Option<Contamination>,
+    pub findings: Vec<Finding>,
+    pub verdict: Verdict,
+}
