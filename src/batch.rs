@@ -27,10 +27,16 @@ impl Batch {
 
     /// The mask aligned with the targets: `m[b,t] = mask[b,t+1]`, shape `rows × (seq_len-1)`.
     pub fn target_mask(&self) -> Vec<u8> {
+        self.shifted_mask(1)
+    }
+
+    /// `m[b,t] = mask[b,t+shift]`, shape `rows × (seq_len-shift)`.
+    pub fn shifted_mask(&self, shift: usize) -> Vec<u8> {
         let t = self.seq_len;
-        let mut out = Vec::with_capacity(self.positions());
+        let shift = shift.min(t);
+        let mut out = Vec::with_capacity(self.rows * (t - shift));
         for b in 0..self.rows {
-            out.extend_from_slice(&self.mask[b * t + 1..(b + 1) * t]);
+            out.extend_from_slice(&self.mask[b * t + shift..(b + 1) * t]);
         }
         out
     }
@@ -163,6 +169,8 @@ mod tests {
         assert_eq!(b.attention_mask, vec![1, 1, 1, 1, 0, 0]);
         assert_eq!(b.mask, vec![1, 1, 1, 1, 0, 0]);
         assert_eq!(b.target_mask(), vec![1, 1, 0, 0]);
+        assert_eq!(b.shifted_mask(0), b.mask);
+        assert_eq!(b.shifted_mask(2), vec![1, 0]);
         assert_eq!(b.positions(), 4);
     }
 

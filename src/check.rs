@@ -10,12 +10,13 @@ use anyhow::{Context, Result};
 use indicatif::ProgressBar;
 use tch::{Device, Kind, Tensor};
 
-use crate::aggregate::{Contamination, LossTotals};
+use crate::aggregate::{relative_difference, Contamination, LossTotals};
 use crate::batch::{Batch, Batcher};
 use crate::data::{DataError, FieldNames, JsonlReader, MaskSource, Row};
 use crate::findings::{Code, Finding, Severity, SeverityOverrides};
 use crate::model::{self, device_name, DeviceChoice, LanguageModel, ModelError, TorchScriptLm};
 use crate::report::{DataSummary, ModelInfo, Report, Verdict, SCHEMA_VERSION};
+use crate::userloss::{LossArg, LossAudit, UserLoss};
 
 /// Relative contamination above which, with no `--max-contamination`, the finding is a warning.
 pub const NOTABLE_CONTAMINATION: f64 = 0.01;
@@ -30,6 +31,19 @@ pub struct CheckOptions {
     pub max_contamination: Option<f64>,
     pub fields: FieldNames,
     pub overrides: SeverityOverrides,
+    pub loss: Option<LossOptions>,
+}
+
+/// How to find and judge the user's loss.
+#[derive(Debug, Clone)]
+pub struct LossOptions {
+    /// `--loss FILE`, or `None` with `method` set.
+    pub file: Option<PathBuf>,
+    /// `--loss-method NAME`.
+    pub method: Option<String>,
+    pub args: Vec<LossArg>,
+    pub rtol: f64,
+    pub probes: bool,
 }
 
 pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
@@ -39,6 +53,22 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
 
     let device = opts.device.resolve()?;
     let model = TorchScriptLm::load(&opts.model, device)?;
+    let mut audit = match &opts.loss {
+        Some(l) => {
+            let loss = match (&l.file, &l.method) {
+                (Some(file), _) => UserLoss::from_file(file, device, l.args.clone())?,
+                (None, Some(method)) => UserLoss::method(method, &opts.model, l.args.clone()),
+                (None, None) => anyhow::bail!("a user loss needs --loss or --loss-method"),
+            };
+            Some(LossAudit::new(
+                loss,
+                l.rtol,
+                l.probes,
+                opts.pad_id.unwrap_or(0),
+            ))
+        }
+        None => None,
+    };
     let mut reader = JsonlReader::open(&opts.data, opts.fields.clone())?;
     if let Some(total) = reader.total_bytes() {
         progress.set_length(total);
@@ -57,12 +87,12 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
         sources.insert(row.mask_source);
         rows_seen += 1;
         if let Some(batch) = batcher.push(row)? {
-            process_batch(&model, &batch, &mut totals, &opts.model)?;
+            process_batch(&model, &batch, &mut totals, audit.as_mut(), &opts.model)?;
             progress.set_position(reader.bytes_read());
         }
     }
     if let Some(batch) = batcher.finish()? {
-        process_batch(&model, &batch, &mut totals, &opts.model)?;
+        process_batch(&model, &batch, &mut totals, audit.as_mut(), &opts.model)?;
     }
     progress.set_position(reader.bytes_read());
     if rows_seen == 0 {
@@ -81,6 +111,15 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
         totals.padding_fraction(),
         opts.max_contamination,
     ));
+    let user_loss = audit.map(|audit| {
+        let sequence_gap = losses
+            .sequence_mean
+            .zip(losses.masked_token_mean)
+            .map(|(s, m)| relative_difference(s, m));
+        let (report, loss_findings) = audit.finish(sequence_gap);
+        findings.extend(loss_findings);
+        report
+    });
     opts.overrides.apply(&mut findings);
     let verdict = Verdict::of(&findings);
 
@@ -106,6 +145,7 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
         },
         losses,
         contamination,
+        user_loss,
         findings,
         verdict,
     })
@@ -188,10 +228,11 @@ pub fn batch_losses<M: LanguageModel>(
     Ok((tensors, logits, host))
 }
 
-fn process_batch<M: LanguageModel>(
-    model: &M,
+fn process_batch(
+    model: &TorchScriptLm,
     batch: &Batch,
     totals: &mut LossTotals,
+    audit: Option<&mut LossAudit>,
     model_path: &std::path::Path,
 ) -> Result<()> {
     if batch.seq_len < 2 {
@@ -199,8 +240,11 @@ fn process_batch<M: LanguageModel>(
         totals.add_batch(&[], &[], batch.rows);
         return Ok(());
     }
-    let (_, _, losses) = batch_losses(model, batch, model_path)?;
+    let (tensors, logits, losses) = batch_losses(model, batch, model_path)?;
     totals.add_batch(&losses, &batch.target_mask(), batch.rows);
+    if let Some(audit) = audit {
+        audit.observe(model, batch, &tensors, &logits, &losses)?;
+    }
     Ok(())
 }
 

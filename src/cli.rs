@@ -4,9 +4,12 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::check::LossOptions;
 use crate::data::FieldNames;
+use crate::diagnosis::DEFAULT_RTOL;
 use crate::findings::Code;
 use crate::model::DeviceChoice;
+use crate::userloss::LossArg;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -56,10 +59,62 @@ pub struct CheckArgs {
     pub max_contamination: Option<f64>,
 
     #[command(flatten)]
+    pub user_loss: UserLossArgs,
+
+    #[command(flatten)]
     pub severity: SeverityArgs,
 
     #[command(flatten)]
     pub output: OutputArgs,
+}
+
+/// The user's own loss, to be audited.
+#[derive(Debug, Args)]
+pub struct UserLossArgs {
+    /// TorchScript loss module: forward(<--loss-args>) -> scalar tensor (or a tuple, loss first)
+    #[arg(long, value_name = "FILE", help_heading = "Your loss")]
+    pub loss: Option<PathBuf>,
+    /// A method of the model computing the loss (an @torch.jit.export method, or `forward` for
+    /// models that return the loss first when given labels)
+    #[arg(
+        long,
+        value_name = "NAME",
+        conflicts_with = "loss",
+        help_heading = "Your loss"
+    )]
+    pub loss_method: Option<String>,
+    /// Tensors passed to the loss, in order: logits, input_ids, labels, attention_mask,
+    /// shift_logits, targets, loss_mask [default: logits,labels; input_ids,labels with --loss-method]
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_loss_arg, help_heading = "Your loss")]
+    pub loss_args: Vec<LossArg>,
+    /// Relative tolerance for matching your loss to a formula (raise it for half precision)
+    #[arg(long, default_value_t = DEFAULT_RTOL, value_parser = parse_fraction, help_heading = "Your loss")]
+    pub rtol: f64,
+    /// Skip the padding and masked-logit invariance probes
+    #[arg(long, help_heading = "Your loss")]
+    pub no_probes: bool,
+}
+
+impl UserLossArgs {
+    pub fn options(&self) -> Option<LossOptions> {
+        if self.loss.is_none() && self.loss_method.is_none() {
+            return None;
+        }
+        let args = if !self.loss_args.is_empty() {
+            self.loss_args.clone()
+        } else if self.loss_method.is_some() {
+            vec![LossArg::InputIds, LossArg::Labels]
+        } else {
+            vec![LossArg::Logits, LossArg::Labels]
+        };
+        Some(LossOptions {
+            file: self.loss.clone(),
+            method: self.loss_method.clone(),
+            args,
+            rtol: self.rtol,
+            probes: !self.no_probes,
+        })
+    }
 }
 
 /// How rows are read and batched.
@@ -121,6 +176,10 @@ pub struct OutputArgs {
 }
 
 fn parse_device(s: &str) -> Result<DeviceChoice, String> {
+    s.parse()
+}
+
+fn parse_loss_arg(s: &str) -> Result<LossArg, String> {
     s.parse()
 }
 

@@ -22,8 +22,35 @@ pub fn explain(code: &str) -> anyhow::Result<String> {
 fn long_form(code: Code) -> &'static str {
     match code {
         Code::PaddingContamination => include_str!("explain/padding-contamination.md"),
-        Code::NoPadding => "Every next-token position of every batch has a trained target, so a loss over all\npositions and the masked token mean are the same number. Nothing to fix; if you expected\npadding, check that --pad-id and the mask fields are what your training code uses.",
-        Code::NoTrainedPositions => "The mask (loss_mask, labels != -100, or attention_mask, in that order) marks no target as\ntrained. Every loss over this data is undefined (0/0) or zero. Check the field names\n(--mask-field, --labels-field) and how the labels were built.",
-        Code::MixedMaskSource => "Some rows carry loss_mask, others only labels or attention_mask. maskaudit takes each row's\nmask from the first field present, but a training script usually reads one field: the\nrows without it are then trained everywhere, padding included. Build every row the same way.",
+        Code::NoPadding => include_str!("explain/no-padding.md"),
+        Code::NoTrainedPositions => include_str!("explain/no-trained-positions.md"),
+        Code::MixedMaskSource => include_str!("explain/mixed-mask-source.md"),
+        Code::LossIncludesPadding => include_str!("explain/loss-includes-padding.md"),
+        Code::PaddingInDenominator => include_str!("explain/padding-in-denominator.md"),
+        Code::SequenceWeightedMean => include_str!("explain/sequence-weighted-mean.md"),
+        Code::OffByOneShift => include_str!("explain/off-by-one-shift.md"),
+        Code::UnnormalizedSum => include_str!("explain/unnormalized-sum.md"),
+        Code::LossMismatch => include_str!("explain/loss-mismatch.md"),
+        Code::LossAmbiguous => include_str!("explain/loss-ambiguous.md"),
+        Code::PaddingVariance => include_str!("explain/padding-variance.md"),
+        Code::MaskedLogitsLeak => include_str!("explain/masked-logits-leak.md"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_has_a_long_form_named_after_it() {
+        for &code in Code::ALL {
+            let text = explain(code.name()).unwrap();
+            assert!(text.starts_with(code.name()), "{text}");
+            assert!(
+                text.len() > code.description().len() + 100,
+                "{code}: long form missing"
+            );
+        }
+        assert!(explain("nope").is_err());
     }
 }

@@ -58,6 +58,24 @@ codes! {
         "The mask trains no target at all: no loss can be computed.";
     MixedMaskSource => "mixed-mask-source",
         "Rows take their mask from different fields (loss_mask, labels, attention_mask), which usually means rows were built by different code.";
+    LossIncludesPadding => "loss-includes-padding",
+        "Your loss is the mean over all positions, padding included.";
+    PaddingInDenominator => "padding-in-denominator",
+        "Your loss divides the masked sum by every position, padding included, instead of by the number of trained tokens.";
+    SequenceWeightedMean => "sequence-weighted-mean",
+        "Your loss averages per-row means, so a short row weighs as much as a long one.";
+    OffByOneShift => "off-by-one-shift",
+        "Your loss scores the logits against the wrong token: the targets are shifted twice, or not at all.";
+    UnnormalizedSum => "unnormalized-sum",
+        "Your loss is the masked sum, so its scale follows the number of trained tokens in each batch.";
+    LossMismatch => "loss-mismatch",
+        "Your loss matches none of the formulas maskaudit knows on these batches.";
+    LossAmbiguous => "loss-ambiguous",
+        "On this data your loss matches several formulas that cannot be told apart.";
+    PaddingVariance => "padding-variance",
+        "Appending padding columns to a batch changes your loss: padding enters it.";
+    MaskedLogitsLeak => "masked-logits-leak",
+        "Changing the logits at untrained positions changes your loss: positions the mask excludes still reach it.";
 }
 
 impl fmt::Display for Code {

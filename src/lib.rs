@@ -9,11 +9,13 @@ pub mod batch;
 pub mod check;
 pub mod cli;
 pub mod data;
+pub mod diagnosis;
 pub mod explain;
 pub mod findings;
 pub mod model;
 pub mod output;
 pub mod report;
+pub mod userloss;
 
 /// An error chain on one line: the messages joined by ": ", newlines folded, repeats dropped.
 pub fn one_line(e: &anyhow::Error) -> String {

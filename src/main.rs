@@ -48,6 +48,7 @@ fn check(args: CheckArgs) -> Result<ExitCode> {
             &args.severity.warn,
             &args.severity.allow,
         ),
+        loss: args.user_loss.options(),
     };
     let progress = progress_bar(args.output.quiet);
     let report = check::run(&opts, &progress)?;

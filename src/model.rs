@@ -181,45 +181,50 @@ impl TorchScriptLm {
             .f_view([1, 2])?
             .f_to_device(device)?;
         let mask = ids.f_ones_like()?;
+        // A forward(input_ids, labels=None) model accepts two tensors too, and then returns a
+        // loss first: an output that is not logits means "try the next signature".
         let mut tried = vec![];
+        let mut bad_output = None;
         for signature in [Signature::InputIdsAttentionMask, Signature::InputIds] {
-            match call(&module, signature, &ids, &mask) {
-                Ok(out) => {
-                    let (logits, output_form) =
-                        extract_logits(out).map_err(|found| ModelError::Output {
-                            path: display.clone(),
-                            found,
-                        })?;
+            let out = match call(&module, signature, &ids, &mask) {
+                Ok(out) => out,
+                Err(e) => {
+                    tried.push(format!("{signature}: {}", torch_message(&e.to_string())));
+                    continue;
+                }
+            };
+            let found = match extract_logits(out) {
+                Ok((logits, output_form)) => {
                     let size = logits.size();
-                    if size.len() != 3
-                        || size[0] != 1
-                        || size[1] != 2
-                        || !logits.is_floating_point()
-                    {
-                        return Err(ModelError::Output {
+                    if size.len() == 3 && size[..2] == [1, 2] && logits.is_floating_point() {
+                        return Ok(Self {
+                            module,
                             path: display,
-                            found: format!(
-                                "a {:?} tensor of shape {:?} for input_ids of shape [1, 2]",
-                                logits.kind(),
-                                size
-                            ),
+                            device,
+                            vocab_size: size[2],
+                            signature,
+                            output_form,
                         });
                     }
-                    return Ok(Self {
-                        module,
-                        path: display,
-                        device,
-                        vocab_size: size[2],
-                        signature,
-                        output_form,
-                    });
+                    format!(
+                        "a {:?} tensor of shape {size:?} for input_ids of shape [1, 2]",
+                        logits.kind()
+                    )
                 }
-                Err(e) => tried.push(format!("{signature}: {}", torch_message(&e.to_string()))),
-            }
+                Err(found) => found,
+            };
+            tried.push(format!("{signature}: returned {found}"));
+            bad_output.get_or_insert(found);
         }
-        Err(ModelError::Signature {
-            path: display,
-            tried: tried.join("; "),
+        Err(match bad_output {
+            Some(found) => ModelError::Output {
+                path: display,
+                found,
+            },
+            None => ModelError::Signature {
+                path: display,
+                tried: tried.join("; "),
+            },
         })
     }
 
@@ -358,10 +363,21 @@ pub fn token_losses(
     input_ids: &Tensor,
     chunk_elements: i64,
 ) -> Result<Option<Tensor>, tch::TchError> {
+    shifted_token_losses(logits, input_ids, 1, chunk_elements)
+}
+
+/// Cross-entropy of the logits at t against `input_ids[t+shift]`, `[B, T-shift]`: shift 1 is
+/// next-token prediction; 0 and 2 are what a missing or a double shift computes.
+pub fn shifted_token_losses(
+    logits: &Tensor,
+    input_ids: &Tensor,
+    shift: i64,
+    chunk_elements: i64,
+) -> Result<Option<Tensor>, tch::TchError> {
     let size = logits.size();
     let (b, t, v) = (size[0], size[1], size[2]);
-    let positions = t - 1;
-    if positions <= 0 {
+    let positions = (t - shift).max(0);
+    if positions == 0 {
         return Ok(Some(Tensor::f_zeros(
             [b, 0],
             (Kind::Float, logits.device()),
@@ -372,7 +388,7 @@ pub fn token_losses(
     let mut non_finite = Tensor::f_zeros([], (Kind::Bool, logits.device()))?;
     for row in 0..b {
         let row_logits = logits.f_select(0, row)?;
-        let row_targets = input_ids.f_select(0, row)?.f_narrow(0, 1, positions)?;
+        let row_targets = input_ids.f_select(0, row)?.f_narrow(0, shift, positions)?;
         let mut start = 0;
         while start < positions {
             let n = rows_per_chunk.min(positions - start);
@@ -380,6 +396,7 @@ pub fn token_losses(
             if x.kind() != Kind::Float && x.kind() != Kind::Double {
                 x = x.f_to_kind(Kind::Float)?;
             }
+            // Accumulated on the device: one host sync per call, not per chunk.
             non_finite = non_finite.f_logical_or(&x.f_isfinite()?.f_all()?.f_logical_not()?)?;
             let target = row_targets.f_narrow(0, start, n)?;
             let loss =

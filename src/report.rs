@@ -8,6 +8,7 @@ use serde::Serialize;
 use crate::aggregate::{Aggregates, Contamination};
 use crate::findings::{Finding, Severity};
 use crate::model::{OutputForm, Signature};
+use crate::userloss::UserLossReport;
 
 /// Bumped when a key changes meaning or disappears; new keys may appear within a version.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -64,6 +65,8 @@ pub struct Report {
     pub data: DataSummary,
     pub losses: Aggregates,
     pub contamination: Option<Contamination>,
+    /// The audit of the user's loss; null without `--loss`/`--loss-method`.
+    pub user_loss: Option<UserLossReport>,
     pub findings: Vec<Finding>,
     pub verdict: Verdict,
 }

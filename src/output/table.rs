@@ -7,6 +7,7 @@ use comfy_table::{Cell, CellAlignment, Table};
 
 use crate::findings::Finding;
 use crate::report::{Report, Verdict};
+use crate::userloss::UserLossReport;
 
 /// Each aggregate, with what it is and where it comes from.
 const AGGREGATES: &[(&str, &str)] = &[
@@ -100,8 +101,81 @@ pub fn write<W: Write>(out: &mut W, report: &Report) -> std::io::Result<()> {
     }
     writeln!(out, "{table}")?;
     writeln!(out)?;
+    if let Some(user) = &report.user_loss {
+        write_user_loss(out, user)?;
+    }
     write_findings(out, &report.findings)?;
     write_verdict(out, report.verdict)
+}
+
+fn write_user_loss<W: Write>(out: &mut W, user: &UserLossReport) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "your loss: {}({}) over {} batches, tolerance {:e} relative",
+        user.source,
+        user.args.join(", "),
+        user.batches,
+        user.rtol
+    )?;
+    let mut table = Table::new();
+    table.load_preset(UTF8_FULL_CONDENSED);
+    table.set_header(vec![
+        "formula",
+        "value",
+        "your loss",
+        "difference",
+        "worst batch",
+        "match",
+    ]);
+    let user_value = user.value.map(|v| format!("{v:.6}")).unwrap_or_default();
+    let na = || "n/a".to_string();
+    for h in &user.hypotheses {
+        let difference = match (user.value, h.value) {
+            // Rounds away the sign of a difference that prints as zero.
+            (Some(u), Some(v)) if (u - v).abs() < 5e-7 => "0".into(),
+            (Some(u), Some(v)) => format!("{:+.6}", u - v),
+            _ => na(),
+        };
+        table.add_row(vec![
+            Cell::new(h.name),
+            Cell::new(h.value.map(|v| format!("{v:.6}")).unwrap_or_else(na))
+                .set_alignment(CellAlignment::Right),
+            Cell::new(&user_value).set_alignment(CellAlignment::Right),
+            Cell::new(difference).set_alignment(CellAlignment::Right),
+            Cell::new(h.max_relative_error.map(percent).unwrap_or_else(na))
+                .set_alignment(CellAlignment::Right),
+            Cell::new(if h.matches { "yes" } else { "" }),
+        ]);
+    }
+    writeln!(out, "{table}")?;
+    writeln!(out, "{}", user.verdict)?;
+    for (name, probe) in [
+        ("padding", &user.probes.padding),
+        ("masked logits", &user.probes.masked_logits),
+    ] {
+        let outcome = match (probe.passed, probe.max_relative_change) {
+            (Some(true), Some(c)) => format!(
+                "moved {} at most over {} batches: pass",
+                percent(c),
+                probe.batches
+            ),
+            (Some(false), Some(c)) => {
+                format!("moved {} over {} batches: FAIL", percent(c), probe.batches)
+            }
+            _ => format!("not run: {}", probe.note),
+        };
+        writeln!(out, "probe {name}: {outcome}")?;
+    }
+    writeln!(out)
+}
+
+/// A relative error as a percentage; below the default tolerance it is noise.
+fn percent(e: f64) -> String {
+    if e < 1e-4 {
+        "<0.01%".into()
+    } else {
+        format!("{:.2}%", e * 100.0)
+    }
 }
 
 pub fn write_findings<W: Write>(out: &mut W, findings: &[Finding]) -> std::io::Result<()> {

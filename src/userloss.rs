@@ -1,0 +1,493 @@
+//! Running the user's own loss on the same batches as `check`, and the invariance probes.
+//!
+//! The loss is a TorchScript module (`--loss`) or a method of the model (`--loss-method`),
+//! called with tensors chosen by name (`--loss-args`). Its scalar is compared batch by batch
+//! with the formulas in [`crate::diagnosis`]; the probes then change what a correct loss must
+//! ignore (extra padding, logits at untrained positions) and watch whether the value moves.
+
+use std::fmt;
+use std::path::Path;
+
+use serde::Serialize;
+use tch::{CModule, Device, IValue, Kind, Tensor};
+
+use crate::batch::Batch;
+use crate::check::BatchTensors;
+use crate::diagnosis::{
+    self, batch_hypotheses, BatchLosses, Conclusion, Diagnosis, Hypothesis, HypothesisSummary,
+    ProbeResult,
+};
+use crate::findings::Finding;
+use crate::model::{self, describe, torch_message, ModelError, TorchScriptLm};
+
+/// Batches the probes run on: the first ones with a trained target. Enough to catch a loss
+/// that moves, cheap on a large dataset.
+pub const PROBE_BATCHES: usize = 4;
+
+/// A tensor the user's loss can ask for by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LossArg {
+    Logits,
+    InputIds,
+    Labels,
+    AttentionMask,
+    ShiftLogits,
+    Targets,
+    LossMask,
+}
+
+impl LossArg {
+    const ALL: [LossArg; 7] = [
+        LossArg::Logits,
+        LossArg::InputIds,
+        LossArg::Labels,
+        LossArg::AttentionMask,
+        LossArg::ShiftLogits,
+        LossArg::Targets,
+        LossArg::LossMask,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            LossArg::Logits => "logits",
+            LossArg::InputIds => "input_ids",
+            LossArg::Labels => "labels",
+            LossArg::AttentionMask => "attention_mask",
+            LossArg::ShiftLogits => "shift_logits",
+            LossArg::Targets => "targets",
+            LossArg::LossMask => "loss_mask",
+        }
+    }
+
+    pub fn from_logits(self) -> bool {
+        matches!(self, LossArg::Logits | LossArg::ShiftLogits)
+    }
+}
+
+impl fmt::Display for LossArg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for LossArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        LossArg::ALL
+            .iter()
+            .copied()
+            .find(|a| a.name() == s.trim())
+            .ok_or_else(|| {
+                let names: Vec<&str> = LossArg::ALL.iter().map(|a| a.name()).collect();
+                format!("unknown loss argument '{s}' (known: {})", names.join(", "))
+            })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UserLossError {
+    #[error("{source_name}: the loss failed: {message} (called with {args})")]
+    Threw {
+        source_name: String,
+        message: String,
+        args: String,
+    },
+    #[error("{source_name}: the loss returned {found}; expected a scalar tensor (or a tuple/list/dict whose first element or \"loss\" entry is one)")]
+    NotScalar { source_name: String, found: String },
+}
+
+enum Source {
+    Module { module: CModule, path: String },
+    Method { name: String, model_path: String },
+}
+
+/// The user's loss and the arguments it takes.
+pub struct UserLoss {
+    source: Source,
+    args: Vec<LossArg>,
+}
+
+impl UserLoss {
+    pub fn from_file(path: &Path, device: Device, args: Vec<LossArg>) -> Result<Self, ModelError> {
+        let display = path.display().to_string();
+        if !path.is_file() {
+            return Err(ModelError::Missing { path: display });
+        }
+        let mut module =
+            CModule::load_on_device(path, device).map_err(|e| ModelError::NotTorchScript {
+                path: display.clone(),
+                message: torch_message(&e.to_string()),
+            })?;
+        module.set_eval();
+        Ok(Self {
+            source: Source::Module {
+                module,
+                path: display,
+            },
+            args,
+        })
+    }
+
+    /// A method of the model; logits-derived arguments are dropped (the method makes its own).
+    pub fn method(name: &str, model_path: &Path, args: Vec<LossArg>) -> Self {
+        Self {
+            source: Source::Method {
+                name: name.to_string(),
+                model_path: model::path_string(model_path),
+            },
+            args: args.into_iter().filter(|a| !a.from_logits()).collect(),
+        }
+    }
+
+    pub fn source_name(&self) -> String {
+        match &self.source {
+            Source::Module { path, .. } => path.clone(),
+            Source::Method { name, model_path } => format!("{model_path}::{name}"),
+        }
+    }
+
+    pub fn args(&self) -> &[LossArg] {
+        &self.args
+    }
+
+    pub fn takes_logits(&self) -> bool {
+        self.args.iter().any(|a| a.from_logits())
+    }
+
+    /// Calls the loss and returns its scalar.
+    pub fn call(&self, model: &TorchScriptLm, t: &LossTensors) -> Result<f64, UserLossError> {
+        let values: Vec<Tensor> = self.args.iter().map(|&a| t.get(a)).collect();
+        let inputs: Vec<IValue> = values
+            .iter()
+            .map(|v| IValue::Tensor(v.shallow_clone()))
+            .collect();
+        let out = match &self.source {
+            Source::Module { module, .. } => module.forward_is(&inputs),
+            Source::Method { name, .. } => model.module().method_is(name, &inputs),
+        }
+        .map_err(|e| UserLossError::Threw {
+            source_name: self.source_name(),
+            message: torch_message(&e.to_string()),
+            args: self
+                .args
+                .iter()
+                .zip(&values)
+                .map(|(a, v)| format!("{a} {:?} {:?}", v.size(), v.kind()))
+                .collect::<Vec<_>>()
+                .join(", "),
+        })?;
+        scalar(out).map_err(|found| UserLossError::NotScalar {
+            source_name: self.source_name(),
+            found,
+        })
+    }
+}
+
+/// The scalar in a loss's output, or what came back instead.
+fn scalar(out: IValue) -> Result<f64, String> {
+    let tensor = match out {
+        IValue::Tensor(t) => t,
+        IValue::Double(x) => return Ok(x),
+        IValue::Tuple(items) | IValue::GenericList(items) => match items.into_iter().next() {
+            Some(IValue::Tensor(t)) => t,
+            Some(IValue::Double(x)) => return Ok(x),
+            Some(other) => {
+                return Err(format!(
+                    "a tuple whose first element is {}",
+                    describe(&other)
+                ))
+            }
+            None => return Err("an empty tuple".into()),
+        },
+        IValue::GenericDict(entries) => {
+            let found = entries.into_iter().find_map(|(k, v)| match (k, v) {
+                (IValue::String(k), IValue::Tensor(t)) if k == "loss" => Some(t),
+                _ => None,
+            });
+            match found {
+                Some(t) => t,
+                None => return Err("a dict without a \"loss\" tensor".into()),
+            }
+        }
+        other => return Err(describe(&other)),
+    };
+    if tensor.numel() != 1 {
+        return Err(format!(
+            "a {:?} tensor of shape {:?}",
+            tensor.kind(),
+            tensor.size()
+        ));
+    }
+    tensor
+        .f_to_kind(Kind::Double)
+        .and_then(|t| t.f_view([1]))
+        .and_then(|t| t.f_double_value(&[0]))
+        .map_err(|e| torch_message(&e.to_string()))
+}
+
+/// The named tensors of one batch, on the model's device.
+pub struct LossTensors {
+    logits: Tensor,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    /// int64 0/1 `[B, T]`, aligned with input_ids.
+    mask: Tensor,
+}
+
+impl LossTensors {
+    pub fn new(
+        logits: &Tensor,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        mask: &Tensor,
+    ) -> Self {
+        Self {
+            logits: logits.shallow_clone(),
+            input_ids: input_ids.shallow_clone(),
+            attention_mask: attention_mask.shallow_clone(),
+            mask: mask.shallow_clone(),
+        }
+    }
+
+    fn positions(&self) -> i64 {
+        self.input_ids.size()[1]
+    }
+
+    fn get(&self, arg: LossArg) -> Tensor {
+        let t = self.positions();
+        match arg {
+            LossArg::Logits => self.logits.shallow_clone(),
+            LossArg::InputIds => self.input_ids.shallow_clone(),
+            LossArg::Labels => self.input_ids.masked_fill(&self.mask.eq(0), -100),
+            LossArg::AttentionMask => self.attention_mask.shallow_clone(),
+            LossArg::ShiftLogits => self.logits.narrow(1, 0, t - 1),
+            LossArg::Targets => self.input_ids.narrow(1, 1, t - 1),
+            LossArg::LossMask => self.mask.narrow(1, 1, t - 1).to_kind(Kind::Float),
+        }
+    }
+
+    /// The same batch with `extra` padding columns: pad ids, attention 0, mask 0, and random
+    /// logits there (a correct loss never looks at them).
+    fn with_padding(&self, extra: i64, pad_id: i64) -> Result<Self, tch::TchError> {
+        let size = self.input_ids.size();
+        let (b, device) = (size[0], self.input_ids.device());
+        let zeros = Tensor::f_zeros([b, extra], (Kind::Int64, device))?;
+        let v = self.logits.size()[2];
+        let noise = Tensor::f_randn([b, extra, v], (self.logits.kind(), device))?;
+        Ok(Self {
+            logits: Tensor::f_cat(&[&self.logits, &noise], 1)?,
+            input_ids: Tensor::f_cat(&[&self.input_ids, &zeros.f_fill(pad_id)?], 1)?,
+            attention_mask: Tensor::f_cat(&[&self.attention_mask, &zeros], 1)?,
+            mask: Tensor::f_cat(&[&self.mask, &zeros], 1)?,
+        })
+    }
+
+    /// The same batch with random logits wherever the logits predict no trained target
+    /// (position t predicts t+1; the last position predicts nothing).
+    fn with_untrained_logits_randomised(&self) -> Result<Self, tch::TchError> {
+        let size = self.input_ids.size();
+        let (b, t, device) = (size[0], size[1], self.input_ids.device());
+        let used = Tensor::f_cat(
+            &[
+                &self.mask.f_narrow(1, 1, t - 1)?,
+                &Tensor::f_zeros([b, 1], (Kind::Int64, device))?,
+            ],
+            1,
+        )?
+        .f_ne(0)?
+        .f_unsqueeze(-1)?;
+        let noise = self.logits.f_randn_like()?.f_mul_scalar(4.0)?;
+        Ok(Self {
+            logits: self.logits.f_where_self(&used, &noise)?,
+            input_ids: self.input_ids.shallow_clone(),
+            attention_mask: self.attention_mask.shallow_clone(),
+            mask: self.mask.shallow_clone(),
+        })
+    }
+}
+
+/// What the JSON reports under `user_loss`.
+#[derive(Debug, Clone, Serialize)]
+pub struct UserLossReport {
+    /// The loss file, or `MODEL::method`.
+    pub source: String,
+    pub args: Vec<&'static str>,
+    /// The user's loss, averaged over the compared batches.
+    pub value: Option<f64>,
+    /// The masked token mean averaged over the same batches.
+    pub reference: Option<f64>,
+    /// The formula the loss computes, when one alone matches.
+    pub matched: Option<&'static str>,
+    /// Every formula that matched on every batch (several when indistinguishable).
+    pub candidates: Vec<&'static str>,
+    /// Worst relative error against the matched (or closest) formula.
+    pub max_relative_error: Option<f64>,
+    pub rtol: f64,
+    pub batches: u64,
+    pub verdict: String,
+    pub hypotheses: Vec<HypothesisSummary>,
+    pub probes: Probes,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Probes {
+    pub padding: ProbeResult,
+    pub masked_logits: ProbeResult,
+}
+
+/// The audit of the user's loss over a whole run.
+pub struct LossAudit {
+    loss: UserLoss,
+    diagnosis: Diagnosis,
+    padding: ProbeResult,
+    masked_logits: ProbeResult,
+    probes: bool,
+    probed: usize,
+    pad_id: i64,
+}
+
+impl LossAudit {
+    pub fn new(loss: UserLoss, rtol: f64, probes: bool, pad_id: i64) -> Self {
+        // The probes' random logits are seeded: the same run gives the same report.
+        tch::manual_seed(0);
+        Self {
+            loss,
+            diagnosis: Diagnosis::new(rtol),
+            padding: ProbeResult::default(),
+            masked_logits: ProbeResult::default(),
+            probes,
+            probed: 0,
+            pad_id,
+        }
+    }
+
+    /// Compares the user's loss on one batch; `next_losses` are the batch's next-token losses.
+    pub fn observe(
+        &mut self,
+        model: &TorchScriptLm,
+        batch: &Batch,
+        tensors: &BatchTensors,
+        logits: &Tensor,
+        next_losses: &[f32],
+    ) -> anyhow::Result<()> {
+        let device = logits.device();
+        let mask = Tensor::f_from_slice(&batch.mask)?
+            .f_to_kind(Kind::Int64)?
+            .f_view([batch.rows as i64, batch.seq_len as i64])?
+            .f_to_device(device)?;
+        let inputs = LossTensors::new(logits, &tensors.input_ids, &tensors.attention_mask, &mask);
+        let user = self.loss.call(model, &inputs)?;
+
+        let host = |shift: i64| -> anyhow::Result<Vec<f32>> {
+            let losses = model::shifted_token_losses(
+                logits,
+                &tensors.input_ids,
+                shift,
+                model::CHUNK_ELEMENTS,
+            )?
+            .ok_or_else(|| anyhow::anyhow!("non-finite logits"))?;
+            Ok(Vec::try_from(
+                losses.f_to_device(Device::Cpu)?.f_flatten(0, -1)?,
+            )?)
+        };
+        let (unshifted, double) = (host(0)?, host(2)?);
+        let (next_mask, unshifted_mask, double_mask) = (
+            batch.target_mask(),
+            batch.shifted_mask(0),
+            batch.shifted_mask(2),
+        );
+        let hypotheses = batch_hypotheses(&BatchLosses {
+            rows: batch.rows,
+            next: (next_losses, &next_mask),
+            unshifted: (&unshifted, &unshifted_mask),
+            double_shifted: (&double, &double_mask),
+        });
+        self.diagnosis.observe(user, &hypotheses);
+
+        let trained = hypotheses[Hypothesis::MaskedTokenMean.index()].is_some();
+        if self.probes && trained && self.probed < PROBE_BATCHES {
+            self.probed += 1;
+            self.probe(model, &inputs, user, batch.seq_len as i64)?;
+        }
+        Ok(())
+    }
+
+    fn probe(
+        &mut self,
+        model: &TorchScriptLm,
+        inputs: &LossTensors,
+        user: f64,
+        seq_len: i64,
+    ) -> anyhow::Result<()> {
+        let extra = (seq_len / 2).max(8);
+        let padded = inputs.with_padding(extra, self.pad_id)?;
+        match self.loss.call(model, &padded) {
+            Ok(value) => self.padding.record(user, value),
+            // A model method may refuse a longer input (position limit): say so, don't fail.
+            Err(e) if self.padding.note.is_empty() => {
+                self.padding.note = format!("the loss failed on the padded batch: {e}");
+            }
+            Err(_) => {}
+        }
+        if self.loss.takes_logits() {
+            let randomised = inputs.with_untrained_logits_randomised()?;
+            let value = self.loss.call(model, &randomised)?;
+            self.masked_logits.record(user, value);
+        }
+        Ok(())
+    }
+
+    /// The report and the findings. `sequence_gap`: the dataset's sequence mean vs token mean.
+    pub fn finish(mut self, sequence_gap: Option<f64>) -> (UserLossReport, Vec<Finding>) {
+        let rtol = self.diagnosis.rtol();
+        self.padding.finish(rtol);
+        self.masked_logits.finish(rtol);
+        if !self.probes {
+            self.padding = ProbeResult::skipped("--no-probes");
+            self.masked_logits = ProbeResult::skipped("--no-probes");
+        } else {
+            if self.padding.ran {
+                self.padding.note =
+                    "appended padding columns (pad id, mask 0, random logits)".into();
+            }
+            if !self.loss.takes_logits() {
+                self.masked_logits = ProbeResult::skipped("the loss takes no logits");
+            } else if self.masked_logits.ran {
+                self.masked_logits.note =
+                    "randomised the logits at positions that predict no trained target".into();
+            }
+        }
+        let conclusion = diagnosis::conclude(&self.diagnosis, &self.padding);
+        let findings = diagnosis::findings(
+            &conclusion,
+            &self.diagnosis,
+            &self.padding,
+            &self.masked_logits,
+            sequence_gap,
+        );
+        let (matched, candidates, error_of) = match &conclusion {
+            Conclusion::Matched(h) => (Some(h.name()), vec![h.name()], Some(*h)),
+            Conclusion::Ambiguous(hs) => (None, hs.iter().map(|h| h.name()).collect(), None),
+            Conclusion::NoMatch { closest } => (None, vec![], closest.map(|c| c.0)),
+            Conclusion::NoBatches => (None, vec![], None),
+        };
+        let report = UserLossReport {
+            source: self.loss.source_name(),
+            args: self.loss.args().iter().map(|a| a.name()).collect(),
+            value: self.diagnosis.user_mean(),
+            reference: self.diagnosis.reference_mean(),
+            matched,
+            candidates,
+            max_relative_error: error_of.map(|h| self.diagnosis.max_relative_error(h)),
+            rtol,
+            batches: self.diagnosis.batches(),
+            verdict: diagnosis::verdict_sentence(&conclusion, &self.diagnosis),
+            hypotheses: self.diagnosis.summary(),
+            probes: Probes {
+                padding: self.padding,
+                masked_logits: self.masked_logits,
+            },
+        };
+        (report, findings)
+    }
+}
