@@ -53,6 +53,13 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
 
     let device = opts.device.resolve()?;
     let model = TorchScriptLm::load(&opts.model, device)?;
+    if let Some(pad) = opts.pad_id.filter(|&p| p >= model.vocab_size()) {
+        // Padding goes through the embedding like any token: same rule as the data's ids.
+        anyhow::bail!(
+            "--pad-id {pad} is outside the model's vocabulary (size {})",
+            model.vocab_size()
+        );
+    }
     let mut audit = match &opts.loss {
         Some(l) => {
             let loss = match (&l.file, &l.method) {

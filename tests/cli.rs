@@ -325,6 +325,16 @@ fn id_outside_the_vocabulary_is_caught_before_libtorch() {
 }
 
 #[test]
+fn a_pad_id_outside_the_vocabulary_is_caught_before_libtorch() {
+    bad_data(
+        "pad_vocab",
+        "{\"input_ids\":[1,2,3]}\n{\"input_ids\":[1]}\n",
+        &["--pad-id", "48"],
+        "--pad-id 48 is outside the model's vocabulary (size 48)",
+    );
+}
+
+#[test]
 fn empty_dataset_is_an_error() {
     bad_data(
         "empty",
