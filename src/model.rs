@@ -162,20 +162,27 @@ pub struct TorchScriptLm {
     output_form: OutputForm,
 }
 
+/// Loads a TorchScript file in eval mode, with errors that name the file.
+pub fn load_module(path: &Path, device: Device) -> Result<CModule, ModelError> {
+    let display = path.display().to_string();
+    if !path.is_file() {
+        return Err(ModelError::Missing { path: display });
+    }
+    let mut module =
+        CModule::load_on_device(path, device).map_err(|e| ModelError::NotTorchScript {
+            path: display,
+            message: torch_message(&e.to_string()),
+        })?;
+    module.set_eval();
+    Ok(module)
+}
+
 impl TorchScriptLm {
     /// Loads the module and probes it once with a two-token input to learn its signature,
     /// output form and vocabulary size.
     pub fn load(path: &Path, device: Device) -> Result<Self, ModelError> {
         let display = path.display().to_string();
-        if !path.is_file() {
-            return Err(ModelError::Missing { path: display });
-        }
-        let mut module =
-            CModule::load_on_device(path, device).map_err(|e| ModelError::NotTorchScript {
-                path: display.clone(),
-                message: torch_message(&e.to_string()),
-            })?;
-        module.set_eval();
+        let module = load_module(path, device)?;
 
         let ids = Tensor::f_from_slice(&[0i64, 0])?
             .f_view([1, 2])?

@@ -109,20 +109,10 @@ pub struct UserLoss {
 
 impl UserLoss {
     pub fn from_file(path: &Path, device: Device, args: Vec<LossArg>) -> Result<Self, ModelError> {
-        let display = path.display().to_string();
-        if !path.is_file() {
-            return Err(ModelError::Missing { path: display });
-        }
-        let mut module =
-            CModule::load_on_device(path, device).map_err(|e| ModelError::NotTorchScript {
-                path: display.clone(),
-                message: torch_message(&e.to_string()),
-            })?;
-        module.set_eval();
         Ok(Self {
             source: Source::Module {
-                module,
-                path: display,
+                module: model::load_module(path, device)?,
+                path: path.display().to_string(),
             },
             args,
         })
