@@ -12,7 +12,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::aggregate::{Contamination, LossTotals};
 use crate::batch::{Batch, Batcher};
-use crate::data::{DataError, FieldNames, JsonlReader, MaskSource, Row};
+use crate::data::{DataError, FieldNames, MaskSource, Pos, Row, RowSource, Unit};
 use crate::findings::{Code, Finding, Severity, SeverityOverrides};
 use crate::model::{self, device_name, DeviceChoice, LanguageModel, ModelError, TorchScriptLm};
 use crate::report::{DataSummary, ModelInfo, Report, Verdict, SCHEMA_VERSION};
@@ -39,13 +39,14 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
 
     let device = opts.device.resolve()?;
     let model = TorchScriptLm::load(&opts.model, device)?;
-    let mut reader = JsonlReader::open(&opts.data, opts.fields.clone())?;
+    let mut reader = RowSource::open(&opts.data, opts.fields.clone())?;
     if let Some(total) = reader.total_bytes() {
         progress.set_length(total);
     }
     let data_path = reader.path().to_string();
 
-    let mut batcher = Batcher::new(opts.batch_size, opts.pad_id, data_path.clone());
+    let unit = reader.unit();
+    let mut batcher = Batcher::new(opts.batch_size, opts.pad_id, data_path.clone()).with_unit(unit);
     let mut totals = LossTotals::default();
     let mut sources = BTreeSet::new();
     let vocab = model.vocab_size();
@@ -53,7 +54,7 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
     let mut rows_seen = 0u64;
     while let Some(row) = reader.next() {
         let row = row?;
-        check_vocabulary(&row, vocab, &data_path, &opts.fields.input_ids)?;
+        check_vocabulary(&row, vocab, &data_path, unit, &opts.fields.input_ids)?;
         sources.insert(row.mask_source);
         rows_seen += 1;
         if let Some(batch) = batcher.push(row)? {
@@ -113,7 +114,13 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
 
 /// Token ids must be checked before they reach libtorch: an out-of-range id is an abort on
 /// the CPU and poisons the whole CUDA context on a GPU.
-pub fn check_vocabulary(row: &Row, vocab: i64, path: &str, field: &str) -> Result<(), DataError> {
+pub fn check_vocabulary(
+    row: &Row,
+    vocab: i64,
+    path: &str,
+    unit: Unit,
+    field: &str,
+) -> Result<(), DataError> {
     match row
         .input_ids
         .iter()
@@ -122,7 +129,7 @@ pub fn check_vocabulary(row: &Row, vocab: i64, path: &str, field: &str) -> Resul
     {
         Some((i, id)) => Err(DataError::Field {
             path: path.to_string(),
-            line: row.line,
+            at: Pos { unit, n: row.line },
             field: field.to_string(),
             message: format!(
                 "token id {id} at index {i} is outside the model's vocabulary (size {vocab})"
@@ -288,18 +295,12 @@ mod tests {
 
     #[test]
     fn vocabulary_check_names_line_and_index() {
-        let row = Row {
-            line: 12,
-            input_ids: vec![1, 2, 48],
-            mask: vec![1; 3],
-            attention_mask: vec![1; 3],
-            mask_source: MaskSource::AllTokens,
-        };
-        let err = check_vocabulary(&row, 48, "d.jsonl", "input_ids").unwrap_err();
+        let row = Row::new(12, vec![1, 2, 48]);
+        let err = check_vocabulary(&row, 48, "d.jsonl", Unit::Line, "input_ids").unwrap_err();
         assert_eq!(
             err.to_string(),
             "d.jsonl:12: input_ids: token id 48 at index 2 is outside the model's vocabulary (size 48)"
         );
-        assert!(check_vocabulary(&row, 49, "d.jsonl", "input_ids").is_ok());
+        assert!(check_vocabulary(&row, 49, "d.jsonl", Unit::Line, "input_ids").is_ok());
     }
 }

@@ -83,6 +83,10 @@ pub struct DataArgs {
     /// Field holding the 0/1 attention mask
     #[arg(long, default_value = "attention_mask", help_heading = "Data")]
     pub attention_mask_field: String,
+    /// Field holding position ids (0 where a packed document starts); `seq_lens` and
+    /// `cu_seqlens` are read under those names
+    #[arg(long, default_value = "position_ids", help_heading = "Data")]
+    pub position_ids_field: String,
 }
 
 impl DataArgs {
@@ -92,6 +96,7 @@ impl DataArgs {
             labels: self.labels_field.clone(),
             loss_mask: self.mask_field.clone(),
             attention_mask: self.attention_mask_field.clone(),
+            position_ids: self.position_ids_field.clone(),
         }
     }
 }
