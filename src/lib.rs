@@ -11,9 +11,11 @@ pub mod cli;
 pub mod data;
 pub mod explain;
 pub mod findings;
+pub mod lint;
 pub mod model;
 pub mod output;
 pub mod report;
+pub mod stats;
 
 /// An error chain on one line: the messages joined by ": ", newlines folded, repeats dropped.
 pub fn one_line(e: &anyhow::Error) -> String {
