@@ -12,8 +12,9 @@ use tch::{Device, Kind, Tensor};
 
 use crate::aggregate::{Contamination, LossTotals};
 use crate::batch::{Batch, Batcher};
-use crate::data::{DataError, FieldNames, MaskSource, Pos, Row, RowSource, Unit};
+use crate::data::{DataError, FieldNames, Pos, Row, RowSource, Unit};
 use crate::findings::{Code, Finding, Severity, SeverityOverrides};
+use crate::lint::{LintOptions, LintState};
 use crate::model::{self, device_name, DeviceChoice, LanguageModel, ModelError, TorchScriptLm};
 use crate::report::{DataSummary, ModelInfo, Report, Verdict, SCHEMA_VERSION};
 
@@ -28,6 +29,8 @@ pub struct CheckOptions {
     pub batch_size: usize,
     pub pad_id: Option<i64>,
     pub max_contamination: Option<f64>,
+    /// For the lint checks that run on the same rows.
+    pub eos_id: Option<i64>,
     pub fields: FieldNames,
     pub overrides: SeverityOverrides,
 }
@@ -50,12 +53,20 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
     let mut totals = LossTotals::default();
     let mut sources = BTreeSet::new();
     let vocab = model.vocab_size();
+    let mut lint = LintState::new(LintOptions {
+        pad_id: opts.pad_id,
+        eos_id: opts.eos_id,
+        shifted: false,
+        batch_size: Some(opts.batch_size),
+        unit,
+    });
 
     let mut rows_seen = 0u64;
     while let Some(row) = reader.next() {
         let row = row?;
         check_vocabulary(&row, vocab, &data_path, unit, &opts.fields.input_ids)?;
         sources.insert(row.mask_source);
+        lint.observe(&row);
         rows_seen += 1;
         if let Some(batch) = batcher.push(row)? {
             process_batch(&model, &batch, &mut totals, &opts.model)?;
@@ -76,7 +87,9 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
     };
     let losses = totals.aggregates();
     let contamination = Contamination::of(&losses);
-    let mut findings = data_findings(&totals, &sources);
+    let (statistics, lint_findings) = lint.finish();
+    let mut findings = data_findings(&totals);
+    findings.extend(lint_findings);
     findings.extend(contamination_finding(
         contamination,
         totals.padding_fraction(),
@@ -105,6 +118,7 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
             padding_fraction: totals.padding_fraction(),
             mask_source,
         },
+        statistics,
         losses,
         contamination,
         findings,
@@ -211,7 +225,8 @@ fn process_batch<M: LanguageModel>(
     Ok(())
 }
 
-fn data_findings(totals: &LossTotals, sources: &BTreeSet<MaskSource>) -> Vec<Finding> {
+/// Findings about the data that need the batches; the rest come from [`crate::lint`].
+fn data_findings(totals: &LossTotals) -> Vec<Finding> {
     let mut findings = vec![];
     if totals.trained == 0 {
         findings.push(Finding::new(
@@ -220,17 +235,6 @@ fn data_findings(totals: &LossTotals, sources: &BTreeSet<MaskSource>) -> Vec<Fin
             format!(
                 "none of the {} next-token positions has a trained target: check the mask field",
                 totals.positions
-            ),
-        ));
-    }
-    if sources.len() > 1 {
-        let names: Vec<&str> = sources.iter().map(|s| s.as_str()).collect();
-        findings.push(Finding::new(
-            Code::MixedMaskSource,
-            Severity::Warning,
-            format!(
-                "rows take their mask from different fields: {}",
-                names.join(", ")
             ),
         ));
     }

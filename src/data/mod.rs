@@ -468,7 +468,7 @@ pub struct RowSource {
 
 enum Inner {
     Jsonl(JsonlReader),
-    Parquet(Box<ParquetReader>),
+    Parquet(ParquetReader),
 }
 
 impl RowSource {
@@ -524,7 +524,7 @@ impl RowSource {
             return Ok(RowSource {
                 path: display,
                 format: Format::Parquet,
-                inner: Inner::Parquet(Box::new(parquet)),
+                inner: Inner::Parquet(parquet),
                 compressed_bytes: None,
             });
         }
