@@ -55,7 +55,12 @@ pub fn write_statistics<W: Write>(out: &mut W, s: &LintStats) -> std::io::Result
     }
     let outside = s
         .trained_fraction
-        .map(|f| format!("; {} of those outside padding", percent(f)))
+        .map(|f| {
+            format!(
+                "; {} of the targets outside padding are trained",
+                percent(f)
+            )
+        })
         .unwrap_or_default();
     writeln!(
         out,
