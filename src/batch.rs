@@ -3,7 +3,7 @@
 //! Pure code: no tensors. A batch is `rows × seq_len` with every row padded to the longest
 //! row of the batch; padding added here gets mask 0 and attention 0.
 
-use crate::data::Row;
+use crate::data::{Pos, Row, Unit};
 
 /// A padded batch, row-major.
 #[derive(Debug, Clone, PartialEq)]
@@ -45,14 +45,15 @@ impl Batch {
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum BatchError {
     #[error(
-        "{path}:{line}: input_ids: row has {len} tokens but the row on line {other_line} has \
-         {other_len}; pass --pad-id to pad rows of different lengths"
+        "{path}:{at}: input_ids: row has {len} tokens but the row at {other} has \
+         {other_len}; pass --pad-id to pad rows of different lengths",
+        other = .other_at.named()
     )]
     NeedsPadId {
         path: String,
-        line: usize,
+        at: Pos,
         len: usize,
-        other_line: usize,
+        other_at: Pos,
         other_len: usize,
     },
 }
@@ -62,6 +63,7 @@ pub struct Batcher {
     batch_size: usize,
     pad_id: Option<i64>,
     path: String,
+    unit: Unit,
     pending: Vec<Row>,
 }
 
@@ -72,8 +74,15 @@ impl Batcher {
             batch_size,
             pad_id,
             path: path.into(),
+            unit: Unit::Line,
             pending: Vec::with_capacity(batch_size),
         }
+    }
+
+    /// What the rows' record numbers count, for messages (lines unless told).
+    pub fn with_unit(mut self, unit: Unit) -> Self {
+        self.unit = unit;
+        self
     }
 
     /// Adds a row; returns a batch once `batch_size` rows are pending.
@@ -98,12 +107,17 @@ impl Batcher {
     fn flush(&mut self) -> Result<Batch, BatchError> {
         let rows = std::mem::take(&mut self.pending);
         self.pending.reserve(self.batch_size);
-        pad_rows(&rows, self.pad_id, &self.path)
+        pad_rows(&rows, self.pad_id, &self.path, self.unit)
     }
 }
 
 /// Right-pads rows to the longest one.
-pub fn pad_rows(rows: &[Row], pad_id: Option<i64>, path: &str) -> Result<Batch, BatchError> {
+pub fn pad_rows(
+    rows: &[Row],
+    pad_id: Option<i64>,
+    path: &str,
+    unit: Unit,
+) -> Result<Batch, BatchError> {
     let seq_len = rows.iter().map(|r| r.input_ids.len()).max().unwrap_or(0);
     let pad = match pad_id {
         Some(p) => p,
@@ -114,9 +128,12 @@ pub fn pad_rows(rows: &[Row], pad_id: Option<i64>, path: &str) -> Result<Batch, 
             {
                 return Err(BatchError::NeedsPadId {
                     path: path.to_string(),
-                    line: short.line,
+                    at: Pos {
+                        unit,
+                        n: short.line,
+                    },
                     len: short.input_ids.len(),
-                    other_line: long.line,
+                    other_at: Pos { unit, n: long.line },
                     other_len: seq_len,
                 });
             }
@@ -149,21 +166,20 @@ pub fn pad_rows(rows: &[Row], pad_id: Option<i64>, path: &str) -> Result<Batch, 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::MaskSource;
 
     fn row(line: usize, ids: &[i64]) -> Row {
-        Row {
-            line,
-            input_ids: ids.to_vec(),
-            mask: vec![1; ids.len()],
-            attention_mask: vec![1; ids.len()],
-            mask_source: MaskSource::AllTokens,
-        }
+        Row::new(line, ids.to_vec())
     }
 
     #[test]
     fn pads_to_longest_row_with_mask_zero() {
-        let b = pad_rows(&[row(1, &[4, 5, 6]), row(2, &[7])], Some(0), "d").unwrap();
+        let b = pad_rows(
+            &[row(1, &[4, 5, 6]), row(2, &[7])],
+            Some(0),
+            "d",
+            Unit::Line,
+        )
+        .unwrap();
         assert_eq!((b.rows, b.seq_len), (2, 3));
         assert_eq!(b.input_ids, vec![4, 5, 6, 7, 0, 0]);
         assert_eq!(b.attention_mask, vec![1, 1, 1, 1, 0, 0]);
@@ -176,15 +192,23 @@ mod tests {
 
     #[test]
     fn ragged_rows_without_pad_id_name_the_option() {
-        let err = pad_rows(&[row(1, &[4, 5, 6]), row(2, &[7])], None, "d.jsonl").unwrap_err();
+        let rows = [row(1, &[4, 5, 6]), row(2, &[7])];
+        let err = pad_rows(&rows, None, "d.jsonl", Unit::Line).unwrap_err();
         let msg = err.to_string();
         assert!(
-            msg.starts_with("d.jsonl:2: input_ids: row has 1 tokens"),
+            msg.starts_with("d.jsonl:2: input_ids: row has 1 tokens but the row at line 1 has 3"),
             "{msg}"
         );
         assert!(msg.contains("--pad-id"), "{msg}");
+        let msg = pad_rows(&rows, None, "d.parquet", Unit::Row)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.starts_with("d.parquet:row 2: input_ids: row has 1 tokens but the row at row 1"),
+            "{msg}"
+        );
         // Equal lengths need no pad id.
-        assert!(pad_rows(&[row(1, &[1, 2]), row(2, &[3, 4])], None, "d").is_ok());
+        assert!(pad_rows(&[row(1, &[1, 2]), row(2, &[3, 4])], None, "d", Unit::Line).is_ok());
     }
 
     #[test]

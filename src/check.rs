@@ -12,8 +12,9 @@ use tch::{Device, Kind, Tensor};
 
 use crate::aggregate::{relative_difference, Contamination, LossTotals};
 use crate::batch::{Batch, Batcher};
-use crate::data::{DataError, FieldNames, JsonlReader, MaskSource, Row};
+use crate::data::{DataError, FieldNames, Pos, Row, RowSource, Unit};
 use crate::findings::{Code, Finding, Severity, SeverityOverrides};
+use crate::lint::{LintOptions, LintState};
 use crate::model::{self, device_name, DeviceChoice, LanguageModel, ModelError, TorchScriptLm};
 use crate::report::{DataSummary, ModelInfo, Report, Verdict, SCHEMA_VERSION};
 use crate::userloss::{LossArg, LossAudit, UserLoss};
@@ -29,6 +30,8 @@ pub struct CheckOptions {
     pub batch_size: usize,
     pub pad_id: Option<i64>,
     pub max_contamination: Option<f64>,
+    /// For the lint checks that run on the same rows.
+    pub eos_id: Option<i64>,
     pub fields: FieldNames,
     pub overrides: SeverityOverrides,
     pub loss: Option<LossOptions>,
@@ -76,22 +79,31 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
         }
         None => None,
     };
-    let mut reader = JsonlReader::open(&opts.data, opts.fields.clone())?;
+    let mut reader = RowSource::open(&opts.data, opts.fields.clone())?;
     if let Some(total) = reader.total_bytes() {
         progress.set_length(total);
     }
     let data_path = reader.path().to_string();
 
-    let mut batcher = Batcher::new(opts.batch_size, opts.pad_id, data_path.clone());
+    let unit = reader.unit();
+    let mut batcher = Batcher::new(opts.batch_size, opts.pad_id, data_path.clone()).with_unit(unit);
     let mut totals = LossTotals::default();
     let mut sources = BTreeSet::new();
     let vocab = model.vocab_size();
+    let mut lint = LintState::new(LintOptions {
+        pad_id: opts.pad_id,
+        eos_id: opts.eos_id,
+        shifted: false,
+        batch_size: Some(opts.batch_size),
+        unit,
+    });
 
     let mut rows_seen = 0u64;
     while let Some(row) = reader.next() {
         let row = row?;
-        check_vocabulary(&row, vocab, &data_path, &opts.fields.input_ids)?;
+        check_vocabulary(&row, vocab, &data_path, unit, &opts.fields.input_ids)?;
         sources.insert(row.mask_source);
+        lint.observe(&row);
         rows_seen += 1;
         if let Some(batch) = batcher.push(row)? {
             process_batch(&model, &batch, &mut totals, audit.as_mut(), &opts.model)?;
@@ -112,7 +124,9 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
     };
     let losses = totals.aggregates();
     let contamination = Contamination::of(&losses);
-    let mut findings = data_findings(&totals, &sources);
+    let (statistics, lint_findings) = lint.finish();
+    let mut findings = data_findings(&totals);
+    findings.extend(lint_findings);
     findings.extend(contamination_finding(
         contamination,
         totals.padding_fraction(),
@@ -150,6 +164,7 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
             padding_fraction: totals.padding_fraction(),
             mask_source,
         },
+        statistics,
         losses,
         contamination,
         user_loss,
@@ -160,7 +175,13 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
 
 /// Token ids must be checked before they reach libtorch: an out-of-range id is an abort on
 /// the CPU and poisons the whole CUDA context on a GPU.
-pub fn check_vocabulary(row: &Row, vocab: i64, path: &str, field: &str) -> Result<(), DataError> {
+pub fn check_vocabulary(
+    row: &Row,
+    vocab: i64,
+    path: &str,
+    unit: Unit,
+    field: &str,
+) -> Result<(), DataError> {
     match row
         .input_ids
         .iter()
@@ -169,7 +190,7 @@ pub fn check_vocabulary(row: &Row, vocab: i64, path: &str, field: &str) -> Resul
     {
         Some((i, id)) => Err(DataError::Field {
             path: path.to_string(),
-            line: row.line,
+            at: Pos { unit, n: row.line },
             field: field.to_string(),
             message: format!(
                 "token id {id} at index {i} is outside the model's vocabulary (size {vocab})"
@@ -255,7 +276,8 @@ fn process_batch(
     Ok(())
 }
 
-fn data_findings(totals: &LossTotals, sources: &BTreeSet<MaskSource>) -> Vec<Finding> {
+/// Findings about the data that need the batches; the rest come from [`crate::lint`].
+fn data_findings(totals: &LossTotals) -> Vec<Finding> {
     let mut findings = vec![];
     if totals.trained == 0 {
         findings.push(Finding::new(
@@ -264,17 +286,6 @@ fn data_findings(totals: &LossTotals, sources: &BTreeSet<MaskSource>) -> Vec<Fin
             format!(
                 "none of the {} next-token positions has a trained target: check the mask field",
                 totals.positions
-            ),
-        ));
-    }
-    if sources.len() > 1 {
-        let names: Vec<&str> = sources.iter().map(|s| s.as_str()).collect();
-        findings.push(Finding::new(
-            Code::MixedMaskSource,
-            Severity::Warning,
-            format!(
-                "rows take their mask from different fields: {}",
-                names.join(", ")
             ),
         ));
     }
@@ -339,18 +350,12 @@ mod tests {
 
     #[test]
     fn vocabulary_check_names_line_and_index() {
-        let row = Row {
-            line: 12,
-            input_ids: vec![1, 2, 48],
-            mask: vec![1; 3],
-            attention_mask: vec![1; 3],
-            mask_source: MaskSource::AllTokens,
-        };
-        let err = check_vocabulary(&row, 48, "d.jsonl", "input_ids").unwrap_err();
+        let row = Row::new(12, vec![1, 2, 48]);
+        let err = check_vocabulary(&row, 48, "d.jsonl", Unit::Line, "input_ids").unwrap_err();
         assert_eq!(
             err.to_string(),
             "d.jsonl:12: input_ids: token id 48 at index 2 is outside the model's vocabulary (size 48)"
         );
-        assert!(check_vocabulary(&row, 49, "d.jsonl", "input_ids").is_ok());
+        assert!(check_vocabulary(&row, 49, "d.jsonl", Unit::Line, "input_ids").is_ok());
     }
 }

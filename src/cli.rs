@@ -27,6 +27,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the model over the dataset and compare the loss with and without the mask.
     Check(Box<CheckArgs>),
+    /// Check how the dataset's labels and masks were built, without a model; --show prints rows.
+    Lint(Box<LintArgs>),
     /// Print the long explanation of a finding code, with a fix.
     Explain {
         /// A finding code, e.g. padding-contamination; `all` lists every code.
@@ -40,11 +42,20 @@ pub enum Format {
     Json,
 }
 
+/// When the token view uses colour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ColorWhen {
+    /// When standard output is a terminal and NO_COLOR is not set
+    Auto,
+    Always,
+    Never,
+}
+
 #[derive(Debug, Args)]
 pub struct CheckArgs {
     /// TorchScript causal LM: forward(input_ids[, attention_mask]) -> logits [B,T,V]
     pub model: PathBuf,
-    /// Pre-tokenized dataset, one JSON object per line; `-` reads standard input
+    /// Pre-tokenized dataset: JSONL, .jsonl.gz or Parquet; `-` reads JSONL on standard input
     pub data: PathBuf,
 
     #[command(flatten)]
@@ -57,6 +68,10 @@ pub struct CheckArgs {
     /// Fail (exit 1) when |all_positions_mean − masked_token_mean| / masked_token_mean exceeds this
     #[arg(long, value_name = "RELATIVE", value_parser = parse_fraction, help_heading = "Checks")]
     pub max_contamination: Option<f64>,
+
+    /// EOS token id, for the eos-masked, eos-missing and pad-is-eos checks
+    #[arg(long, value_parser = clap::value_parser!(i64).range(0..), help_heading = "Checks")]
+    pub eos_id: Option<i64>,
 
     #[command(flatten)]
     pub user_loss: UserLossArgs,
@@ -117,6 +132,49 @@ impl UserLossArgs {
     }
 }
 
+/// `maskaudit lint`: `check`'s data options, without a model.
+#[derive(Debug, Args)]
+pub struct LintArgs {
+    /// Pre-tokenized dataset: JSONL, .jsonl.gz or Parquet; `-` reads JSONL on standard input
+    pub data: PathBuf,
+
+    /// With it, statistics include the padding that batching rows in file order would add
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Data")]
+    pub batch_size: Option<u32>,
+    /// Pad token id: a row's trailing run of it is padding when the row has no attention_mask
+    #[arg(long, value_parser = clap::value_parser!(i64).range(0..), help_heading = "Data")]
+    pub pad_id: Option<i64>,
+    #[command(flatten)]
+    pub fields: FieldArgs,
+
+    /// EOS token id, for the eos-masked, eos-missing and pad-is-eos checks
+    #[arg(long, value_parser = clap::value_parser!(i64).range(0..), help_heading = "Checks")]
+    pub eos_id: Option<i64>,
+    /// Labels and masks are already aligned with the targets (labels[t] == input_ids[t+1]) for a loss that does not shift
+    #[arg(long, help_heading = "Checks")]
+    pub shifted: bool,
+    #[command(flatten)]
+    pub severity: SeverityArgs,
+
+    /// Print the first N rows as strips of tokens, trained targets highlighted (table format)
+    #[arg(long, value_name = "N", help_heading = "Token view")]
+    pub show: Option<usize>,
+    /// Decode the token view through this Hugging Face tokenizer.json
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "show",
+        help_heading = "Token view"
+    )]
+    pub tokenizer: Option<PathBuf>,
+    /// Colour the token view: auto follows the terminal and NO_COLOR
+    #[arg(long, value_enum, default_value_t = ColorWhen::Auto, help_heading = "Token view")]
+    pub color: ColorWhen,
+
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
 /// How rows are read and batched.
 #[derive(Debug, Args)]
 pub struct DataArgs {
@@ -126,6 +184,19 @@ pub struct DataArgs {
     /// Token id used to right-pad rows to the longest row of their batch (padding gets mask 0)
     #[arg(long, value_parser = clap::value_parser!(i64).range(0..), help_heading = "Data")]
     pub pad_id: Option<i64>,
+    #[command(flatten)]
+    pub fields: FieldArgs,
+}
+
+impl DataArgs {
+    pub fn fields(&self) -> FieldNames {
+        self.fields.names()
+    }
+}
+
+/// Names of the fields rows are read from.
+#[derive(Debug, Args)]
+pub struct FieldArgs {
     /// Field holding the token ids
     #[arg(long, default_value = "input_ids", help_heading = "Data")]
     pub input_field: String,
@@ -138,15 +209,20 @@ pub struct DataArgs {
     /// Field holding the 0/1 attention mask
     #[arg(long, default_value = "attention_mask", help_heading = "Data")]
     pub attention_mask_field: String,
+    /// Field holding position ids (0 where a packed document starts); `seq_lens` and
+    /// `cu_seqlens` are read under those names
+    #[arg(long, default_value = "position_ids", help_heading = "Data")]
+    pub position_ids_field: String,
 }
 
-impl DataArgs {
-    pub fn fields(&self) -> FieldNames {
+impl FieldArgs {
+    pub fn names(&self) -> FieldNames {
         FieldNames {
             input_ids: self.input_field.clone(),
             labels: self.labels_field.clone(),
             loss_mask: self.mask_field.clone(),
             attention_mask: self.attention_mask_field.clone(),
+            position_ids: self.position_ids_field.clone(),
         }
     }
 }

@@ -34,6 +34,16 @@ fn long_form(code: Code) -> &'static str {
         Code::LossAmbiguous => include_str!("explain/loss-ambiguous.md"),
         Code::PaddingVariance => include_str!("explain/padding-variance.md"),
         Code::MaskedLogitsLeak => include_str!("explain/masked-logits-leak.md"),
+        Code::EmptySupervision => include_str!("explain/empty-supervision.md"),
+        Code::EosMasked => include_str!("explain/eos-masked.md"),
+        Code::EosMissing => include_str!("explain/eos-missing.md"),
+        Code::PadIsEos => include_str!("explain/pad-is-eos.md"),
+        Code::LabelsPreShifted => include_str!("explain/labels-pre-shifted.md"),
+        Code::LabelsNotShifted => include_str!("explain/labels-not-shifted.md"),
+        Code::PackedBoundarySupervised => include_str!("explain/packed-boundary-supervised.md"),
+        Code::MaskLabelDisagree => include_str!("explain/mask-label-disagree.md"),
+        Code::PaddingTrained => include_str!("explain/padding-trained.md"),
+        Code::UnexpectedNegativeLabel => include_str!("explain/unexpected-negative-label.md"),
     }
 }
 

@@ -76,6 +76,26 @@ codes! {
         "Appending padding columns to a batch changes your loss: padding enters it.";
     MaskedLogitsLeak => "masked-logits-leak",
         "Changing the logits at untrained positions changes your loss: positions the mask excludes still reach it.";
+    EmptySupervision => "empty-supervision",
+        "Rows with no trained target after the shift contribute nothing to the loss, typically an SFT answer truncated away.";
+    EosMasked => "eos-masked",
+        "Every occurrence of EOS is untrained, so the model never learns to stop; the usual cause is pad == eos with a collator that set every pad id to -100.";
+    EosMissing => "eos-missing",
+        "The EOS id never appears as a target, so the model never learns to stop.";
+    PadIsEos => "pad-is-eos",
+        "The pad id is the EOS id, so any rule that masks padding by id also masks EOS.";
+    LabelsPreShifted => "labels-pre-shifted",
+        "The labels are already shifted (labels[t] == input_ids[t+1]), so a loss that shifts again trains the token after next.";
+    LabelsNotShifted => "labels-not-shifted",
+        "The data was declared pre-shifted (--shifted) but its labels are aligned with input_ids, so a loss that does not shift trains each token to predict itself.";
+    PackedBoundarySupervised => "packed-boundary-supervised",
+        "In packed rows, the first token of a document is a trained target, predicted from the end of the previous document.";
+    MaskLabelDisagree => "mask-label-disagree",
+        "loss_mask, labels and attention_mask disagree about which tokens are trained, so the loss depends on which field the training code reads.";
+    PaddingTrained => "padding-trained",
+        "Trailing padding positions are trained targets, so the loss includes padding.";
+    UnexpectedNegativeLabel => "unexpected-negative-label",
+        "Labels are negative but not the ignore index -100, which a loss ignoring -100 rejects or treats as a class.";
 }
 
 impl fmt::Display for Code {
@@ -109,15 +129,28 @@ pub struct Finding {
     pub code: Code,
     pub severity: Severity,
     pub message: String,
+    /// Where the finding was first seen: record numbers (JSONL lines, or 1-based Parquet
+    /// rows), at most [`Finding::MAX_RECORDS`]; absent from the JSON when empty.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub records: Vec<usize>,
 }
 
 impl Finding {
+    /// How many record numbers a finding keeps.
+    pub const MAX_RECORDS: usize = 5;
+
     pub fn new(code: Code, severity: Severity, message: impl Into<String>) -> Self {
         Self {
             code,
             severity,
             message: message.into(),
+            records: vec![],
         }
+    }
+
+    pub fn with_records(mut self, records: Vec<usize>) -> Self {
+        self.records = records;
+        self
     }
 }
 

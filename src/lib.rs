@@ -12,10 +12,15 @@ pub mod data;
 pub mod diagnosis;
 pub mod explain;
 pub mod findings;
+pub mod lint;
+pub mod lint_command;
 pub mod model;
 pub mod output;
 pub mod report;
+pub mod stats;
+pub mod tokenizer;
 pub mod userloss;
+pub mod view;
 
 /// An error chain on one line: the messages joined by ": ", newlines folded, repeats dropped.
 pub fn one_line(e: &anyhow::Error) -> String {

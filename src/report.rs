@@ -6,7 +6,9 @@
 use serde::Serialize;
 
 use crate::aggregate::{Aggregates, Contamination};
+use crate::data::{Format, Unit};
 use crate::findings::{Finding, Severity};
+use crate::lint::LintStats;
 use crate::model::{OutputForm, Signature};
 use crate::userloss::UserLossReport;
 
@@ -63,10 +65,37 @@ pub struct Report {
     pub schema_version: u32,
     pub model: ModelInfo,
     pub data: DataSummary,
+    /// The lint statistics of the same rows (added within schema version 1).
+    pub statistics: LintStats,
     pub losses: Aggregates,
     pub contamination: Option<Contamination>,
     /// The audit of the user's loss; null without `--loss`/`--loss-method`.
     pub user_loss: Option<UserLossReport>,
+    pub findings: Vec<Finding>,
+    pub verdict: Verdict,
+}
+
+/// What `lint` read, and how.
+#[derive(Debug, Clone, Serialize)]
+pub struct LintDataInfo {
+    pub path: String,
+    /// `jsonl`, `jsonl.gz` or `parquet`.
+    pub format: Format,
+    /// What record numbers count: `line` (JSONL) or `row` (Parquet, 1-based).
+    pub records: Unit,
+    pub pad_id: Option<i64>,
+    pub eos_id: Option<i64>,
+    /// `--shifted`: labels declared pre-shifted.
+    pub shifted: bool,
+    pub batch_size: Option<usize>,
+}
+
+/// The result of `maskaudit lint`.
+#[derive(Debug, Clone, Serialize)]
+pub struct LintReport {
+    pub schema_version: u32,
+    pub data: LintDataInfo,
+    pub statistics: LintStats,
     pub findings: Vec<Finding>,
     pub verdict: Verdict,
 }

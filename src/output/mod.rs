@@ -1,3 +1,4 @@
 //! Renderers of a [`Report`](crate::report::Report): one module a format.
 pub mod json;
+pub mod lint_table;
 pub mod table;

@@ -63,6 +63,13 @@ pub fn write<W: Write>(out: &mut W, report: &Report) -> std::io::Result<()> {
         "  data   {} rows in {} batches of up to {}{pad}; {} next-token positions, {} trained; padding {padding}; mask from {}",
         d.rows, d.batches, d.batch_size, d.positions, d.supervised_positions, d.mask_source
     )?;
+    if let Some(l) = report.statistics.length {
+        writeln!(
+            out,
+            "  rows   length min {}, median {}, p95 {}, max {}; without a trained target: {}",
+            l.min, l.median, l.p95, l.max, report.statistics.rows_without_trained_target
+        )?;
+    }
     writeln!(
         out,
         "  model  vocabulary {} on {}; {} returns logits as {}",

@@ -31,7 +31,11 @@ fn command(args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_maskaudit"));
     cmd.args(args)
         .current_dir(root())
-        .env_remove("RUST_BACKTRACE");
+        .env_remove("RUST_BACKTRACE")
+        // Colour decisions are tested explicitly (maskaudit_env).
+        .env_remove("NO_COLOR")
+        .env_remove("CLICOLOR")
+        .env_remove("CLICOLOR_FORCE");
     cmd
 }
 
@@ -50,6 +54,16 @@ pub fn maskaudit(args: &[&str]) -> Output {
             .output()
             .expect("run maskaudit"),
     )
+}
+
+/// Runs with extra environment variables.
+pub fn maskaudit_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = command(args);
+    cmd.stdin(Stdio::null());
+    for (key, value) in env {
+        cmd.env(key, value);
+    }
+    finish(cmd.output().expect("run maskaudit"))
 }
 
 pub fn maskaudit_stdin(args: &[&str], input: Vec<u8>) -> Output {
@@ -119,4 +133,120 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// Rows of a JSONL fixture as JSON values.
+pub fn jsonl_rows(path: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(root().join(path))
+        .expect("fixture")
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).expect("fixture line"))
+        .collect()
+}
+
+/// Gzip-compresses bytes into `path`.
+pub fn write_gzip(path: &Path, bytes: &[u8]) {
+    use flate2::write::GzEncoder;
+    let mut encoder = GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(bytes).unwrap();
+    std::fs::write(path, encoder.finish().unwrap()).unwrap();
+}
+
+/// Writes JSON rows as Parquet the way pyarrow does: every array field an optional
+/// `list<int64>` (or `list<int32>`) of optional elements, plus a string column `text` that
+/// maskaudit must skip. A missing field is a null list. Row groups hold `group_rows` rows.
+pub fn write_parquet(
+    path: &Path,
+    rows: &[serde_json::Value],
+    int32: bool,
+    compression: parquet::basic::Compression,
+    group_rows: usize,
+) {
+    use parquet::data_type::{ByteArray, ByteArrayType, Int32Type, Int64Type};
+    use parquet::file::properties::WriterProperties;
+    use parquet::file::writer::SerializedFileWriter;
+    use parquet::schema::parser::parse_message_type;
+    use std::sync::Arc;
+
+    let mut names: Vec<String> = vec![];
+    for row in rows {
+        for (key, value) in row.as_object().unwrap() {
+            if value.is_array() && !names.contains(key) {
+                names.push(key.clone());
+            }
+        }
+    }
+    let ty = if int32 { "int32" } else { "int64" };
+    let mut message = String::from("message schema {\n  optional binary text (STRING);\n");
+    for name in &names {
+        message.push_str(&format!(
+            "  optional group {name} (LIST) {{ repeated group list {{ optional {ty} element; }} }}\n"
+        ));
+    }
+    message.push('}');
+    let schema = Arc::new(parse_message_type(&message).unwrap());
+    let props = Arc::new(
+        WriterProperties::builder()
+            .set_compression(compression)
+            .build(),
+    );
+    let file = std::fs::File::create(path).unwrap();
+    let mut writer = SerializedFileWriter::new(file, schema, props).unwrap();
+    for (g, group) in rows.chunks(group_rows).enumerate() {
+        let mut row_group = writer.next_row_group().unwrap();
+        let mut column = 0;
+        while let Some(mut col) = row_group.next_column().unwrap() {
+            if column == 0 {
+                let text: Vec<ByteArray> = (0..group.len())
+                    .map(|i| ByteArray::from(format!("row {}", g * group_rows + i + 1).as_str()))
+                    .collect();
+                let def = vec![1i16; group.len()];
+                col.typed::<ByteArrayType>()
+                    .write_batch(&text, Some(&def), None)
+                    .unwrap();
+            } else {
+                let name = &names[column - 1];
+                let (mut values, mut def, mut rep) = (vec![], vec![], vec![]);
+                for row in group {
+                    match row.get(name).and_then(|v| v.as_array()) {
+                        None => {
+                            def.push(0);
+                            rep.push(0);
+                        }
+                        Some(list) if list.is_empty() => {
+                            def.push(1);
+                            rep.push(0);
+                        }
+                        Some(list) => {
+                            for (i, v) in list.iter().enumerate() {
+                                rep.push(if i == 0 { 0 } else { 1 });
+                                match v.as_i64() {
+                                    Some(x) => {
+                                        values.push(x);
+                                        def.push(3);
+                                    }
+                                    None => def.push(2),
+                                }
+                            }
+                        }
+                    }
+                }
+                if int32 {
+                    let values: Vec<i32> = values.iter().map(|&v| v as i32).collect();
+                    col.typed::<Int32Type>()
+                        .write_batch(&values, Some(&def), Some(&rep))
+                        .unwrap();
+                } else {
+                    col.typed::<Int64Type>()
+                        .write_batch(&values, Some(&def), Some(&rep))
+                        .unwrap();
+                }
+            }
+            col.close().unwrap();
+            column += 1;
+        }
+        row_group.close().unwrap();
+    }
+    writer.close().unwrap();
 }

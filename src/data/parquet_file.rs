@@ -1,0 +1,157 @@
+//! Parquet rows, through the parquet crate's record API (no Arrow: it is a far lighter build).
+//!
+//! Only the columns a row is built from are read (a projection), so a wide file with text
+//! columns costs little. Token columns are lists of any integer type (`list<int64>`,
+//! `list<int32>`, …; booleans read as 0/1); a null column value is an absent field, as JSON
+//! `null` is. The record API decodes row groups a batch at a time, so memory stays bounded.
+
+use std::fs::File;
+use std::path::Path;
+
+use parquet::file::reader::{FileReader, SerializedFileReader};
+use parquet::record::reader::RowIter;
+use parquet::record::Field;
+use parquet::schema::types::Type;
+
+use super::{validate, DataError, FieldNames, Pos, RawRow, Row};
+
+pub struct ParquetReader {
+    path: String,
+    rows: RowIter<'static>,
+    fields: FieldNames,
+    row_no: usize,
+    total_rows: u64,
+    file_len: u64,
+}
+
+impl ParquetReader {
+    pub fn open(path: &Path, display: String, fields: FieldNames) -> Result<Self, DataError> {
+        let format_err = |message: String| DataError::Format {
+            path: display.clone(),
+            message,
+        };
+        let file = File::open(path).map_err(|source| DataError::Open {
+            path: display.clone(),
+            source,
+        })?;
+        let file_len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let reader = SerializedFileReader::new(file)
+            .map_err(|e| format_err(format!("not a readable Parquet file: {e}")))?;
+        let metadata = reader.metadata().file_metadata();
+        let schema = metadata.schema();
+        let total_rows = u64::try_from(metadata.num_rows()).unwrap_or(0);
+        let wanted = fields.all();
+        let selected: Vec<_> = schema
+            .get_fields()
+            .iter()
+            .filter(|f| wanted.contains(&f.name()))
+            .cloned()
+            .collect();
+        if !selected.iter().any(|f| f.name() == fields.input_ids) {
+            let columns: Vec<&str> = schema.get_fields().iter().map(|f| f.name()).collect();
+            return Err(format_err(format!(
+                "{}: no such column (columns: {}); --input-field names it",
+                fields.input_ids,
+                columns.join(", ")
+            )));
+        }
+        let projection = Type::group_type_builder(schema.name())
+            .with_fields(selected)
+            .build()
+            .map_err(|e| format_err(format!("cannot select columns: {e}")))?;
+        let rows = RowIter::from_file_into(Box::new(reader))
+            .project(Some(projection))
+            .map_err(|e| format_err(format!("cannot read columns: {e}")))?;
+        Ok(Self {
+            path: display,
+            rows,
+            fields,
+            row_no: 0,
+            total_rows,
+            file_len,
+        })
+    }
+
+    /// Estimated from the rows read: the record API does not expose byte offsets.
+    pub fn bytes_read(&self) -> u64 {
+        match self.total_rows {
+            0 => 0,
+            n => (self.file_len as f64 * self.row_no as f64 / n as f64) as u64,
+        }
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.file_len
+    }
+
+    fn convert(&self, row: parquet::record::Row, at: Pos) -> Result<Row, DataError> {
+        let mut raw = RawRow::default();
+        for (name, field) in row.get_column_iter() {
+            let Some(slot) = raw.slot(&self.fields, name) else {
+                continue;
+            };
+            if slot.is_some() {
+                continue;
+            }
+            *slot = int_list(field).map_err(|message| DataError::Field {
+                path: self.path.clone(),
+                at,
+                field: name.clone(),
+                message,
+            })?;
+        }
+        validate(raw, &self.path, at, &self.fields)
+    }
+}
+
+impl Iterator for ParquetReader {
+    type Item = Result<Row, DataError>;
+    fn next(&mut self) -> Option<Self::Item> {
+        let next = self.rows.next()?;
+        self.row_no += 1;
+        let at = Pos::row(self.row_no);
+        Some(match next {
+            Ok(row) => self.convert(row, at),
+            Err(e) => Err(DataError::Record {
+                path: self.path.clone(),
+                at,
+                message: format!("cannot decode: {e}"),
+            }),
+        })
+    }
+}
+
+/// A list of integers; `None` for a null value.
+fn int_list(field: &Field) -> Result<Option<Vec<i64>>, String> {
+    match field {
+        Field::Null => Ok(None),
+        Field::ListInternal(list) => list
+            .elements()
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                integer(e).ok_or_else(|| match e {
+                    Field::Null => format!("null at index {i}: expected an integer"),
+                    other => format!("value {other} at index {i}: expected an integer"),
+                })
+            })
+            .collect::<Result<Vec<i64>, String>>()
+            .map(Some),
+        other => Err(format!("expected a list of integers, found {other}")),
+    }
+}
+
+fn integer(field: &Field) -> Option<i64> {
+    Some(match *field {
+        Field::Bool(b) => i64::from(b),
+        Field::Byte(v) => i64::from(v),
+        Field::Short(v) => i64::from(v),
+        Field::Int(v) => i64::from(v),
+        Field::Long(v) => v,
+        Field::UByte(v) => i64::from(v),
+        Field::UShort(v) => i64::from(v),
+        Field::UInt(v) => i64::from(v),
+        Field::ULong(v) => i64::try_from(v).ok()?,
+        _ => return None,
+    })
+}
