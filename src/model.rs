@@ -354,10 +354,17 @@ pub const CHUNK_ELEMENTS: i64 = 1 << 24;
 /// as f32 `[B, T-1]` on the logits' device. Half-precision logits are upcast chunk by chunk.
 /// Returns `Ok(None)` when a logit is NaN or infinite.
 ///
-/// Finiteness is read from each chunk's minimum and maximum (`aminmax` propagates NaN, and
-/// ±inf shows as an extreme): one pass that writes nothing, where `isfinite` wrote a mask and
-/// an `abs` copy of the chunk (two and a half times the cost of the cross-entropy on the CPU).
-/// The extremes of all chunks are checked together: one device sync per batch.
+/// The work is `F.cross_entropy`'s own (log-softmax, then the negative log-likelihood of the
+/// target), arranged so that a batch costs little beyond it:
+/// - each row's first T-1 positions are a contiguous `[T-1, V]` slice of the logits, so every
+///   chunk is a view: nothing is copied but the upcast of half-precision chunks;
+/// - the log-softmax of every chunk is written into one scratch buffer, allocated once per
+///   batch, instead of fresh memory for each chunk (fresh memory is page-faulted in and zeroed
+///   by the kernel, 4 KiB at a time: a cost of the order of the log-softmax itself);
+/// - finiteness is read from each chunk's minimum and maximum (`aminmax` propagates NaN, and
+///   ±inf shows as an extreme): one pass that writes nothing, where `isfinite` wrote a mask and
+///   an `abs` copy of the chunk (two and a half times the cost of the cross-entropy on the CPU).
+///   The extremes of all chunks are checked together: one device sync per batch.
 pub fn token_losses(
     logits: &Tensor,
     input_ids: &Tensor,
@@ -372,7 +379,13 @@ pub fn token_losses(
             (Kind::Float, logits.device()),
         )?));
     }
-    let rows_per_chunk = (chunk_elements / v.max(1)).max(1);
+    let rows_per_chunk = (chunk_elements / v.max(1)).max(1).min(positions);
+    // Double logits stay double, as F.cross_entropy would keep them; the rest is upcast to f32.
+    let kind = match logits.kind() {
+        Kind::Double => Kind::Double,
+        _ => Kind::Float,
+    };
+    let scratch = Tensor::f_empty([rows_per_chunk, v], (kind, logits.device()))?;
     let mut pieces = Vec::new();
     let mut extremes = Vec::new();
     for row in 0..b {
@@ -381,16 +394,13 @@ pub fn token_losses(
         let mut start = 0;
         while start < positions {
             let n = rows_per_chunk.min(positions - start);
-            let mut x = row_logits.f_narrow(0, start, n)?;
+            let x = row_logits.f_narrow(0, start, n)?;
             let (lo, hi) = x.f_aminmax(None, false)?;
             extremes.push(lo);
             extremes.push(hi);
-            if x.kind() != Kind::Float && x.kind() != Kind::Double {
-                x = x.f_to_kind(Kind::Float)?;
-            }
+            let log_probs = x.f_log_softmax_int_out(&scratch.f_narrow(0, 0, n)?, 1, kind)?;
             let target = row_targets.f_narrow(0, start, n)?;
-            let loss =
-                x.f_cross_entropy_loss::<Tensor>(&target, None, tch::Reduction::None, -100, 0.0)?;
+            let loss = log_probs.f_nll_loss::<Tensor>(&target, None, tch::Reduction::None, -100)?;
             pieces.push(loss.f_to_kind(Kind::Float)?);
             start += n;
         }
