@@ -38,7 +38,7 @@ fn main() -> Result<()> {
         .map_err(anyhow::Error::msg)?;
 
     // As `maskaudit check` does.
-    tch::jit::set_profiling_mode(false);
+    maskaudit::model::configure_libtorch();
     let _no_grad = tch::no_grad_guard();
     let device = device.resolve()?;
 

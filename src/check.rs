@@ -33,8 +33,7 @@ pub struct CheckOptions {
 }
 
 pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
-    // Without this the JIT re-profiles and re-optimises the graph for every new sequence length.
-    tch::jit::set_profiling_mode(false);
+    model::configure_libtorch();
     let _no_grad = tch::no_grad_guard();
 
     let device = opts.device.resolve()?;
