@@ -5,6 +5,8 @@
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
+use std::sync::mpsc;
+use std::thread;
 
 use anyhow::{Context, Result};
 use indicatif::ProgressBar;
@@ -12,7 +14,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::aggregate::{relative_difference, Contamination, LossTotals};
 use crate::batch::{Batch, Batcher};
-use crate::data::{DataError, FieldNames, Pos, Row, RowSource, Unit};
+use crate::data::{DataError, FieldNames, MaskSource, Pos, Row, RowSource, Unit};
 use crate::findings::{Code, Finding, Severity, SeverityOverrides};
 use crate::lint::{LintOptions, LintState};
 use crate::model::{self, device_name, DeviceChoice, LanguageModel, ModelError, TorchScriptLm};
@@ -50,8 +52,7 @@ pub struct LossOptions {
 }
 
 pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
-    // Without this the JIT re-profiles and re-optimises the graph for every new sequence length.
-    tch::jit::set_profiling_mode(false);
+    model::configure_libtorch();
     let _no_grad = tch::no_grad_guard();
 
     let device = opts.device.resolve()?;
@@ -79,18 +80,17 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
         }
         None => None,
     };
-    let mut reader = RowSource::open(&opts.data, opts.fields.clone())?;
+    let reader = RowSource::open(&opts.data, opts.fields.clone())?;
     if let Some(total) = reader.total_bytes() {
         progress.set_length(total);
     }
     let data_path = reader.path().to_string();
 
     let unit = reader.unit();
-    let mut batcher = Batcher::new(opts.batch_size, opts.pad_id, data_path.clone()).with_unit(unit);
+    let batcher = Batcher::new(opts.batch_size, opts.pad_id, data_path.clone()).with_unit(unit);
     let mut totals = LossTotals::default();
-    let mut sources = BTreeSet::new();
     let vocab = model.vocab_size();
-    let mut lint = LintState::new(LintOptions {
+    let lint = LintState::new(LintOptions {
         pad_id: opts.pad_id,
         eos_id: opts.eos_id,
         shifted: false,
@@ -98,22 +98,22 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
         unit,
     });
 
-    let mut rows_seen = 0u64;
-    while let Some(row) = reader.next() {
-        let row = row?;
-        check_vocabulary(&row, vocab, &data_path, unit, &opts.fields.input_ids)?;
-        sources.insert(row.mask_source);
-        lint.observe(&row);
-        rows_seen += 1;
-        if let Some(batch) = batcher.push(row)? {
-            process_batch(&model, &batch, &mut totals, audit.as_mut(), &opts.model)?;
-            progress.set_position(reader.bytes_read());
-        }
-    }
-    if let Some(batch) = batcher.finish()? {
+    let (batches, reading) =
+        read_ahead(reader, batcher, lint, vocab, opts.fields.input_ids.clone());
+    for item in batches {
+        let (batch, bytes_read) = item?;
         process_batch(&model, &batch, &mut totals, audit.as_mut(), &opts.model)?;
+        progress.set_position(bytes_read);
     }
-    progress.set_position(reader.bytes_read());
+    let ReadSummary {
+        rows: rows_seen,
+        sources,
+        bytes_read,
+        lint,
+    } = reading
+        .join()
+        .map_err(|_| anyhow::anyhow!("the thread reading {data_path} panicked"))?;
+    progress.set_position(bytes_read);
     if rows_seen == 0 {
         return Err(DataError::Empty { path: data_path }.into());
     }
@@ -171,6 +171,79 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
         findings,
         verdict,
     })
+}
+
+/// Batches the reading thread may have ready ahead of the model.
+const READ_AHEAD: usize = 2;
+
+/// What the reading thread saw, once it is done.
+struct ReadSummary {
+    rows: u64,
+    sources: BTreeSet<MaskSource>,
+    bytes_read: u64,
+    /// The lint checks, fed every row on the reading thread.
+    lint: LintState,
+}
+
+/// Reads, validates and batches the rows on a thread of its own, up to [`READ_AHEAD`] batches
+/// ahead of the model, so that parsing overlaps the forward pass. Batches arrive in file order,
+/// each with the bytes read so far; the first error ends the stream, after the batches before
+/// it, so errors surface in the same order as when reading inline. Memory stays bounded: the
+/// channel holds at most `READ_AHEAD` batches.
+fn read_ahead(
+    mut reader: RowSource,
+    mut batcher: Batcher,
+    lint: LintState,
+    vocab: i64,
+    input_field: String,
+) -> (
+    mpsc::Receiver<Result<(Batch, u64)>>,
+    thread::JoinHandle<ReadSummary>,
+) {
+    let (tx, rx) = mpsc::sync_channel(READ_AHEAD);
+    let handle = thread::spawn(move || {
+        let mut summary = ReadSummary {
+            rows: 0,
+            sources: BTreeSet::new(),
+            bytes_read: 0,
+            lint,
+        };
+        loop {
+            let next = next_batch(&mut reader, &mut batcher, &mut summary, vocab, &input_field);
+            summary.bytes_read = reader.bytes_read();
+            let (item, last) = match next {
+                Ok(Some(batch)) => (Ok((batch, summary.bytes_read)), false),
+                Ok(None) => return summary,
+                Err(e) => (Err(e), true),
+            };
+            // A closed channel means the model side stopped on an error of its own.
+            if tx.send(item).is_err() || last {
+                return summary;
+            }
+        }
+    });
+    (rx, handle)
+}
+
+/// The next full batch, or the last partial one, or `None` at the end of the data.
+fn next_batch(
+    reader: &mut RowSource,
+    batcher: &mut Batcher,
+    summary: &mut ReadSummary,
+    vocab: i64,
+    input_field: &str,
+) -> Result<Option<Batch>> {
+    while let Some(row) = reader.next() {
+        let row = row?;
+        check_vocabulary(&row, vocab, reader.path(), reader.unit(), input_field)?;
+        summary.sources.insert(row.mask_source);
+        summary.lint.observe(&row);
+        summary.rows += 1;
+        if let Some(batch) = batcher.push(row)? {
+            return Ok(Some(batch));
+        }
+    }
+    Ok(batcher.finish()?)
 }
 
 /// Token ids must be checked before they reach libtorch: an out-of-range id is an abort on
@@ -346,6 +419,43 @@ mod tests {
         let f = contamination_finding(c, Some(0.0), Some(0.1)).unwrap();
         assert_eq!((f.code, f.severity), (Code::NoPadding, Severity::Info));
         assert!(contamination_finding(None, Some(0.3), None).is_none());
+    }
+
+    fn lint() -> LintState {
+        LintState::new(LintOptions {
+            pad_id: Some(0),
+            eos_id: None,
+            shifted: false,
+            batch_size: Some(2),
+            unit: Unit::Line,
+        })
+    }
+
+    #[test]
+    fn read_ahead_sends_batches_in_order_then_the_first_error() {
+        let data = b"{\"input_ids\":[1,2]}\n{\"input_ids\":[3]}\n{\"input_ids\":[4,5,6]}\n{\"input_ids\":[7,99]}\n{\"input_ids\":[8]}\n";
+        let reader = RowSource::from_jsonl_bytes("d.jsonl", data.to_vec(), FieldNames::default());
+        let batcher = Batcher::new(2, Some(0), "d.jsonl");
+        let (batches, reading) = read_ahead(reader, batcher, lint(), 50, "input_ids".into());
+        let items: Vec<_> = batches.into_iter().collect();
+        assert_eq!(items.len(), 2);
+        let (first, _) = items[0].as_ref().unwrap();
+        assert_eq!((first.lines.clone(), first.seq_len), (vec![1, 2], 2));
+        let err = items[1].as_ref().unwrap_err().to_string();
+        assert!(
+            err.starts_with("d.jsonl:4: input_ids: token id 99"),
+            "{err}"
+        );
+        let summary = reading.join().unwrap();
+        assert_eq!(summary.rows, 3);
+
+        let reader = RowSource::from_jsonl_bytes("d.jsonl", data.to_vec(), FieldNames::default());
+        let batcher = Batcher::new(2, Some(0), "d.jsonl");
+        let (batches, reading) = read_ahead(reader, batcher, lint(), 100, "input_ids".into());
+        let rows: Vec<usize> = batches.into_iter().map(|b| b.unwrap().0.rows).collect();
+        assert_eq!(rows, vec![2, 2, 1]);
+        let summary = reading.join().unwrap();
+        assert_eq!((summary.rows, summary.bytes_read), (5, data.len() as u64));
     }
 
     #[test]

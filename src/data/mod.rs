@@ -543,6 +543,12 @@ impl RowSource {
         Ok(Self::jsonl(display, Format::Jsonl, jsonl, None))
     }
 
+    /// JSONL rows from memory (tests, and callers that already hold the bytes).
+    pub fn from_jsonl_bytes(name: &str, bytes: Vec<u8>, fields: FieldNames) -> Self {
+        let reader = reader_from_bytes(name, bytes, fields);
+        Self::jsonl(name.to_string(), Format::Jsonl, reader, None)
+    }
+
     fn jsonl(
         path: String,
         format: Format,

@@ -1,0 +1,320 @@
+#!/usr/bin/env python3
+"""maskaudit against the PyTorch peer (bench/peer.py) and the forward-only floor
+(bench/forward_only.rs), side by side, on generated workloads. See bench/README.md.
+
+Every run is a fresh process, timed wall-clock from spawn to exit, with its peak RSS from
+wait4's rusage. The contenders take turns (maskaudit, peer, floor, maskaudit, ...) so that a
+change in the machine's load hits all of them alike; the summary gives medians. Before any
+timing, the aggregates of maskaudit's JSON and of the peer are compared: a relative difference
+above 1e-4 fails the harness.
+
+    bench.py [--reps N] [--only ci,compute,scale,large-vocab] [--device cpu|cuda]
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent
+AGGREGATES = (
+    "masked_token_mean",
+    "all_positions_mean",
+    "masked_sum_over_all_positions",
+    "sequence_mean",
+    "batch_mean_of_means",
+)
+GiB = 1 << 30
+
+# name: model (generated unless a path), data (generated), batch size, pad id, default reps
+WORKLOADS = {
+    "ci": {
+        "what": "CI-sized: tiny fixture LM (vocab 48), 30 ragged rows",
+        "model": {"path": "fixtures/tiny_lm.pt"},
+        "data": {"path": "fixtures/ragged.jsonl"},
+        "batch_size": 4,
+        "reps": 7,
+    },
+    "compute": {
+        "what": "compute-bound: GPT 4x256, vocab 32000, 100 rows of 16-128 tokens",
+        "model": {"name": "gpt_4x256_v32000", "vocab": 32000, "width": 256, "layers": 4,
+                  "heads": 4, "max_pos": 128},
+        "data": {"name": "compute", "rows": 100, "min_len": 16, "max_len": 128, "vocab": 32000},
+        "batch_size": 8,
+        "reps": 5,
+    },
+    "scale": {
+        "what": "scale: the compute-bound model over 10x the rows (1000)",
+        "model": {"name": "gpt_4x256_v32000", "vocab": 32000, "width": 256, "layers": 4,
+                  "heads": 4, "max_pos": 128},
+        "data": {"name": "scale", "rows": 1000, "min_len": 16, "max_len": 128, "vocab": 32000},
+        "batch_size": 8,
+        "reps": 2,
+        "warmup": 0,  # the compute workload has warmed the model's file and the libraries
+    },
+    "large-vocab": {
+        "what": "large vocabulary: GPT 2x64, vocab 152064, 8 rows of 2048 tokens, batch 4",
+        "model": {"name": "gpt_2x64_v152064", "vocab": 152064, "width": 64, "layers": 2,
+                  "heads": 4, "max_pos": 2048},
+        "data": {"name": "large_vocab", "rows": 8, "min_len": 2048, "max_len": 2048,
+                 "vocab": 152064},
+        "batch_size": 4,
+        "reps": 3,
+    },
+    # The GPU workload (bench/gpu.sh): GPT-2 small, 124M parameters.
+    "gpt2-small": {
+        "what": "GPT-2 small: 12x768, vocab 50257, 124M parameters; 2000 rows of 1024 tokens",
+        "model": {"name": "gpt2_small", "vocab": 50257, "width": 768, "layers": 12,
+                  "heads": 12, "max_pos": 1024},
+        "data": {"name": "gpt2_small", "rows": 2000, "min_len": 1024, "max_len": 1024,
+                 "vocab": 50257},
+        "batch_size": 8,
+        "reps": 3,
+    },
+}
+CPU_DEFAULT = ("ci", "compute", "scale", "large-vocab")
+
+# Targets (issue 5), checked on the CPU workloads.
+CI_RATIO = 0.3
+COMPUTE_RATIO = 0.95
+FLOOR_OVERHEAD = 0.10
+RSS_FLAT = 0.10
+LARGE_VOCAB_RSS = 24 * GiB
+
+
+def log(*args):
+    print(*args, file=sys.stderr, flush=True)
+
+
+def load_average():
+    try:
+        return Path("/proc/loadavg").read_text().split()[:3]
+    except OSError:
+        return ["?"] * 3
+
+
+def generate(python, bench_dir, spec):
+    """Makes the workload's model and data (once; kept under bench_dir)."""
+    paths = {}
+    for kind in ("model", "data"):
+        s = spec[kind]
+        if "path" in s:
+            paths[kind] = ROOT / s["path"]
+            continue
+        suffix = ".pt" if kind == "model" else ".jsonl"
+        out = bench_dir / (s["name"] + suffix)
+        if kind == "model":
+            args = ["model", str(out), "--vocab", s["vocab"], "--width", s["width"],
+                    "--layers", s["layers"], "--heads", s["heads"], "--max-pos", s["max_pos"]]
+        else:
+            args = ["data", str(out), "--rows", s["rows"], "--min-len", s["min_len"],
+                    "--max-len", s["max_len"], "--vocab", s["vocab"]]
+        stamp = out.with_name(out.name + ".args")
+        want = " ".join(map(str, args))
+        if not out.exists() or not stamp.exists() or stamp.read_text() != want:
+            subprocess.run([python, str(HERE / "gen.py"), *map(str, args)], check=True,
+                           stdout=sys.stderr)
+            stamp.write_text(want)
+        paths[kind] = out
+    return paths["model"], paths["data"]
+
+
+def run_once(cmd, env=None):
+    """Runs cmd; returns (wall seconds, peak RSS bytes, stdout). Fails loudly on error."""
+    with tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
+                             env=env)
+        out = p.stdout.read()
+        _, status, rusage = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - start
+        p.returncode = os.waitstatus_to_exitcode(status)
+        p.stdout.close()
+        # maskaudit exits 1 when a finding is an error: still a finished run.
+        if p.returncode not in (0, 1):
+            err.seek(0)
+            sys.exit(f"failed ({p.returncode}): {' '.join(cmd)}\n{err.read().decode()[-2000:]}")
+    return wall, rusage.ru_maxrss * 1024, out.decode()
+
+
+def contenders(args, model, data, batch_size):
+    device = args.device
+    common = [str(model), str(data)]
+    return {
+        "maskaudit": [str(args.maskaudit), "check", *common, "--pad-id", "0",
+                      "--batch-size", str(batch_size), "--device", device, "--format", "json",
+                      "--quiet"],
+        "peer": [args.python, str(HERE / "peer.py"), *common, "--pad-id", "0",
+                 "--batch-size", str(batch_size), "--device", device],
+        "floor": [str(args.floor), *common, str(batch_size), "0", device],
+    }
+
+
+def compare(name, ours, peer):
+    """The peer must compute the same numbers: fails loudly otherwise."""
+    ma = json.loads(ours)
+    pe = json.loads(peer.strip().splitlines()[-1])
+    log(f"  {name}: masked_token_mean maskaudit {ma['losses']['masked_token_mean']:.9f}  "
+        f"peer {pe['losses']['masked_token_mean']:.9f}")
+    for key in AGGREGATES:
+        a, b = ma["losses"][key], pe["losses"][key]
+        if abs(a - b) > 1e-4 * abs(b):
+            sys.exit(f"{name}: {key} differs: maskaudit {a} vs peer {b} (> 1e-4 relative)")
+    for key in ("rows", "positions", "supervised_positions"):
+        if ma["data"][key] != pe[key]:
+            sys.exit(f"{name}: {key} differs: maskaudit {ma['data'][key]} vs peer {pe[key]}")
+    return ma
+
+
+def bench(args, name, spec, bench_dir):
+    model, data = generate(args.python, bench_dir, spec)
+    cmds = contenders(args, model, data, spec["batch_size"])
+    reps = args.reps or spec["reps"]
+    log(f"{name}: {spec['what']}; {reps} rounds")
+    runs = {k: [] for k in cmds}
+    warmup = spec.get("warmup", args.warmup) if args.warmup else 0
+    for i in range(reps + warmup):
+        for who, cmd in cmds.items():
+            wall, rss, out = run_once(cmd)
+            if who == "floor":
+                prepared = json.loads(out.strip().splitlines()[-1])
+                wall -= prepared["prepare_s"]
+            if i == 0:
+                if who == "maskaudit":
+                    report = out
+                elif who == "peer":
+                    report_json = compare(name, report, out)
+            if i >= warmup:
+                runs[who].append((wall, rss))
+            log(f"  round {i + 1} {who:9s} {wall:8.3f} s  {rss / 2**20:8.1f} MiB"
+                + ("  (warm-up)" if i < warmup else ""))
+    med = {w: statistics.median(x[0] for x in r) for w, r in runs.items()}
+    rss = {w: max(x[1] for x in r) for w, r in runs.items()}
+    tokens = sum(len(json.loads(line)["input_ids"]) for line in open(data) if line.strip())
+    return {
+        "workload": name,
+        "what": spec["what"],
+        "batch_size": spec["batch_size"],
+        "rows": report_json["data"]["rows"],
+        "tokens": tokens,
+        "masked_token_mean": report_json["losses"]["masked_token_mean"],
+        "median_s": med,
+        "all_s": {w: [x[0] for x in r] for w, r in runs.items()},
+        "peak_rss_bytes": rss,
+        "ratio": med["maskaudit"] / med["peer"],
+        "floor_overhead": med["maskaudit"] / med["floor"] - 1,
+        "tokens_per_s": {w: tokens / med[w] for w in med},
+    }
+
+
+def mark(ok):
+    return "met" if ok else "NOT MET"
+
+
+def summary(results, device, load_before, load_after):
+    lines = []
+    lines.append(f"device {device}; load average before {' '.join(load_before)}, "
+                 f"after {' '.join(load_after)}; medians of interleaved runs")
+    head = (f"{'workload':12s} {'maskaudit s':>11s} {'peer s':>8s} {'ratio':>6s} {'floor s':>8s} "
+            f"{'overhead':>8s} {'RSS ours':>9s} {'RSS peer':>9s} {'tok/s ours':>11s} "
+            f"{'tok/s peer':>11s}")
+    lines.append(head)
+    lines.append("-" * len(head))
+    for r in results.values():
+        m, rss = r["median_s"], r["peak_rss_bytes"]
+        lines.append(
+            f"{r['workload']:12s} {m['maskaudit']:11.3f} {m['peer']:8.3f} {r['ratio']:6.3f} "
+            f"{m['floor']:8.3f} {r['floor_overhead']:+8.1%} {rss['maskaudit'] / 2**20:7.0f}Mi "
+            f"{rss['peer'] / 2**20:7.0f}Mi {r['tokens_per_s']['maskaudit']:11.0f} "
+            f"{r['tokens_per_s']['peer']:11.0f}")
+    lines.append("")
+    lines.append("targets:")
+    targets = []
+
+    def target(text, ok):
+        targets.append(ok)
+        lines.append(f"  [{mark(ok):7s}] {text}")
+
+    if "ci" in results:
+        r = results["ci"]["ratio"]
+        target(f"CI-sized wall <= {CI_RATIO}x the peer: {r:.3f}x", r <= CI_RATIO)
+    if "compute" in results:
+        r = results["compute"]["ratio"]
+        target(f"compute-bound wall <= {COMPUTE_RATIO}x the peer: {r:.3f}x", r <= COMPUTE_RATIO)
+        o = results["compute"]["floor_overhead"]
+        target(f"compute-bound overhead over forward-only <= {FLOOR_OVERHEAD:.0%}: {o:+.1%}",
+               o <= FLOOR_OVERHEAD)
+    if "scale" in results:
+        o = results["scale"]["floor_overhead"]
+        target(f"scale overhead over forward-only <= {FLOOR_OVERHEAD:.0%}: {o:+.1%}",
+               o <= FLOOR_OVERHEAD)
+    for name, r in results.items():
+        ours, peer = r["peak_rss_bytes"]["maskaudit"], r["peak_rss_bytes"]["peer"]
+        target(f"{name}: peak RSS <= the peer's: {ours / 2**20:.0f} MiB vs {peer / 2**20:.0f} MiB",
+               ours <= peer)
+    if "compute" in results and "scale" in results:
+        a = results["compute"]["peak_rss_bytes"]["maskaudit"]
+        b = results["scale"]["peak_rss_bytes"]["maskaudit"]
+        target(f"RSS flat when rows grow 10x (within {RSS_FLAT:.0%}): {a / 2**20:.0f} MiB -> "
+               f"{b / 2**20:.0f} MiB ({b / a - 1:+.1%})", abs(b / a - 1) <= RSS_FLAT)
+    if "large-vocab" in results:
+        ours = results["large-vocab"]["peak_rss_bytes"]["maskaudit"]
+        target(f"large vocabulary within 24 GiB: peak RSS {ours / GiB:.2f} GiB "
+               f"(peer {results['large-vocab']['peak_rss_bytes']['peer'] / GiB:.2f} GiB)",
+               ours <= LARGE_VOCAB_RSS)
+    if "gpt2-small" in results:
+        r = results["gpt2-small"]
+        t = r["tokens_per_s"]
+        ratio = t["maskaudit"] / t["peer"]
+        target(f"GPU tokens/s >= 1.0x the peer: {t['maskaudit']:.0f} vs {t['peer']:.0f} "
+               f"tokens/s = {ratio:.3f}x", ratio >= 1.0)
+    return "\n".join(lines), all(targets)
+
+
+def main():
+    venv = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    venv = venv / "maskaudit" / "venv-torch-2.11.0" / "bin" / "python"
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default=",".join(CPU_DEFAULT),
+                    help="comma-separated workloads: " + ", ".join(WORKLOADS))
+    ap.add_argument("--reps", type=int, default=0, help="timed rounds (default: per workload)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first (page cache)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--python", default=os.environ.get("PYTHON") or str(venv))
+    ap.add_argument("--maskaudit", type=Path, default=ROOT / "target/release/maskaudit")
+    ap.add_argument("--floor", type=Path,
+                    default=ROOT / "target/release/examples/forward_only")
+    ap.add_argument("--dir", type=Path, default=ROOT / "target/bench",
+                    help="where generated workloads go")
+    ap.add_argument("--json", type=Path, help="write every number here")
+    args = ap.parse_args()
+    if not Path(args.python).exists():
+        args.python = shutil.which(args.python) or args.python
+    args.dir.mkdir(parents=True, exist_ok=True)
+
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    for n in names:
+        if n not in WORKLOADS:
+            sys.exit(f"unknown workload {n}; one of {', '.join(WORKLOADS)}")
+    load_before = load_average()
+    log(f"load average {' '.join(load_before)}; {os.cpu_count()} CPUs")
+    results = {n: bench(args, n, WORKLOADS[n], args.dir) for n in names}
+    load_after = load_average()
+    text, ok = summary(results, args.device, load_before, load_after)
+    print(text)
+    if args.json:
+        args.json.write_text(json.dumps({"device": args.device, "load_before": load_before,
+                                         "load_after": load_after, "results": results},
+                                        indent=2))
+    return 0 if ok else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

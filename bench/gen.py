@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""Generates maskaudit's benchmark workloads: GPT-shaped TorchScript models and JSONL datasets.
+
+Needs only PyTorch and the standard library, so it runs with the set-up's venv here and with the
+plain `python3` of a GPU machine. Seeded: a rerun writes the same weights and rows.
+
+    gen.py model OUT.pt --vocab 32000 --width 256 --layers 4 --heads 4 --max-pos 128
+    gen.py data OUT.jsonl --rows 100 --min-len 16 --max-len 128 --vocab 32000 [--seed 1]
+
+Models are GPT-2 shaped (learned positions, pre-norm blocks, causal attention, GELU MLP, final
+LayerNorm, head tied to the token embedding) with random N(0, 0.02) weights; `forward(input_ids)`
+returns logits [B, T, V]. Dataset rows are SFT-shaped: `input_ids`, `labels` with the prompt part
+set to -100, and a `text` field that readers must skip.
+"""
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.ln2 = nn.LayerNorm(width)
+        self.fc = nn.Linear(width, 4 * width)
+        self.out = nn.Linear(4 * width, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
+        q = q.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+        k = k.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+        v = v.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(b, t, d))
+        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+
+
+class Gpt(nn.Module):
+    def __init__(self, vocab: int, width: int, layers: int, heads: int, max_pos: int):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, width)
+        self.wpe = nn.Embedding(max_pos, width)
+        self.blocks = nn.ModuleList([Block(width, heads) for _ in range(layers)])
+        self.ln_f = nn.LayerNorm(width)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        t = input_ids.shape[1]
+        pos = torch.arange(t, device=input_ids.device)
+        x = self.wte(input_ids) + self.wpe(pos).unsqueeze(0)
+        for block in self.blocks:
+            x = block(x)
+        return F.linear(self.ln_f(x), self.wte.weight)
+
+
+def make_model(path: Path, vocab: int, width: int, layers: int, heads: int, max_pos: int) -> None:
+    torch.manual_seed(0)
+    model = Gpt(vocab, width, layers, heads, max_pos)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.02)
+    params = sum(p.numel() for p in model.parameters())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.jit.script(model.eval()).save(str(path))
+    print(f"{path}: {params / 1e6:.1f}M parameters, vocabulary {vocab}, {layers}x{width}")
+
+
+def make_data(path: Path, rows: int, min_len: int, max_len: int, vocab: int, seed: int) -> None:
+    rng = random.Random(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tokens = 0
+    with path.open("w") as f:
+        for i in range(rows):
+            n = rng.randint(min_len, max_len)
+            ids = [rng.randrange(1, vocab) for _ in range(n)]
+            prompt = rng.randint(1, n // 2)
+            labels = [-100] * prompt + ids[prompt:]
+            row = {"id": i, "text": f"row {i}", "input_ids": ids, "labels": labels}
+            f.write(json.dumps(row) + "\n")
+            tokens += n
+    print(f"{path}: {rows} rows, {tokens} tokens")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="what", required=True)
+    m = sub.add_parser("model")
+    m.add_argument("out", type=Path)
+    m.add_argument("--vocab", type=int, required=True)
+    m.add_argument("--width", type=int, required=True)
+    m.add_argument("--layers", type=int, required=True)
+    m.add_argument("--heads", type=int, required=True)
+    m.add_argument("--max-pos", type=int, required=True)
+    d = sub.add_parser("data")
+    d.add_argument("out", type=Path)
+    d.add_argument("--rows", type=int, required=True)
+    d.add_argument("--min-len", type=int, required=True)
+    d.add_argument("--max-len", type=int, required=True)
+    d.add_argument("--vocab", type=int, required=True)
+    d.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args()
+    start = time.perf_counter()
+    if args.what == "model":
+        make_model(args.out, args.vocab, args.width, args.layers, args.heads, args.max_pos)
+    else:
+        make_data(args.out, args.rows, args.min_len, args.max_len, args.vocab, args.seed)
+    print(f"  ({time.perf_counter() - start:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
