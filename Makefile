@@ -54,6 +54,11 @@ test: setup
 fixtures: setup
 	$(VENV_PYTHON) fixtures/generate.py
 
+# maskaudit against the PyTorch peer and the forward-only floor (README.md, "Performance").
+# Several minutes; BENCH_ARGS go to bench/bench.py, e.g. BENCH_ARGS='--only compute --reps 9'.
+bench: build
+	PYTHON=$(VENV_PYTHON) bench/run.sh $(BENCH_ARGS)
+
 check-fmt:
 	$(CARGO) fmt --all -- --check
 

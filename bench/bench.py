@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """maskaudit against the PyTorch peer (bench/peer.py) and the forward-only floor
-(bench/forward_only.rs), side by side, on generated workloads. See bench/README.md.
+(bench/forward_only.rs), side by side, on generated workloads. README.md, "Performance", says
+what is measured and how; bench/run.sh (`make bench`) builds and runs this.
 
 Every run is a fresh process, timed wall-clock from spawn to exit, with its peak RSS from
 wait4's rusage. The contenders take turns (maskaudit, peer, floor, maskaudit, ...) so that a
@@ -60,12 +61,12 @@ WORKLOADS = {
         "warmup": 0,  # the compute workload has warmed the model's file and the libraries
     },
     "large-vocab": {
-        "what": "large vocabulary: GPT 2x64, vocab 152064, 8 rows of 2048 tokens, batch 4",
+        "what": "large vocabulary: GPT 2x64, vocab 152064, 8 rows of 2048 tokens, batch 2",
         "model": {"name": "gpt_2x64_v152064", "vocab": 152064, "width": 64, "layers": 2,
                   "heads": 4, "max_pos": 2048},
         "data": {"name": "large_vocab", "rows": 8, "min_len": 2048, "max_len": 2048,
                  "vocab": 152064},
-        "batch_size": 4,
+        "batch_size": 2,
         "reps": 3,
     },
     # The GPU workload (bench/gpu.sh): GPT-2 small, 124M parameters.
@@ -126,7 +127,7 @@ def generate(python, bench_dir, spec):
     return paths["model"], paths["data"]
 
 
-def run_once(cmd, env=None):
+def run_once(cmd, env):
     """Runs cmd; returns (wall seconds, peak RSS bytes, stdout). Fails loudly on error."""
     with tempfile.TemporaryFile() as err:
         start = time.perf_counter()
@@ -147,14 +148,23 @@ def run_once(cmd, env=None):
 def contenders(args, model, data, batch_size):
     device = args.device
     common = [str(model), str(data)]
-    return {
-        "maskaudit": [str(args.maskaudit), "check", *common, "--pad-id", "0",
-                      "--batch-size", str(batch_size), "--device", device, "--format", "json",
-                      "--quiet"],
+
+    def maskaudit(binary):
+        return [str(Path(binary).resolve()), "check", *common, "--pad-id", "0",
+                "--batch-size", str(batch_size), "--device", device, "--format", "json",
+                "--quiet"]
+
+    cmds = {
+        "maskaudit": maskaudit(args.maskaudit),
         "peer": [args.python, str(HERE / "peer.py"), *common, "--pad-id", "0",
                  "--batch-size", str(batch_size), "--device", device],
-        "floor": [str(args.floor), *common, str(batch_size), "0", device],
+        "floor": [str(args.floor.resolve()), *common, str(batch_size), "0", device],
     }
+    # Other builds of maskaudit, timed alongside (e.g. before and after a change).
+    for variant in args.variant:
+        name, binary = variant.split("=", 1)
+        cmds[name] = maskaudit(binary)
+    return cmds
 
 
 def compare(name, ours, peer):
@@ -173,24 +183,50 @@ def compare(name, ours, peer):
     return ma
 
 
+def report_for_peer_format(report):
+    """maskaudit's JSON in the peer's shape, to compare two maskaudit builds with `compare`."""
+    doc = json.loads(report)
+    return json.dumps({"losses": doc["losses"], **{k: doc["data"][k] for k in
+                       ("rows", "positions", "supervised_positions")}})
+
+
 def bench(args, name, spec, bench_dir):
     model, data = generate(args.python, bench_dir, spec)
     cmds = contenders(args, model, data, spec["batch_size"])
     reps = args.reps or spec["reps"]
     log(f"{name}: {spec['what']}; {reps} rounds")
+    env = dict(os.environ, **dict(kv.split("=", 1) for kv in args.env))
     runs = {k: [] for k in cmds}
+    peer_run = []
     warmup = spec.get("warmup", args.warmup) if args.warmup else 0
+    names = list(cmds)
     for i in range(reps + warmup):
-        for who, cmd in cmds.items():
-            wall, rss, out = run_once(cmd)
+        # Round i starts with contender i: what ran just before a run (and left the page cache
+        # and the free memory in some state) changes from round to round, for each of them.
+        # The first round keeps maskaudit first: its report is the reference for the others.
+        for who in names[i % len(names):] + names[:i % len(names)]:
+            cmd = cmds[who]
+            wall, rss, out = run_once(cmd, env)
+            if who == "peer" and i >= warmup:
+                peer_run.append(json.loads(out.strip().splitlines()[-1])["run_s"])
             if who == "floor":
                 prepared = json.loads(out.strip().splitlines()[-1])
                 wall -= prepared["prepare_s"]
+            if i == 0 and who in ("peer", "floor"):
+                # Like with like: libtorch's intra-op threads in the peer and in maskaudit's
+                # process setup (which the floor shares).
+                threads = json.loads(out.strip().splitlines()[-1])["threads"]
+                log(f"  {who}: {threads} intra-op threads")
             if i == 0:
                 if who == "maskaudit":
                     report = out
+                    used = json.loads(out)["model"]["device"]
+                    if not used.startswith(args.device.split(":")[0]):
+                        sys.exit(f"{name}: maskaudit ran on {used}, not {args.device}")
                 elif who == "peer":
                     report_json = compare(name, report, out)
+                elif who != "floor":
+                    compare(f"{name} ({who})", out, report_for_peer_format(report))
             if i >= warmup:
                 runs[who].append((wall, rss))
             log(f"  round {i + 1} {who:9s} {wall:8.3f} s  {rss / 2**20:8.1f} MiB"
@@ -206,6 +242,8 @@ def bench(args, name, spec, bench_dir):
         "tokens": tokens,
         "masked_token_mean": report_json["losses"]["masked_token_mean"],
         "median_s": med,
+        # The peer's own time after `import torch`: what it would take without interpreter start.
+        "peer_run_median_s": statistics.median(peer_run),
         "all_s": {w: [x[0] for x in r] for w, r in runs.items()},
         "peak_rss_bytes": rss,
         "ratio": med["maskaudit"] / med["peer"],
@@ -218,11 +256,13 @@ def mark(ok):
     return "met" if ok else "NOT MET"
 
 
-def summary(results, device, load_before, load_after):
+def summary(results, device, env, load_before, load_after):
     lines = []
     lines.append(f"device {device}; load average before {' '.join(load_before)}, "
-                 f"after {' '.join(load_after)}; medians of interleaved runs")
-    head = (f"{'workload':12s} {'maskaudit s':>11s} {'peer s':>8s} {'ratio':>6s} {'floor s':>8s} "
+                 f"after {' '.join(load_after)}; medians of interleaved runs"
+                 + (f"; env {' '.join(env)}" if env else ""))
+    head = (f"{'workload':12s} {'maskaudit s':>11s} {'peer s':>8s} {'ratio':>6s} {'peer run':>8s} "
+            f"{'floor s':>8s} "
             f"{'overhead':>8s} {'RSS ours':>9s} {'RSS peer':>9s} {'tok/s ours':>11s} "
             f"{'tok/s peer':>11s}")
     lines.append(head)
@@ -231,9 +271,16 @@ def summary(results, device, load_before, load_after):
         m, rss = r["median_s"], r["peak_rss_bytes"]
         lines.append(
             f"{r['workload']:12s} {m['maskaudit']:11.3f} {m['peer']:8.3f} {r['ratio']:6.3f} "
-            f"{m['floor']:8.3f} {r['floor_overhead']:+8.1%} {rss['maskaudit'] / 2**20:7.0f}Mi "
+            f"{r['peer_run_median_s']:8.3f} {m['floor']:8.3f} {r['floor_overhead']:+8.1%} "
+            f"{rss['maskaudit'] / 2**20:7.0f}Mi "
             f"{rss['peer'] / 2**20:7.0f}Mi {r['tokens_per_s']['maskaudit']:11.0f} "
             f"{r['tokens_per_s']['peer']:11.0f}")
+    for r in results.values():
+        for who, t in r["median_s"].items():
+            if who not in ("maskaudit", "peer", "floor"):
+                lines.append(f"  variant {who} on {r['workload']}: {t:.3f} s "
+                             f"({t / r['median_s']['maskaudit']:.3f}x maskaudit), "
+                             f"peak RSS {r['peak_rss_bytes'][who] / 2**20:.0f} MiB")
     lines.append("")
     lines.append("targets:")
     targets = []
@@ -294,6 +341,10 @@ def main():
     ap.add_argument("--dir", type=Path, default=ROOT / "target/bench",
                     help="where generated workloads go")
     ap.add_argument("--json", type=Path, help="write every number here")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=BINARY",
+                    help="another maskaudit build to time alongside")
+    ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                    help="set for every contender alike (e.g. OMP_WAIT_POLICY=passive)")
     args = ap.parse_args()
     if not Path(args.python).exists():
         args.python = shutil.which(args.python) or args.python
@@ -307,7 +358,7 @@ def main():
     log(f"load average {' '.join(load_before)}; {os.cpu_count()} CPUs")
     results = {n: bench(args, n, WORKLOADS[n], args.dir) for n in names}
     load_after = load_average()
-    text, ok = summary(results, args.device, load_before, load_after)
+    text, ok = summary(results, args.device, args.env, load_before, load_after)
     print(text)
     if args.json:
         args.json.write_text(json.dumps({"device": args.device, "load_before": load_before,

@@ -12,7 +12,8 @@
 //! cargo build --release --example forward_only
 //! target/release/examples/forward_only MODEL DATA BATCH_SIZE PAD_ID [cpu|cuda]
 //! ```
-//! Prints one JSON line: `{"prepare_s": …, "forward_s": …, "batches": …, "tokens": …}`.
+//! Prints one JSON line: `{"prepare_s": …, "forward_s": …, "batches": …, "tokens": …,
+//! "threads": …}`, `threads` being libtorch's intra-op threads (maskaudit's, too).
 
 use std::path::Path;
 use std::time::Instant;
@@ -71,9 +72,13 @@ fn main() -> Result<()> {
     }
     let forward_s = start.elapsed().as_secs_f64();
     let tokens: usize = batches.iter().map(|b| b.rows * b.seq_len).sum();
-    println!(
-        "{{\"prepare_s\": {prepare_s:.6}, \"forward_s\": {forward_s:.6}, \"batches\": {}, \"tokens\": {tokens}}}",
-        batches.len()
-    );
+    let report = serde_json::json!({
+        "prepare_s": prepare_s,
+        "forward_s": forward_s,
+        "batches": batches.len(),
+        "tokens": tokens,
+        "threads": tch::get_num_threads(),
+    });
+    println!("{report}");
     Ok(())
 }

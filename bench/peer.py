@@ -9,11 +9,15 @@ reduction='none'; the five aggregates in float64. Prints them as JSON.
     peer.py MODEL DATA --batch-size 8 --pad-id 0 [--device cpu|cuda]
 """
 
-import argparse
-import json
+import time
 
-import torch
-import torch.nn.functional as F
+STARTED = time.perf_counter()  # before `import torch`, so the harness can tell import from work
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 
 def row_mask(row):
@@ -51,6 +55,7 @@ def main():
     ap.add_argument("--pad-id", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
+    imported = time.perf_counter()
     device = torch.device(args.device)
 
     model = torch.jit.load(args.model, map_location=device).eval()
@@ -104,6 +109,9 @@ def main():
                 "rows": rows,
                 "positions": positions,
                 "supervised_positions": int(trained),
+                "import_s": imported - STARTED,
+                "run_s": time.perf_counter() - imported,
+                "threads": torch.get_num_threads(),
                 "losses": {
                     "masked_token_mean": masked / trained,
                     "all_positions_mean": total / positions,
