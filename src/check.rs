@@ -342,9 +342,10 @@ fn process_batch(
         return Ok(());
     }
     let (tensors, logits, losses) = batch_losses(model, batch, model_path)?;
-    totals.add_batch(&losses, &batch.target_mask(), batch.rows);
+    let target_mask = batch.target_mask();
+    totals.add_batch(&losses, &target_mask, batch.rows);
     if let Some(audit) = audit {
-        audit.observe(model, batch, &tensors, &logits, &losses)?;
+        audit.observe(model, batch, &tensors, &logits, (&losses, &target_mask))?;
     }
     Ok(())
 }

@@ -388,7 +388,7 @@ pub const CHUNK_ELEMENTS: i64 = 1 << 24;
 ///
 /// Contiguous f32 logits on a CPU with AVX2 and FMA take [`fused_ce`], which reads each
 /// position's logits twice and writes nothing but its loss; everything else (CUDA, half and
-/// double precision, other CPUs) takes libtorch's kernels, [`token_losses_libtorch`].
+/// double precision, other CPUs) takes libtorch's kernels, [`shifted_token_losses`].
 pub fn token_losses(
     logits: &Tensor,
     input_ids: &Tensor,
@@ -409,10 +409,13 @@ pub fn token_losses(
             fused_ce::Outcome::NotApplicable => {}
         }
     }
-    token_losses_libtorch(logits, input_ids, chunk_elements)
+    shifted_token_losses(logits, input_ids, 1, chunk_elements)
 }
 
-/// [`token_losses`] with libtorch's kernels, on any device and for any floating-point logits.
+/// Cross-entropy of the logits at t against `input_ids[t+shift]`, `[B, T-shift]`, with
+/// libtorch's kernels, on any device and for any floating-point logits: shift 1 is next-token
+/// prediction ([`token_losses`]' fallback); 0 and 2 are what a missing or a double shift
+/// computes.
 ///
 /// The work is `F.cross_entropy`'s own (log-softmax, then the negative log-likelihood of the
 /// target), arranged so that a batch costs little beyond it:
@@ -425,16 +428,6 @@ pub fn token_losses(
 ///   ±inf shows as an extreme): one pass that writes nothing, where `isfinite` wrote a mask and
 ///   an `abs` copy of the chunk (two and a half times the cost of the cross-entropy on the CPU).
 ///   The extremes of all chunks are checked together: one device sync per batch.
-pub fn token_losses_libtorch(
-    logits: &Tensor,
-    input_ids: &Tensor,
-    chunk_elements: i64,
-) -> Result<Option<Tensor>, tch::TchError> {
-    shifted_token_losses(logits, input_ids, 1, chunk_elements)
-}
-
-/// Cross-entropy of the logits at t against `input_ids[t+shift]`, `[B, T-shift]`: shift 1 is
-/// next-token prediction; 0 and 2 are what a missing or a double shift computes.
 pub fn shifted_token_losses(
     logits: &Tensor,
     input_ids: &Tensor,
@@ -734,10 +727,10 @@ mod tests {
         tch::manual_seed(0);
         let logits = Tensor::randn([3, 7, 11], (Kind::Float, Device::Cpu));
         let ids = Tensor::randint(11, [3, 7], (Kind::Int64, Device::Cpu));
-        let whole = token_losses_libtorch(&logits, &ids, 1 << 20)
+        let whole = shifted_token_losses(&logits, &ids, 1, 1 << 20)
             .unwrap()
             .unwrap();
-        let chunked = token_losses_libtorch(&logits, &ids, 22).unwrap().unwrap();
+        let chunked = shifted_token_losses(&logits, &ids, 1, 22).unwrap().unwrap();
         assert_eq!(whole.size(), vec![3, 6]);
         assert!(whole.allclose(&chunked, 1e-6, 1e-6, false));
         // Reference: the flattened call on a contiguous copy.
@@ -783,7 +776,7 @@ mod tests {
                     fused_ce::Outcome::Losses(l) => l,
                     _ => panic!("finite logits, targets in range"),
                 };
-                let reference = token_losses_libtorch(&logits, &ids, 1 << 24)
+                let reference = shifted_token_losses(&logits, &ids, 1, 1 << 24)
                     .unwrap()
                     .unwrap();
                 assert_eq!(fused.size(), vec![b, t - 1]);
@@ -842,7 +835,7 @@ mod tests {
         let _ = logits.narrow(1, 2, 1).fill_(f64::NAN);
         let ids = Tensor::zeros([1, 3], (Kind::Int64, Device::Cpu));
         assert!(token_losses(&logits, &ids, 1 << 20).unwrap().is_some());
-        assert!(token_losses_libtorch(&logits, &ids, 1 << 20)
+        assert!(shifted_token_losses(&logits, &ids, 1, 1 << 20)
             .unwrap()
             .is_some());
         // Both paths, with the bad logit in the fused kernel's lanes (index 5 of 37) and in
@@ -857,7 +850,7 @@ mod tests {
                     .fill_(bad);
                 let ids = Tensor::zeros([2, 6], (Kind::Int64, Device::Cpu));
                 assert!(token_losses(&logits, &ids, 1 << 20).unwrap().is_none());
-                assert!(token_losses_libtorch(&logits, &ids, 37 * 2)
+                assert!(shifted_token_losses(&logits, &ids, 1, 37 * 2)
                     .unwrap()
                     .is_none());
             }

@@ -351,14 +351,15 @@ impl LossAudit {
         }
     }
 
-    /// Compares the user's loss on one batch; `next_losses` are the batch's next-token losses.
+    /// Compares the user's loss on one batch; `next` holds the batch's next-token losses and
+    /// their mask, as `check` computed them.
     pub fn observe(
         &mut self,
         model: &TorchScriptLm,
         batch: &Batch,
         tensors: &BatchTensors,
         logits: &Tensor,
-        next_losses: &[f32],
+        next: (&[f32], &[u8]),
     ) -> anyhow::Result<()> {
         let device = logits.device();
         let mask = Tensor::f_from_slice(&batch.mask)?
@@ -381,14 +382,10 @@ impl LossAudit {
             )?)
         };
         let (unshifted, double) = (host(0)?, host(2)?);
-        let (next_mask, unshifted_mask, double_mask) = (
-            batch.target_mask(),
-            batch.shifted_mask(0),
-            batch.shifted_mask(2),
-        );
+        let (unshifted_mask, double_mask) = (batch.shifted_mask(0), batch.shifted_mask(2));
         let hypotheses = batch_hypotheses(&BatchLosses {
             rows: batch.rows,
-            next: (next_losses, &next_mask),
+            next,
             unshifted: (&unshifted, &unshifted_mask),
             double_shifted: (&double, &double_mask),
         });
