@@ -1,6 +1,9 @@
 //! torch-sys passes `-rpath` only to its own static library, so without this the binary
 //! cannot find libtorch at run time unless LD_LIBRARY_PATH is set.
-use std::path::Path;
+//!
+//! libtorch_cuda.so is deliberately not linked: nothing references it by symbol, and loading
+//! it costs every run, CUDA or not. `model::load_cuda_backend` opens it, through this same
+//! runpath, when a run may use CUDA.
 
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
@@ -8,11 +11,4 @@ fn main() {
         return;
     };
     println!("cargo:rustc-link-arg=-Wl,-rpath={lib_dir}");
-    // The linker drops libtorch_cuda.so as unneeded (nothing references it by symbol),
-    // and CUDA then silently reports itself unavailable.
-    if Path::new(&lib_dir).join("libtorch_cuda.so").exists() {
-        println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
-        println!("cargo:rustc-link-arg=-ltorch_cuda");
-        println!("cargo:rustc-link-arg=-Wl,--as-needed");
-    }
 }

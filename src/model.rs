@@ -77,18 +77,27 @@ impl DeviceChoice {
     pub fn resolve(self) -> Result<Device, ModelError> {
         match self {
             DeviceChoice::Cpu => Ok(Device::Cpu),
-            DeviceChoice::Auto => Ok(if tch::Cuda::is_available() {
-                Device::Cuda(0)
-            } else {
-                Device::Cpu
-            }),
+            DeviceChoice::Auto => Ok(
+                if cuda_driver_present() && load_cuda_backend().is_ok() && tch::Cuda::is_available()
+                {
+                    Device::Cuda(0)
+                } else {
+                    Device::Cpu
+                },
+            ),
             DeviceChoice::Cuda(n) => {
-                let count = tch::Cuda::device_count();
                 let name = if n == 0 {
                     "cuda".into()
                 } else {
                     format!("cuda:{n}")
                 };
+                if let Err(message) = load_cuda_backend() {
+                    return Err(ModelError::Device {
+                        device: name,
+                        message,
+                    });
+                }
+                let count = tch::Cuda::device_count();
                 if count == 0 {
                     Err(ModelError::Device {
                         device: name,
@@ -105,6 +114,48 @@ impl DeviceChoice {
             }
         }
     }
+}
+
+/// libtorch keeps its CUDA kernels in `libtorch_cuda.so`; with the CUDA, cuBLAS, cuDNN and NCCL
+/// libraries it needs, that is over 1.5 GB of code whose loading and static initialisers cost
+/// every run about a tenth of a second and 200 MB of RSS, CUDA or not. So the binary does not
+/// link it (build.rs) and it is loaded here, once, when a run may use CUDA; its initialisers
+/// then register the CUDA backend with libtorch. It must be loaded before anything asks
+/// libtorch about CUDA: libtorch caches the answer. The name is looked up the way the linker's
+/// would be (LD_LIBRARY_PATH, then the binary's runpath).
+pub fn load_cuda_backend() -> Result<(), String> {
+    static LOADED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    LOADED
+        .get_or_init(|| {
+            dlopen_global("libtorch_cuda.so")
+                .map_err(|e| format!("CUDA is not available: libtorch_cuda.so: {e}"))
+        })
+        .clone()
+}
+
+/// Whether the NVIDIA driver's library is installed: without it CUDA cannot be available, and
+/// `--device auto` need not load the CUDA backend to find that out.
+fn cuda_driver_present() -> bool {
+    dlopen_global("libcuda.so.1").is_ok()
+}
+
+/// `dlopen(name, RTLD_NOW | RTLD_GLOBAL)`, never closed: libtorch keeps pointers into it.
+fn dlopen_global(name: &str) -> Result<(), String> {
+    let c_name = std::ffi::CString::new(name).map_err(|e| e.to_string())?;
+    // SAFETY: a NUL-terminated name; the handle is deliberately leaked. dlerror's string is
+    // copied before any other dl* call.
+    unsafe {
+        let handle = libc::dlopen(c_name.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL);
+        if handle.is_null() {
+            let err = libc::dlerror();
+            return Err(if err.is_null() {
+                "dlopen failed".into()
+            } else {
+                std::ffi::CStr::from_ptr(err).to_string_lossy().into_owned()
+            });
+        }
+    }
+    Ok(())
 }
 
 /// `cpu`, `cuda:0`, …
@@ -709,6 +760,12 @@ mod tests {
         assert_eq!("cuda:3".parse(), Ok(DeviceChoice::Cuda(3)));
         assert!("gpu".parse::<DeviceChoice>().is_err());
         assert!("cuda:x".parse::<DeviceChoice>().is_err());
+    }
+
+    #[test]
+    fn a_library_that_cannot_be_opened_is_named() {
+        let err = dlopen_global("libmaskaudit-absent.so").unwrap_err();
+        assert!(err.contains("libmaskaudit-absent.so"), "{err}");
     }
 
     #[test]
