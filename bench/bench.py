@@ -128,7 +128,8 @@ def generate(python, bench_dir, spec):
 
 
 def run_once(cmd, env):
-    """Runs cmd; returns (wall seconds, peak RSS bytes, stdout). Fails loudly on error."""
+    """Runs cmd; returns (wall seconds, CPU seconds (user + system), peak RSS bytes, stdout).
+    Fails loudly on error."""
     with tempfile.TemporaryFile() as err:
         start = time.perf_counter()
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
@@ -142,7 +143,7 @@ def run_once(cmd, env):
         if p.returncode not in (0, 1):
             err.seek(0)
             sys.exit(f"failed ({p.returncode}): {' '.join(cmd)}\n{err.read().decode()[-2000:]}")
-    return wall, rusage.ru_maxrss * 1024, out.decode()
+    return wall, rusage.ru_utime + rusage.ru_stime, rusage.ru_maxrss * 1024, out.decode()
 
 
 def contenders(args, model, data, batch_size):
@@ -206,12 +207,14 @@ def bench(args, name, spec, bench_dir):
         # The first round keeps maskaudit first: its report is the reference for the others.
         for who in names[i % len(names):] + names[:i % len(names)]:
             cmd = cmds[who]
-            wall, rss, out = run_once(cmd, env)
+            wall, cpu, rss, out = run_once(cmd, env)
             if who == "peer" and i >= warmup:
                 peer_run.append(json.loads(out.strip().splitlines()[-1])["run_s"])
             if who == "floor":
                 prepared = json.loads(out.strip().splitlines()[-1])
                 wall -= prepared["prepare_s"]
+                # Reading is single-threaded: its CPU time is its wall time.
+                cpu -= prepared["prepare_s"]
             if i == 0 and who in ("peer", "floor"):
                 # Like with like: libtorch's intra-op threads in the peer and in maskaudit's
                 # process setup (which the floor shares).
@@ -228,11 +231,16 @@ def bench(args, name, spec, bench_dir):
                 elif who != "floor":
                     compare(f"{name} ({who})", out, report_for_peer_format(report))
             if i >= warmup:
-                runs[who].append((wall, rss))
+                runs[who].append((wall, rss, cpu))
             log(f"  round {i + 1} {who:9s} {wall:8.3f} s  {rss / 2**20:8.1f} MiB"
                 + ("  (warm-up)" if i < warmup else ""))
     med = {w: statistics.median(x[0] for x in r) for w, r in runs.items()}
     rss = {w: max(x[1] for x in r) for w, r in runs.items()}
+    cpu = {w: statistics.median(x[2] for x in r) for w, r in runs.items()}
+    # maskaudit against the floor of the same round (minutes apart at most, under the same
+    # load), then the median of those ratios: other people's jobs on a shared machine move
+    # both runs of a round alike, and the median of medians would mix rounds.
+    paired = statistics.median(m[0] / f[0] for m, f in zip(runs["maskaudit"], runs["floor"]))
     tokens = sum(len(json.loads(line)["input_ids"]) for line in open(data) if line.strip())
     return {
         "workload": name,
@@ -245,9 +253,15 @@ def bench(args, name, spec, bench_dir):
         # The peer's own time after `import torch`: what it would take without interpreter start.
         "peer_run_median_s": statistics.median(peer_run),
         "all_s": {w: [x[0] for x in r] for w, r in runs.items()},
+        "all_cpu_s": {w: [x[2] for x in r] for w, r in runs.items()},
+        "cpu_median_s": cpu,
         "peak_rss_bytes": rss,
         "ratio": med["maskaudit"] / med["peer"],
-        "floor_overhead": med["maskaudit"] / med["floor"] - 1,
+        "floor_overhead": paired - 1,
+        # The same with CPU time (user + system): what maskaudit adds in work, whatever the
+        # scheduling; informative, not a target.
+        "floor_cpu_overhead": statistics.median(
+            m[2] / f[2] for m, f in zip(runs["maskaudit"], runs["floor"])) - 1,
         "tokens_per_s": {w: tokens / med[w] for w in med},
     }
 
@@ -259,11 +273,12 @@ def mark(ok):
 def summary(results, device, env, load_before, load_after):
     lines = []
     lines.append(f"device {device}; load average before {' '.join(load_before)}, "
-                 f"after {' '.join(load_after)}; medians of interleaved runs"
+                 f"after {' '.join(load_after)}; medians of interleaved runs; "
+                 "overhead: median of each round's maskaudit / floor"
                  + (f"; env {' '.join(env)}" if env else ""))
     head = (f"{'workload':12s} {'maskaudit s':>11s} {'peer s':>8s} {'ratio':>6s} {'peer run':>8s} "
             f"{'floor s':>8s} "
-            f"{'overhead':>8s} {'RSS ours':>9s} {'RSS peer':>9s} {'tok/s ours':>11s} "
+            f"{'overhead':>8s} {'cpu ovh':>8s} {'RSS ours':>9s} {'RSS peer':>9s} {'tok/s ours':>11s} "
             f"{'tok/s peer':>11s}")
     lines.append(head)
     lines.append("-" * len(head))
@@ -272,6 +287,7 @@ def summary(results, device, env, load_before, load_after):
         lines.append(
             f"{r['workload']:12s} {m['maskaudit']:11.3f} {m['peer']:8.3f} {r['ratio']:6.3f} "
             f"{r['peer_run_median_s']:8.3f} {m['floor']:8.3f} {r['floor_overhead']:+8.1%} "
+            f"{r['floor_cpu_overhead']:+8.1%} "
             f"{rss['maskaudit'] / 2**20:7.0f}Mi "
             f"{rss['peer'] / 2**20:7.0f}Mi {r['tokens_per_s']['maskaudit']:11.0f} "
             f"{r['tokens_per_s']['peer']:11.0f}")
