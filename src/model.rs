@@ -675,39 +675,52 @@ mod fused_ce {
 
     /// The cross-entropy of one position's logits `x` against `target`, `None` if a logit is
     /// NaN or infinite.
+    ///
+    /// One pass over the logits (the online log-sum-exp): each lane keeps its running maximum
+    /// and its sum of `e^(x - max)`, rescaled on the rare chunks that raise a lane's maximum.
+    /// Non-finite logits need no test of their own: NaN, and +inf (inf - inf), turn the sum
+    /// into NaN; -inf shows as the minimum.
     #[inline(always)]
     pub(super) fn position_loss_lanes(x: &[f32], target: usize) -> Option<f32> {
         let chunks = x.chunks_exact(LANES);
         let tail = chunks.remainder();
         let mut max = [f32::NEG_INFINITY; LANES];
-        let mut zero = [0f32; LANES];
-        for chunk in chunks.clone() {
-            for ((m, z), &xi) in max.iter_mut().zip(zero.iter_mut()).zip(chunk) {
-                *m = if xi > *m { xi } else { *m };
-                *z += xi * 0.0;
+        let mut sum = [0f32; LANES];
+        let mut min = [f32::INFINITY; LANES];
+        for chunk in chunks {
+            let mut raised = false;
+            for (&m, &xi) in max.iter().zip(chunk) {
+                raised |= xi > m;
+            }
+            if raised {
+                for ((m, s), &xi) in max.iter_mut().zip(sum.iter_mut()).zip(chunk) {
+                    let new = if xi > *m { xi } else { *m };
+                    *s *= exp_nonpositive(*m - new);
+                    *m = new;
+                }
+            }
+            for (((s, &m), lo), &xi) in sum.iter_mut().zip(&max).zip(min.iter_mut()).zip(chunk) {
+                *s += exp_nonpositive(xi - m);
+                *lo = if xi < *lo { xi } else { *lo };
             }
         }
         let mut m = f32::NEG_INFINITY;
         for &xi in max.iter().chain(tail) {
             m = if xi > m { xi } else { m };
         }
-        let mut z: f32 = zero.iter().sum();
-        for &xi in tail {
-            z += xi * 0.0;
+        let mut s = 0f32;
+        for (&lane_sum, &lane_max) in sum.iter().zip(&max) {
+            s += lane_sum * exp_nonpositive(lane_max - m);
         }
-        // Σ x·0 is ±0 when every logit is finite, NaN otherwise.
-        if z != 0.0 {
-            return None;
+        let mut lo = f32::INFINITY;
+        for &xi in min.iter().chain(tail) {
+            lo = if xi < lo { xi } else { lo };
         }
-        let mut sum = [0f32; LANES];
-        for chunk in chunks {
-            for (s, &xi) in sum.iter_mut().zip(chunk) {
-                *s += exp_nonpositive(xi - m);
-            }
-        }
-        let mut s: f32 = sum.iter().sum();
         for &xi in tail {
             s += exp_nonpositive(xi - m);
+        }
+        if !s.is_finite() || !m.is_finite() || lo == f32::NEG_INFINITY {
+            return None;
         }
         Some(m + s.ln() - x[target])
     }
