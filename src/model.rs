@@ -118,7 +118,7 @@ impl DeviceChoice {
 
 /// libtorch keeps its CUDA kernels in `libtorch_cuda.so`; with the CUDA, cuBLAS, cuDNN and NCCL
 /// libraries it needs, that is over 1.5 GB of code whose loading and static initialisers cost
-/// every run about a tenth of a second and 200 MB of RSS, CUDA or not. So the binary does not
+/// every run about 0.15 s and 350 MB of RSS, CUDA or not. So the binary does not
 /// link it (build.rs) and it is loaded here, once, when a run may use CUDA; its initialisers
 /// then register the CUDA backend with libtorch. It must be loaded before anything asks
 /// libtorch about CUDA: libtorch caches the answer. The name is looked up the way the linker's
@@ -418,8 +418,8 @@ impl LanguageModel for TorchScriptLm {
 ///   pages (`THP_MEM_ALLOC_ENABLE`, read once, at its first allocation), unless the environment
 ///   says otherwise. Every batch allocates its logits afresh (hundreds of MiB), and the kernel
 ///   faults fresh memory in a 4 KiB page at a time: on the compute-bound benchmark that was
-///   about 800 000 page faults and a fifth of the CPU time; with huge pages, 80 000. The memory
-///   is still returned to the system after each batch. Where THP is off, nothing changes.
+///   about 800 000 page faults and a fifth of the CPU time; with huge pages, 80 000. Where THP
+///   is off, nothing changes.
 /// - The allocator (mimalloc, see the crate root) waits a second (`MIMALLOC_PURGE_DELAY`,
 ///   unless the environment sets it) before it returns freed memory to the system, not its
 ///   default 10 ms (100 ms for large blocks). A batch's logits are freed and the next batch's
@@ -670,7 +670,7 @@ mod fused_ce {
         position_loss_lanes(x, target)
     }
 
-    /// Independent accumulators: two AVX2 registers' worth.
+    /// Independent accumulators: two AVX2 registers' worth, one AVX-512 register's.
     const LANES: usize = 16;
 
     /// The cross-entropy of one position's logits `x` against `target`, `None` if a logit is
