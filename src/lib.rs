@@ -27,7 +27,7 @@ pub mod view;
 /// allocator the free space inside the heap grew with every new sequence length (libtorch's
 /// activations change size with each batch) until, after about 40 batches, peak RSS stood 30 MB
 /// higher than after the first few: not flat in the number of rows. With mimalloc it is flat,
-/// and the batches' large buffers are reused instead of mapped and zeroed afresh. Its own
+/// and the batches' large buffers are mostly reused instead of mapped and zeroed afresh. Its own
 /// transparent huge pages are off (`no_thp`): with 16 threads on a GPU host they put peak RSS
 /// 160 MB above the PyTorch script's; libtorch still asks for huge pages for its large
 /// buffers (`model::configure_libtorch`).

@@ -140,6 +140,7 @@ fn cuda_driver_present() -> bool {
 }
 
 /// `dlopen(name, RTLD_NOW | RTLD_GLOBAL)`, never closed: libtorch keeps pointers into it.
+#[cfg(unix)]
 fn dlopen_global(name: &str) -> Result<(), String> {
     let c_name = std::ffi::CString::new(name).map_err(|e| e.to_string())?;
     // SAFETY: a NUL-terminated name; the handle is deliberately leaked. dlerror's string is
@@ -156,6 +157,12 @@ fn dlopen_global(name: &str) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Elsewhere the backend is not loaded at run time (and maskaudit is built for Linux).
+#[cfg(not(unix))]
+fn dlopen_global(name: &str) -> Result<(), String> {
+    Err(format!("{name}: loading at run time needs a Unix dlopen"))
 }
 
 /// `cpu`, `cuda:0`, …
@@ -420,29 +427,14 @@ impl LanguageModel for TorchScriptLm {
 ///   faults fresh memory in a 4 KiB page at a time: on the compute-bound benchmark that was
 ///   about 800 000 page faults and a fifth of the CPU time; with huge pages, 80 000. Where THP
 ///   is off, nothing changes.
-/// - The allocator (mimalloc, see the crate root) waits a second (`MIMALLOC_PURGE_DELAY`,
-///   unless the environment sets it) before it returns freed memory to the system, not its
-///   default 10 ms (100 ms for large blocks). A batch's logits are freed and the next batch's
-///   allocated about that far apart, and each return made the next batch fault in and zero
-///   every huge page of its logits again: 8% of the compute-bound benchmark's CPU time went
-///   into the kernel's page zeroing. Peak RSS does not change: the memory is reused.
 pub fn configure_libtorch() {
     const THP: &str = "THP_MEM_ALLOC_ENABLE";
     if std::env::var_os(THP).is_none() {
         // Before libtorch's first allocation, and before any thread of ours exists.
         std::env::set_var(THP, "1");
     }
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
-        // SAFETY: sets one integer option; mimalloc reads it at its next purge.
-        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) };
-    }
     tch::jit::set_profiling_mode(false);
 }
-
-/// `mi_option_purge_delay` in mimalloc v3's `mimalloc.h` (libmimalloc-sys 0.1.49, pinned in
-/// Cargo.toml), which the bindings do not name.
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-const PURGE_DELAY_MS: std::ffi::c_long = 1000;
 
 /// Elements of the largest `[rows, V]` slice of logits that the cross-entropy works on at once.
 /// Bounds the f32 upcast and log-softmax buffers (64 MiB each at f32).
@@ -799,32 +791,6 @@ mod tests {
         assert_eq!("cuda:3".parse(), Ok(DeviceChoice::Cuda(3)));
         assert!("gpu".parse::<DeviceChoice>().is_err());
         assert!("cuda:x".parse::<DeviceChoice>().is_err());
-    }
-
-    /// MI_OPTION_PURGE_DELAY is a bare index into mimalloc's option enum: check that it is the
-    /// option that mimalloc reads from MIMALLOC_PURGE_DELAY, in a child process that sets it.
-    #[test]
-    fn the_purge_delay_index_is_mimallocs_purge_delay() {
-        const CHILD: &str = "MASKAUDIT_PURGE_DELAY_CHILD";
-        let name = "model::tests::the_purge_delay_index_is_mimallocs_purge_delay";
-        if std::env::var_os(CHILD).is_some() {
-            // SAFETY: reads one integer option.
-            let got = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
-            assert_eq!(got, 1234);
-            return;
-        }
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", name, "--test-threads", "1"])
-            .env(CHILD, "1")
-            .env("MIMALLOC_PURGE_DELAY", "1234")
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success() && stdout.contains("1 passed"),
-            "{stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
     }
 
     #[test]
