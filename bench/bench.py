@@ -34,7 +34,11 @@ AGGREGATES = (
 )
 GiB = 1 << 30
 
-# name: model (generated unless a path), data (generated), batch size, pad id, default reps
+# The compute-bound model; `scale` runs the very same one over ten times the rows.
+GPT_4X256 = {"name": "gpt_4x256_v32000", "vocab": 32000, "width": 256, "layers": 4, "heads": 4,
+             "max_pos": 128}
+
+# name: model (generated unless a path), data (generated unless a path), batch size, default reps
 WORKLOADS = {
     "ci": {
         "what": "CI-sized: tiny fixture LM (vocab 48), 30 ragged rows",
@@ -45,16 +49,14 @@ WORKLOADS = {
     },
     "compute": {
         "what": "compute-bound: GPT 4x256, vocab 32000, 100 rows of 16-128 tokens",
-        "model": {"name": "gpt_4x256_v32000", "vocab": 32000, "width": 256, "layers": 4,
-                  "heads": 4, "max_pos": 128},
+        "model": GPT_4X256,
         "data": {"name": "compute", "rows": 100, "min_len": 16, "max_len": 128, "vocab": 32000},
         "batch_size": 8,
         "reps": 5,
     },
     "scale": {
         "what": "scale: the compute-bound model over 10x the rows (1000)",
-        "model": {"name": "gpt_4x256_v32000", "vocab": 32000, "width": 256, "layers": 4,
-                  "heads": 4, "max_pos": 128},
+        "model": GPT_4X256,
         "data": {"name": "scale", "rows": 1000, "min_len": 16, "max_len": 128, "vocab": 32000},
         "batch_size": 8,
         "reps": 2,

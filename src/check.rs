@@ -3,7 +3,6 @@
 //! The dataset is read one row at a time and processed one batch at a time, so memory does
 //! not grow with the number of rows.
 
-use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::thread;
@@ -14,7 +13,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::aggregate::{relative_difference, Contamination, LossTotals};
 use crate::batch::{Batch, Batcher};
-use crate::data::{DataError, FieldNames, MaskSource, Pos, Row, RowSource, Unit};
+use crate::data::{DataError, FieldNames, Pos, Row, RowSource, Unit};
 use crate::findings::{Code, Finding, Severity, SeverityOverrides};
 use crate::lint::{LintOptions, LintState};
 use crate::model::{self, device_name, DeviceChoice, LanguageModel, ModelError, TorchScriptLm};
@@ -39,13 +38,19 @@ pub struct CheckOptions {
     pub loss: Option<LossOptions>,
 }
 
+/// Where the user's loss is: the command line takes exactly one of the two.
+#[derive(Debug, Clone)]
+pub enum LossSource {
+    /// `--loss FILE`.
+    File(PathBuf),
+    /// `--loss-method NAME`.
+    Method(String),
+}
+
 /// How to find and judge the user's loss.
 #[derive(Debug, Clone)]
 pub struct LossOptions {
-    /// `--loss FILE`, or `None` with `method` set.
-    pub file: Option<PathBuf>,
-    /// `--loss-method NAME`.
-    pub method: Option<String>,
+    pub source: LossSource,
     pub args: Vec<LossArg>,
     pub rtol: f64,
     pub probes: bool,
@@ -66,10 +71,9 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
     }
     let mut audit = match &opts.loss {
         Some(l) => {
-            let loss = match (&l.file, &l.method) {
-                (Some(file), _) => UserLoss::from_file(file, device, l.args.clone())?,
-                (None, Some(method)) => UserLoss::method(method, &opts.model, l.args.clone()),
-                (None, None) => anyhow::bail!("a user loss needs --loss or --loss-method"),
+            let loss = match &l.source {
+                LossSource::File(file) => UserLoss::from_file(file, device, l.args.clone())?,
+                LossSource::Method(method) => UserLoss::method(method, &opts.model, l.args.clone()),
             };
             Some(LossAudit::new(
                 loss,
@@ -105,23 +109,14 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
         process_batch(&model, &batch, &mut totals, audit.as_mut(), &opts.model)?;
         progress.set_position(bytes_read);
     }
-    let ReadSummary {
-        rows: rows_seen,
-        sources,
-        bytes_read,
-        lint,
-    } = reading
+    let ReadSummary { bytes_read, lint } = reading
         .join()
         .map_err(|_| anyhow::anyhow!("the thread reading {data_path} panicked"))?;
     progress.set_position(bytes_read);
-    if rows_seen == 0 {
+    if lint.rows() == 0 {
         return Err(DataError::Empty { path: data_path }.into());
     }
 
-    let mask_source = match sources.len() {
-        1 => sources.first().expect("one source").as_str().to_string(),
-        _ => "mixed".to_string(),
-    };
     let losses = totals.aggregates();
     let contamination = Contamination::of(&losses);
     let (statistics, lint_findings) = lint.finish();
@@ -162,7 +157,7 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
             positions: totals.positions,
             supervised_positions: totals.trained,
             padding_fraction: totals.padding_fraction(),
-            mask_source,
+            mask_source: statistics.mask_source.clone(),
         },
         statistics,
         losses,
@@ -178,10 +173,9 @@ const READ_AHEAD: usize = 2;
 
 /// What the reading thread saw, once it is done.
 struct ReadSummary {
-    rows: u64,
-    sources: BTreeSet<MaskSource>,
     bytes_read: u64,
-    /// The lint checks, fed every row on the reading thread.
+    /// The lint checks, fed every row on the reading thread; they count the rows and their
+    /// mask sources too.
     lint: LintState,
 }
 
@@ -203,8 +197,6 @@ fn read_ahead(
     let (tx, rx) = mpsc::sync_channel(READ_AHEAD);
     let handle = thread::spawn(move || {
         let mut summary = ReadSummary {
-            rows: 0,
-            sources: BTreeSet::new(),
             bytes_read: 0,
             lint,
         };
@@ -236,9 +228,7 @@ fn next_batch(
     while let Some(row) = reader.next() {
         let row = row?;
         check_vocabulary(&row, vocab, reader.path(), reader.unit(), input_field)?;
-        summary.sources.insert(row.mask_source);
         summary.lint.observe(&row);
-        summary.rows += 1;
         if let Some(batch) = batcher.push(row)? {
             return Ok(Some(batch));
         }
@@ -343,9 +333,9 @@ fn process_batch(
     }
     let (tensors, logits, losses) = batch_losses(model, batch, model_path)?;
     let target_mask = batch.target_mask();
-    totals.add_batch(&losses, &target_mask, batch.rows);
+    let sums = totals.add_batch(&losses, &target_mask, batch.rows);
     if let Some(audit) = audit {
-        audit.observe(model, batch, &tensors, &logits, (&losses, &target_mask))?;
+        audit.observe(model, batch, &tensors, &logits, &sums)?;
     }
     Ok(())
 }
@@ -448,7 +438,7 @@ mod tests {
             "{err}"
         );
         let summary = reading.join().unwrap();
-        assert_eq!(summary.rows, 3);
+        assert_eq!(summary.lint.rows(), 3);
 
         let reader = RowSource::from_jsonl_bytes("d.jsonl", data.to_vec(), FieldNames::default());
         let batcher = Batcher::new(2, Some(0), "d.jsonl");
@@ -456,7 +446,10 @@ mod tests {
         let rows: Vec<usize> = batches.into_iter().map(|b| b.unwrap().0.rows).collect();
         assert_eq!(rows, vec![2, 2, 1]);
         let summary = reading.join().unwrap();
-        assert_eq!((summary.rows, summary.bytes_read), (5, data.len() as u64));
+        assert_eq!(
+            (summary.lint.rows(), summary.bytes_read),
+            (5, data.len() as u64)
+        );
     }
 
     #[test]

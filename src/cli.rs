@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::check::LossOptions;
+use crate::check::{LossOptions, LossSource};
 use crate::data::FieldNames;
 use crate::diagnosis::DEFAULT_RTOL;
 use crate::findings::Code;
@@ -112,19 +112,21 @@ pub struct UserLossArgs {
 
 impl UserLossArgs {
     pub fn options(&self) -> Option<LossOptions> {
-        if self.loss.is_none() && self.loss_method.is_none() {
-            return None;
-        }
+        // clap rejects --loss together with --loss-method.
+        let source = match (&self.loss, &self.loss_method) {
+            (Some(file), _) => LossSource::File(file.clone()),
+            (None, Some(method)) => LossSource::Method(method.clone()),
+            (None, None) => return None,
+        };
         let args = if !self.loss_args.is_empty() {
             self.loss_args.clone()
-        } else if self.loss_method.is_some() {
+        } else if let LossSource::Method(_) = source {
             vec![LossArg::InputIds, LossArg::Labels]
         } else {
             vec![LossArg::Logits, LossArg::Labels]
         };
         Some(LossOptions {
-            file: self.loss.clone(),
-            method: self.loss_method.clone(),
+            source,
             args,
             rtol: self.rtol,
             probes: !self.no_probes,

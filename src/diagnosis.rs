@@ -86,21 +86,20 @@ impl Hypothesis {
         )
     }
 
-    /// Position in [`Hypothesis::ALL`] and in [`batch_hypotheses`]' result.
+    /// Position in [`Hypothesis::ALL`] and in [`batch_hypotheses`]' result: `ALL` lists the
+    /// variants in the order they are declared (a unit test holds it to that).
     pub fn index(self) -> usize {
-        Hypothesis::ALL
-            .iter()
-            .position(|&h| h == self)
-            .expect("listed")
+        self as usize
     }
 }
 
 /// One batch's per-token losses for the three alignments, each with its aligned mask
-/// (row-major, `rows × positions`).
+/// (row-major, `rows × positions`); the real next-token alignment as the sums the dataset's
+/// totals already took of it.
 pub struct BatchLosses<'a> {
     pub rows: usize,
-    /// Targets input_ids[t+1]: the real next-token losses.
-    pub next: (&'a [f32], &'a [u8]),
+    /// Targets input_ids[t+1]: the real next-token losses, summed.
+    pub next: BatchSums,
     /// Targets input_ids[t].
     pub unshifted: (&'a [f32], &'a [u8]),
     /// Targets input_ids[t+2].
@@ -109,7 +108,7 @@ pub struct BatchLosses<'a> {
 
 /// The value of every hypothesis on one batch; `None` where it is undefined (nothing trained).
 pub fn batch_hypotheses(b: &BatchLosses) -> [Option<f64>; 7] {
-    let next = BatchSums::of(b.next.0, b.next.1, b.rows);
+    let next = b.next;
     let unshifted = BatchSums::of(b.unshifted.0, b.unshifted.1, b.rows);
     let double = BatchSums::of(b.double_shifted.0, b.double_shifted.1, b.rows);
     let trained = next.trained > 0;
@@ -144,13 +143,17 @@ struct Tally {
     max_relative_error: f64,
 }
 
+impl Tally {
+    fn matches(&self, rtol: f64) -> bool {
+        self.compared > 0 && self.max_relative_error <= rtol
+    }
+}
+
 /// Running comparison of the user's loss with every hypothesis.
 #[derive(Debug, Clone)]
 pub struct Diagnosis {
     rtol: f64,
-    batches: u64,
     user_sum: f64,
-    reference_sum: f64,
     tallies: [Tally; 7],
 }
 
@@ -158,21 +161,22 @@ impl Diagnosis {
     pub fn new(rtol: f64) -> Self {
         Self {
             rtol,
-            batches: 0,
             user_sum: 0.0,
-            reference_sum: 0.0,
             tallies: [Tally::default(); 7],
         }
     }
 
+    /// The masked token mean's tally: it is defined on exactly the batches that are compared.
+    fn reference(&self) -> &Tally {
+        &self.tallies[Hypothesis::MaskedTokenMean.index()]
+    }
+
     /// Records one batch. Batches where nothing is trained are skipped: every mean is 0/0 there.
     pub fn observe(&mut self, user: f64, hypotheses: &[Option<f64>; 7]) {
-        let Some(reference) = hypotheses[Hypothesis::MaskedTokenMean.index()] else {
+        if hypotheses[Hypothesis::MaskedTokenMean.index()].is_none() {
             return;
-        };
-        self.batches += 1;
+        }
         self.user_sum += user;
-        self.reference_sum += reference;
         for (tally, value) in self.tallies.iter_mut().zip(hypotheses) {
             if let Some(value) = *value {
                 tally.compared += 1;
@@ -184,7 +188,7 @@ impl Diagnosis {
     }
 
     pub fn batches(&self) -> u64 {
-        self.batches
+        self.reference().compared
     }
 
     /// The hypotheses that match on every batch where they were compared.
@@ -192,10 +196,7 @@ impl Diagnosis {
         Hypothesis::ALL
             .iter()
             .copied()
-            .filter(|h| {
-                let t = &self.tallies[h.index()];
-                t.compared > 0 && t.max_relative_error <= self.rtol
-            })
+            .filter(|h| self.tallies[h.index()].matches(self.rtol))
             .collect()
     }
 
@@ -208,7 +209,7 @@ impl Diagnosis {
                     name: h.name(),
                     value: (t.compared > 0).then(|| t.sum / t.compared as f64),
                     max_relative_error: (t.compared > 0).then_some(t.max_relative_error),
-                    matches: t.compared > 0 && t.max_relative_error <= self.rtol,
+                    matches: t.matches(self.rtol),
                 }
             })
             .collect()
@@ -216,12 +217,14 @@ impl Diagnosis {
 
     /// The user's loss averaged over the compared batches.
     pub fn user_mean(&self) -> Option<f64> {
-        (self.batches > 0).then(|| self.user_sum / self.batches as f64)
+        let batches = self.batches();
+        (batches > 0).then(|| self.user_sum / batches as f64)
     }
 
     /// The masked token mean averaged over the same batches, the same way.
     pub fn reference_mean(&self) -> Option<f64> {
-        (self.batches > 0).then(|| self.reference_sum / self.batches as f64)
+        let t = self.reference();
+        (t.compared > 0).then(|| t.sum / t.compared as f64)
     }
 
     /// The hypothesis with the smallest worst-case error, and that error.
@@ -468,10 +471,17 @@ mod tests {
         let double_mask = [1, 1, 0, 0];
         batch_hypotheses(&BatchLosses {
             rows: 2,
-            next: (&next, &next_mask),
+            next: BatchSums::of(&next, &next_mask, 2),
             unshifted: (&unshifted, &unshifted_mask),
             double_shifted: (&double, &double_mask),
         })
+    }
+
+    #[test]
+    fn index_is_the_position_in_all() {
+        for (i, h) in Hypothesis::ALL.iter().enumerate() {
+            assert_eq!(h.index(), i, "{h:?}");
+        }
     }
 
     #[test]
@@ -538,7 +548,7 @@ mod tests {
         let mask = [1, 1];
         let hyps = batch_hypotheses(&BatchLosses {
             rows: 1,
-            next: (&losses, &mask),
+            next: BatchSums::of(&losses, &mask, 1),
             unshifted: (&[5.0, 5.0, 5.0], &[1, 1, 1]),
             double_shifted: (&[8.0], &[1]),
         });

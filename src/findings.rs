@@ -107,14 +107,8 @@ impl fmt::Display for Code {
 impl std::str::FromStr for Code {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        Code::ALL
-            .iter()
-            .copied()
-            .find(|c| c.name() == s)
-            .ok_or_else(|| {
-                let names: Vec<&str> = Code::ALL.iter().map(|c| c.name()).collect();
-                format!("unknown finding code '{s}' (known: {})", names.join(", "))
-            })
+        crate::by_name(Code::ALL, Code::name, s)
+            .map_err(|known| format!("unknown finding code '{s}' (known: {known})"))
     }
 }
 

@@ -34,6 +34,18 @@ pub mod view;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// The member of `all` called `wanted`, or else the known names joined by ", ": the parsing of
+/// every closed set of names on the command line (finding codes, loss arguments).
+pub fn by_name<T: Copy>(all: &[T], name: fn(T) -> &'static str, wanted: &str) -> Result<T, String> {
+    all.iter()
+        .copied()
+        .find(|&t| name(t) == wanted)
+        .ok_or_else(|| {
+            let names: Vec<&str> = all.iter().map(|&t| name(t)).collect();
+            names.join(", ")
+        })
+}
+
 /// An error chain on one line: the messages joined by ": ", newlines folded, repeats dropped.
 pub fn one_line(e: &anyhow::Error) -> String {
     let mut parts: Vec<String> = vec![];

@@ -445,7 +445,7 @@ pub const CHUNK_ELEMENTS: i64 = 1 << 24;
 /// Returns `Ok(None)` when a logit is NaN or infinite.
 ///
 /// Contiguous f32 logits on a CPU with AVX2 and FMA take [`fused_ce`], which reads each
-/// position's logits twice and writes nothing but its loss; everything else (CUDA, half and
+/// position's logits once and writes nothing but its loss; everything else (CUDA, half and
 /// double precision, other CPUs) takes libtorch's kernels, [`shifted_token_losses`].
 pub fn token_losses(
     logits: &Tensor,
@@ -492,60 +492,96 @@ pub fn shifted_token_losses(
     shift: i64,
     chunk_elements: i64,
 ) -> Result<Option<Tensor>, tch::TchError> {
+    Ok(
+        shifted_token_losses_each(logits, input_ids, &[shift], chunk_elements)?
+            .map(|mut losses| losses.remove(0)),
+    )
+}
+
+/// [`shifted_token_losses`] for several shifts of the same logits at once, one tensor per shift
+/// in the order given: each chunk's log-softmax and finiteness are computed once for all of
+/// them, and only the gathered targets differ. `None` when a logit is not finite at a
+/// position any of the shifts uses.
+pub fn shifted_token_losses_each(
+    logits: &Tensor,
+    input_ids: &Tensor,
+    shifts: &[i64],
+    chunk_elements: i64,
+) -> Result<Option<Vec<Tensor>>, tch::TchError> {
     let size = logits.size();
     let (b, t, v) = (size[0], size[1], size[2]);
-    let positions = (t - shift).max(0);
-    if positions == 0 {
-        return Ok(Some(Tensor::f_zeros(
-            [b, 0],
-            (Kind::Float, logits.device()),
-        )?));
-    }
-    let rows_per_chunk = (chunk_elements / v.max(1)).max(1).min(positions);
-    // Double logits stay double, as F.cross_entropy would keep them; the rest is upcast to f32.
-    let kind = match logits.kind() {
-        Kind::Double => Kind::Double,
-        _ => Kind::Float,
-    };
-    let scratch = Tensor::f_empty([rows_per_chunk, v], (kind, logits.device()))?;
-    let mut pieces = Vec::new();
+    let valid = |shift: i64| (t - shift).max(0);
+    // Positions any shift uses: the smallest shift uses the most.
+    let positions = shifts.iter().map(|&s| valid(s)).max().unwrap_or(0);
+    let mut pieces: Vec<Vec<Tensor>> = shifts.iter().map(|_| Vec::new()).collect();
     let mut extremes = Vec::new();
-    for row in 0..b {
-        let row_logits = logits.f_select(0, row)?;
-        let row_targets = input_ids.f_select(0, row)?.f_narrow(0, shift, positions)?;
-        let mut start = 0;
-        while start < positions {
-            let n = rows_per_chunk.min(positions - start);
-            let x = row_logits.f_narrow(0, start, n)?;
-            let (lo, hi) = x.f_aminmax(None, false)?;
-            extremes.push(lo);
-            extremes.push(hi);
-            let log_probs = x.f_log_softmax_int_out(&scratch.f_narrow(0, 0, n)?, 1, kind)?;
-            let target = row_targets.f_narrow(0, start, n)?;
-            let loss = log_probs.f_nll_loss::<Tensor>(&target, None, tch::Reduction::None, -100)?;
-            pieces.push(loss.f_to_kind(Kind::Float)?);
-            start += n;
+    if positions > 0 {
+        let rows_per_chunk = (chunk_elements / v.max(1)).max(1).min(positions);
+        // Double logits stay double, as F.cross_entropy would keep them; the rest is upcast to
+        // f32.
+        let kind = match logits.kind() {
+            Kind::Double => Kind::Double,
+            _ => Kind::Float,
+        };
+        let scratch = Tensor::f_empty([rows_per_chunk, v], (kind, logits.device()))?;
+        for row in 0..b {
+            let row_logits = logits.f_select(0, row)?;
+            let row_ids = input_ids.f_select(0, row)?;
+            let mut start = 0;
+            while start < positions {
+                let n = rows_per_chunk.min(positions - start);
+                let x = row_logits.f_narrow(0, start, n)?;
+                let (lo, hi) = x.f_aminmax(None, false)?;
+                extremes.push(lo);
+                extremes.push(hi);
+                let log_probs = x.f_log_softmax_int_out(&scratch.f_narrow(0, 0, n)?, 1, kind)?;
+                for (&shift, out) in shifts.iter().zip(&mut pieces) {
+                    // This shift's positions within the chunk: a prefix of it, or none.
+                    let m = (valid(shift) - start).clamp(0, n);
+                    if m == 0 {
+                        continue;
+                    }
+                    let target = row_ids.f_narrow(0, start + shift, m)?;
+                    let loss = log_probs.f_narrow(0, 0, m)?.f_nll_loss::<Tensor>(
+                        &target,
+                        None,
+                        tch::Reduction::None,
+                        -100,
+                    )?;
+                    out.push(loss.f_to_kind(Kind::Float)?);
+                }
+                start += n;
+            }
         }
     }
-    let all_finite = Tensor::f_stack(&extremes, 0)?.f_isfinite()?.f_all()?;
-    if !bool::try_from(&all_finite)? {
-        return Ok(None);
+    if !extremes.is_empty() {
+        let all_finite = Tensor::f_stack(&extremes, 0)?.f_isfinite()?.f_all()?;
+        if !bool::try_from(&all_finite)? {
+            return Ok(None);
+        }
     }
-    Ok(Some(Tensor::f_cat(&pieces, 0)?.f_view([b, positions])?))
+    let mut out = Vec::with_capacity(shifts.len());
+    for (&shift, pieces) in shifts.iter().zip(&pieces) {
+        out.push(if pieces.is_empty() {
+            Tensor::f_zeros([b, 0], (Kind::Float, logits.device()))?
+        } else {
+            Tensor::f_cat(pieces, 0)?.f_view([b, valid(shift)])?
+        });
+    }
+    Ok(Some(out))
 }
 
 /// Next-token cross-entropy of contiguous f32 logits on the CPU, fused.
 ///
-/// For each position, one pass over its V logits finds the maximum m and Σ x·0 (NaN as soon
-/// as one logit is NaN or ±inf: the finiteness check for free), a second pass, with the row
-/// still in cache, sums exp(x − m), and the loss is m + ln Σ − x[target]: libtorch's
-/// log-softmax arithmetic (max-shifted, f32 sums), without writing the log-softmax. libtorch's
+/// For each position, one pass over its V logits keeps a running maximum m and Σ exp(x − m)
+/// (the online log-sum-exp of `position_loss_lanes`), and the loss is m + ln Σ − x[target]:
+/// libtorch's log-softmax arithmetic (max-shifted, f32 sums), without writing it. libtorch's
 /// path reads the logits four times (aminmax, then max, Σexp and the write of its log-softmax)
 /// and writes them once; in a profile of the compute-bound benchmark the cross-entropy's CPU
 /// time halved (755 samples to 358, of about 9000). exp is Cephes' `expf` (range reduction by
-/// ln 2, a degree-6 polynomial; about 1 ulp). Compiled for AVX2 and FMA and used only where the
-/// CPU has them, so that the lanes below become vector instructions; positions are split over
-/// libtorch's intra-op thread count.
+/// ln 2, a degree-6 polynomial; about 1 ulp). Compiled for AVX2 and FMA, and for AVX-512, and
+/// used only where the CPU has them, so that the lanes below become vector instructions;
+/// positions are split over libtorch's intra-op thread count.
 mod fused_ce {
     use tch::{Kind, Tensor};
 
@@ -602,13 +638,15 @@ mod fused_ce {
             .unwrap_or(1)
             .clamp(1, n);
         let per_thread = n.div_ceil(threads);
+        let kernel = kernel();
         let work = |first: usize, out: &mut [f32]| -> bool {
             let mut finite = true;
             for (k, loss) in out.iter_mut().enumerate() {
                 let p = first + k;
                 let row = (p / positions) * t + p % positions;
                 let x = &data[row * v..(row + 1) * v];
-                match position_loss(x, targets[p]) {
+                // SAFETY: `kernel` chose an instruction set this CPU has.
+                match unsafe { kernel(x, targets[p]) } {
                     Some(l) => *loss = l,
                     None => finite = false,
                 }
@@ -635,19 +673,27 @@ mod fused_ce {
         ))
     }
 
-    fn position_loss(x: &[f32], target: usize) -> Option<f32> {
+    type Kernel = unsafe fn(&[f32], usize) -> Option<f32>;
+
+    /// The widest build of [`position_loss_lanes`] this CPU runs; the caller has checked
+    /// [`available`].
+    fn kernel() -> Kernel {
         #[cfg(target_arch = "x86_64")]
         {
             // AVX-512 halves the instructions: a fifth less time on Zen 4.
             if std::is_x86_feature_detected!("avx512f") {
-                // SAFETY: AVX-512F was just detected.
-                return unsafe { position_loss_avx512(x, target) };
+                position_loss_avx512
+            } else {
+                position_loss_avx2
             }
-            // SAFETY: only reached when `available()` found AVX2 and FMA.
-            unsafe { position_loss_avx2(x, target) }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        position_loss_lanes(x, target)
+        {
+            unsafe fn portable(x: &[f32], target: usize) -> Option<f32> {
+                position_loss_lanes(x, target)
+            }
+            portable
+        }
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -807,6 +853,45 @@ mod tests {
             torch_message("Internal torch error: forward() is missing value for argument 'labels'. Declaration: forward(Tensor a) -> Tensor\nException raised from x at y.h:61\nframe #0: c10::Error::Error(c10::SourceLocation)"),
             "forward() is missing value for argument 'labels'. Declaration: forward(Tensor a) -> Tensor"
         );
+    }
+
+    /// Several shifts at once equal one call per shift, against F.cross_entropy on each
+    /// alignment, whatever the chunking (chunks of 1, 2 and 3 positions of V = 11, and whole).
+    #[test]
+    fn several_shifts_at_once_match_each_alone() {
+        let _guard = tch::no_grad_guard();
+        tch::manual_seed(3);
+        let (b, t, v) = (2, 7, 11);
+        let logits = Tensor::randn([b, t, v], (Kind::Float, Device::Cpu));
+        let ids = Tensor::randint(v, [b, t], (Kind::Int64, Device::Cpu));
+        for chunk in [11, 22, 33, 1 << 20] {
+            let each = shifted_token_losses_each(&logits, &ids, &[0, 2, 1], chunk)
+                .unwrap()
+                .unwrap();
+            for (k, shift) in [0i64, 2, 1].into_iter().enumerate() {
+                let n = t - shift;
+                let flat = logits
+                    .narrow(1, 0, n)
+                    .reshape([b * n, v])
+                    .cross_entropy_loss::<Tensor>(
+                        &ids.narrow(1, shift, n).reshape([b * n]),
+                        None,
+                        tch::Reduction::None,
+                        -100,
+                        0.0,
+                    )
+                    .view([b, n]);
+                assert_eq!(each[k].size(), vec![b, n], "shift {shift}, chunk {chunk}");
+                assert!(
+                    each[k].allclose(&flat, 1e-6, 1e-6, false),
+                    "shift {shift}, chunk {chunk}"
+                );
+                let alone = shifted_token_losses(&logits, &ids, shift, chunk)
+                    .unwrap()
+                    .unwrap();
+                assert!(each[k].equal(&alone), "shift {shift}, chunk {chunk}");
+            }
+        }
     }
 
     #[test]

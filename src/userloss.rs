@@ -11,6 +11,7 @@ use std::path::Path;
 use serde::Serialize;
 use tch::{CModule, Device, IValue, Kind, Tensor};
 
+use crate::aggregate::BatchSums;
 use crate::batch::Batch;
 use crate::check::BatchTensors;
 use crate::diagnosis::{
@@ -73,14 +74,8 @@ impl fmt::Display for LossArg {
 impl std::str::FromStr for LossArg {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        LossArg::ALL
-            .iter()
-            .copied()
-            .find(|a| a.name() == s.trim())
-            .ok_or_else(|| {
-                let names: Vec<&str> = LossArg::ALL.iter().map(|a| a.name()).collect();
-                format!("unknown loss argument '{s}' (known: {})", names.join(", "))
-            })
+        crate::by_name(&LossArg::ALL, LossArg::name, s.trim())
+            .map_err(|known| format!("unknown loss argument '{s}' (known: {known})"))
     }
 }
 
@@ -351,15 +346,15 @@ impl LossAudit {
         }
     }
 
-    /// Compares the user's loss on one batch; `next` holds the batch's next-token losses and
-    /// their mask, as `check` computed them.
+    /// Compares the user's loss on one batch; `next` holds the sums of the batch's next-token
+    /// losses under its mask, as `check` took them for the dataset's totals.
     pub fn observe(
         &mut self,
         model: &TorchScriptLm,
         batch: &Batch,
         tensors: &BatchTensors,
         logits: &Tensor,
-        next: (&[f32], &[u8]),
+        next: &BatchSums,
     ) -> anyhow::Result<()> {
         let device = logits.device();
         let mask = Tensor::f_from_slice(&batch.mask)?
@@ -369,24 +364,26 @@ impl LossAudit {
         let inputs = LossTensors::new(logits, &tensors.input_ids, &tensors.attention_mask, &mask);
         let user = self.loss.call(model, &inputs)?;
 
-        let host = |shift: i64| -> anyhow::Result<Vec<f32>> {
-            let losses = model::shifted_token_losses(
-                logits,
-                &tensors.input_ids,
-                shift,
-                model::CHUNK_ELEMENTS,
-            )?
-            .ok_or_else(|| anyhow::anyhow!("non-finite logits"))?;
+        // Targets at t and at t+2: one log-softmax of the logits serves both.
+        let shifted = model::shifted_token_losses_each(
+            logits,
+            &tensors.input_ids,
+            &[0, 2],
+            model::CHUNK_ELEMENTS,
+        )?
+        .ok_or_else(|| anyhow::anyhow!("non-finite logits"))?;
+        let host = |losses: &Tensor| -> anyhow::Result<Vec<f32>> {
             Ok(Vec::try_from(
                 losses.f_to_device(Device::Cpu)?.f_flatten(0, -1)?,
             )?)
         };
-        let (unshifted, double) = (host(0)?, host(2)?);
-        let (unshifted_mask, double_mask) = (batch.shifted_mask(0), batch.shifted_mask(2));
+        let (unshifted, double) = (host(&shifted[0])?, host(&shifted[1])?);
+        let double_mask = batch.shifted_mask(2);
         let hypotheses = batch_hypotheses(&BatchLosses {
             rows: batch.rows,
-            next,
-            unshifted: (&unshifted, &unshifted_mask),
+            next: *next,
+            // Shift 0: every position's own token, the mask as it is.
+            unshifted: (&unshifted, &batch.mask),
             double_shifted: (&double, &double_mask),
         });
         self.diagnosis.observe(user, &hypotheses);

@@ -178,7 +178,7 @@ fn write_user_loss<W: Write>(out: &mut W, user: &UserLossReport) -> std::io::Res
 
 /// A relative error as a percentage; below the default tolerance it is noise.
 fn percent(e: f64) -> String {
-    if e < 1e-4 {
+    if e < crate::diagnosis::DEFAULT_RTOL {
         "<0.01%".into()
     } else {
         format!("{:.2}%", e * 100.0)
