@@ -431,8 +431,7 @@ impl LossAudit {
             self.masked_logits = ProbeResult::skipped("--no-probes");
         } else {
             if self.padding.ran {
-                self.padding.note =
-                    "appended padding columns (pad id, mask 0, random logits)".into();
+                self.padding.note = padding_note(&self.padding.note);
             }
             if !self.loss.takes_logits() {
                 self.masked_logits = ProbeResult::skipped("the loss takes no logits");
@@ -473,5 +472,35 @@ impl LossAudit {
             },
         };
         (report, findings)
+    }
+}
+
+/// What the padding probe did, once it ran on at least one batch; `failure` is the note left by
+/// a batch whose padded call failed (empty if none did), which must not be lost.
+fn padding_note(failure: &str) -> String {
+    let did = "appended padding columns (pad id, mask 0, random logits)";
+    if failure.is_empty() {
+        did.into()
+    } else {
+        format!("{did}; {failure}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_padded_batch_stays_in_the_note() {
+        assert_eq!(
+            padding_note(""),
+            "appended padding columns (pad id, mask 0, random logits)"
+        );
+        let note = padding_note("the loss failed on the padded batch: too long");
+        assert!(note.starts_with("appended padding columns"), "{note}");
+        assert!(
+            note.ends_with("the loss failed on the padded batch: too long"),
+            "{note}"
+        );
     }
 }
