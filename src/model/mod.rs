@@ -1,0 +1,129 @@
+//! The model interface, and the one implementation: a TorchScript module through tch.
+//!
+//! Everything that touches libtorch for the model lives here, so that another format
+//! (torch.export / AOTInductor) can be added behind [`LanguageModel`] later.
+
+use std::path::{Path, PathBuf};
+
+use tch::{Device, Tensor};
+
+/// A causal language model: token ids in, next-token logits out.
+pub trait LanguageModel {
+    fn vocab_size(&self) -> i64;
+    fn device(&self) -> Device;
+    /// Logits `[B, T, V]` for `input_ids` `[B, T]`; `attention_mask` is 1 for tokens, 0 for padding.
+    fn logits(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor, ModelError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: no such file")]
+    Missing { path: String },
+    #[error("{path}: not a TorchScript module: {message}")]
+    NotTorchScript { path: String, message: String },
+    #[error("{path}: forward failed for every accepted signature: {tried}")]
+    Signature { path: String, tried: String },
+    #[error("{path}: unsupported output: {found}; expected logits [batch, positions, vocabulary] as a tensor, the first element of a tuple or list, or a dict's \"logits\" entry")]
+    Output { path: String, found: String },
+    #[error("{path}: forward failed on the batch starting at line {line}: {message}")]
+    Forward {
+        path: String,
+        line: usize,
+        message: String,
+    },
+    #[error(
+        "{path}: the model returned NaN or infinite logits for the batch starting at line {line}"
+    )]
+    NonFinite { path: String, line: usize },
+    #[error("--device {device}: {message}")]
+    Device { device: String, message: String },
+    #[error("libtorch: {0}")]
+    Torch(String),
+}
+
+impl From<tch::TchError> for ModelError {
+    fn from(e: tch::TchError) -> Self {
+        ModelError::Torch(torch_message(&e.to_string()))
+    }
+}
+
+mod device;
+mod losses;
+mod torchscript;
+
+pub use device::*;
+pub use losses::*;
+pub use torchscript::*;
+
+/// Process-wide libtorch settings for a pass over a dataset; call before anything else touches
+/// libtorch (`maskaudit check` does, first thing).
+///
+/// - The JIT's profiling executor is turned off: otherwise it re-profiles and re-optimises the
+///   graph for every new sequence length.
+/// - libtorch is asked to back its CPU allocations of 2 MiB and more with transparent huge
+///   pages (`THP_MEM_ALLOC_ENABLE`, read once, at its first allocation), unless the environment
+///   says otherwise. Every batch allocates its logits afresh (hundreds of MiB), and the kernel
+///   faults fresh memory in a 4 KiB page at a time: on the compute-bound benchmark that was
+///   about 800 000 page faults and a fifth of the CPU time; with huge pages, 80 000. Where THP
+///   is off, nothing changes.
+pub fn configure_libtorch() {
+    const THP: &str = "THP_MEM_ALLOC_ENABLE";
+    if std::env::var_os(THP).is_none() {
+        // Before libtorch's first allocation, and before any thread of ours exists.
+        std::env::set_var(THP, "1");
+    }
+    tch::jit::set_profiling_mode(false);
+}
+
+/// libtorch errors carry C++ backtraces over many lines; keep the line that says what happened.
+pub fn torch_message(raw: &str) -> String {
+    let raw = raw.split("Exception raised from").next().unwrap_or(raw);
+    let lines: Vec<&str> = raw
+        .lines()
+        .map(|l| l.trim().trim_start_matches("Internal torch error: "))
+        .filter(|l| !l.is_empty() && !l.starts_with("frame #"))
+        .collect();
+    // TorchScript prints a traceback, then the exception on the last line.
+    let is_exception = |l: &&&str| {
+        let head = l.split(':').next().unwrap_or("");
+        !head.contains(' ') && (head.ends_with("Error") || head.ends_with("Exception"))
+    };
+    let pick = lines
+        .iter()
+        .rev()
+        .find(is_exception)
+        .or(lines.first())
+        .copied()
+        .unwrap_or("unknown libtorch error");
+    let pick = pick.strip_prefix("builtins.").unwrap_or(pick);
+    // The zip reader's message goes on about checkpoints; its first sentence is the point.
+    let pick = match pick.find(". ") {
+        Some(i) if pick.len() > 200 => &pick[..=i],
+        _ => pick,
+    };
+    let mut s: String = pick.chars().take(300).collect();
+    if pick.chars().count() > 300 {
+        s.push('…');
+    }
+    s
+}
+
+/// For displaying a model path in messages and reports.
+pub fn path_string(p: &Path) -> String {
+    PathBuf::from(p).display().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn torch_message_keeps_the_meaningful_line() {
+        let raw = "The following operation failed in the TorchScript interpreter.\nTraceback of TorchScript (most recent call last):\n  File \"x.py\", line 3\nbuiltins.RuntimeError: boom happened\n";
+        assert_eq!(torch_message(raw), "RuntimeError: boom happened");
+        assert_eq!(
+            torch_message("Internal torch error: forward() is missing value for argument 'labels'. Declaration: forward(Tensor a) -> Tensor\nException raised from x at y.h:61\nframe #0: c10::Error::Error(c10::SourceLocation)"),
+            "forward() is missing value for argument 'labels'. Declaration: forward(Tensor a) -> Tensor"
+        );
+    }
+}
