@@ -58,7 +58,7 @@ fn main() -> Result<()> {
         .collect::<Result<Vec<_>, _>>()?;
     let prepare_s = start.elapsed().as_secs_f64();
 
-    let model = TorchScriptLm::load(Path::new(&args[1]), device)?;
+    let model = TorchScriptLm::load(Path::new(&args[1]), device, &Default::default())?;
     let start = Instant::now();
     for t in &tensors {
         // The upload is part of the floor: maskaudit has to make it too.

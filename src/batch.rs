@@ -30,6 +30,33 @@ impl Batch {
         self.shifted_mask(1)
     }
 
+    /// Next-token positions whose target is padding (attention 0): what a loss that does not
+    /// mask takes in besides the untrained real tokens (prompts).
+    pub fn padding_targets(&self) -> usize {
+        let t = self.seq_len;
+        (0..self.rows)
+            .map(|b| {
+                self.attention_mask[b * t + 1.min(t)..(b + 1) * t]
+                    .iter()
+                    .filter(|&&a| a == 0)
+                    .count()
+            })
+            .sum()
+    }
+
+    /// Each row's length up to and including its last real token (attention 1).
+    pub fn row_lengths(&self) -> Vec<i64> {
+        let t = self.seq_len;
+        (0..self.rows)
+            .map(|b| {
+                let row = &self.attention_mask[b * t..(b + 1) * t];
+                row.iter()
+                    .rposition(|&a| a != 0)
+                    .map_or(0, |i| i as i64 + 1)
+            })
+            .collect()
+    }
+
     /// `m[b,t] = mask[b,t+shift]`, shape `rows × (seq_len-shift)`.
     pub fn shifted_mask(&self, shift: usize) -> Vec<u8> {
         let t = self.seq_len;

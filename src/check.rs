@@ -16,8 +16,13 @@ use crate::batch::{Batch, Batcher};
 use crate::data::{DataError, FieldNames, Pos, Row, RowSource, Unit};
 use crate::findings::{Code, Finding, Severity, SeverityOverrides};
 use crate::lint::{LintOptions, LintState};
-use crate::model::{self, device_name, DeviceChoice, LanguageModel, ModelError, TorchScriptLm};
+use crate::model::consistency::{self, Consistency};
+use crate::model::{
+    self, device_name, ArgsSource, DeviceChoice, ForwardArg, LanguageModel, LoadOptions,
+    ModelError, TorchScriptLm,
+};
 use crate::report::{DataSummary, ModelInfo, Report, Verdict, SCHEMA_VERSION};
+use crate::sys;
 use crate::userloss::{LossArg, LossAudit, UserLoss};
 
 /// Relative contamination above which, with no `--max-contamination`, the finding is a warning.
@@ -36,6 +41,10 @@ pub struct CheckOptions {
     pub fields: FieldNames,
     pub overrides: SeverityOverrides,
     pub loss: Option<LossOptions>,
+    /// `--forward-args`: the forward's tensors, when the file has no exporter record.
+    pub forward_args: Option<Vec<ForwardArg>>,
+    /// The trace-consistency probe on the first batch (off with `--no-model-probe`).
+    pub model_probe: bool,
 }
 
 /// Where the user's loss is: the command line takes exactly one of the two.
@@ -52,6 +61,8 @@ pub enum LossSource {
 pub struct LossOptions {
     pub source: LossSource,
     pub args: Vec<LossArg>,
+    /// Whether `--loss-args` was given (rather than the default).
+    pub args_given: bool,
     pub rtol: f64,
     pub probes: bool,
 }
@@ -61,7 +72,10 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
     let _no_grad = tch::no_grad_guard();
 
     let device = opts.device.resolve()?;
-    let model = TorchScriptLm::load(&opts.model, device)?;
+    if device == Device::Cpu {
+        sys::cap_address_space();
+    }
+    let model = TorchScriptLm::load(&opts.model, device, &load_options(opts))?;
     if let Some(pad) = opts.pad_id.filter(|&p| p >= model.vocab_size()) {
         // Padding goes through the embedding like any token: same rule as the data's ids.
         anyhow::bail!(
@@ -91,6 +105,7 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
     let data_path = reader.path().to_string();
 
     let unit = reader.unit();
+    let mut run = RunState::new(opts.model_probe, unit);
     let batcher = Batcher::new(opts.batch_size, opts.pad_id, data_path.clone()).with_unit(unit);
     let mut totals = LossTotals::default();
     let vocab = model.vocab_size();
@@ -106,7 +121,7 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
         read_ahead(reader, batcher, lint, vocab, opts.fields.input_ids.clone());
     for item in batches {
         let (batch, bytes_read) = item?;
-        process_batch(&model, &batch, &mut totals, audit.as_mut(), &opts.model)?;
+        process_batch(&model, &batch, &mut totals, &mut run, audit.as_mut(), opts)?;
         progress.set_position(bytes_read);
     }
     let ReadSummary { bytes_read, lint } = reading
@@ -121,6 +136,7 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
     let contamination = Contamination::of(&losses);
     let (statistics, lint_findings) = lint.finish();
     let mut findings = data_findings(&totals);
+    findings.extend(run.findings(&model, &losses));
     findings.extend(lint_findings);
     findings.extend(contamination_finding(
         contamination,
@@ -145,8 +161,15 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
             path: model::path_string(&opts.model),
             vocab_size: vocab,
             device: device_name(device),
-            signature: model.signature(),
+            signature: model.signature().key(),
+            forward_args: model.signature().args.clone(),
+            forward_args_source: model.signature().source,
+            forward_args_note: model.signature().note.clone(),
             output: model.output_form(),
+            dtype: model.dtype().to_string(),
+            architecture: model.record().and_then(|r| r.architecture.clone()),
+            max_position_embeddings: model.record().and_then(|r| r.max_position_embeddings),
+            consistency: run.consistency.clone(),
         },
         data: DataSummary {
             path: data_path,
@@ -157,6 +180,8 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
             positions: totals.positions,
             supervised_positions: totals.trained,
             padding_fraction: totals.padding_fraction(),
+            padding_positions: run.padding_targets,
+            untrained_token_positions: totals.positions - totals.trained - run.padding_targets,
             mask_source: statistics.mask_source.clone(),
         },
         statistics,
@@ -264,6 +289,7 @@ pub fn check_vocabulary(
 }
 
 /// Batch tensors on the model's device.
+#[derive(Debug)]
 pub struct BatchTensors {
     pub input_ids: Tensor,
     pub attention_mask: Tensor,
@@ -288,9 +314,15 @@ pub fn batch_losses<M: LanguageModel>(
     model: &M,
     batch: &Batch,
     model_path: &std::path::Path,
+    unit: Unit,
 ) -> Result<(BatchTensors, Tensor, Vec<f32>)> {
     let path = model::path_string(model_path);
     let first_line = batch.lines.first().copied().unwrap_or(0);
+    let at = Pos {
+        unit,
+        n: first_line,
+    };
+    check_memory(model, batch, &path, at)?;
     let tensors = BatchTensors::new(batch, model.device())?;
     let logits = model
         .logits(&tensors.input_ids, &tensors.attention_mask)
@@ -302,10 +334,15 @@ pub fn batch_losses<M: LanguageModel>(
             },
             other => other,
         })?;
+    let in_batch = |e: tch::TchError| ModelError::Forward {
+        path: path.clone(),
+        line: first_line,
+        message: model::torch_message(&e.to_string()),
+    };
     let losses = model::token_losses(&logits, &tensors.input_ids, model::CHUNK_ELEMENTS)
-        .map_err(ModelError::from)?
+        .map_err(in_batch)?
         .ok_or(ModelError::NonFinite {
-            path,
+            path: path.clone(),
             line: first_line,
         })?;
     let host: Vec<f32> = Vec::try_from(
@@ -313,25 +350,222 @@ pub fn batch_losses<M: LanguageModel>(
             .f_to_device(Device::Cpu)
             .and_then(|t| t.f_to_kind(Kind::Float))
             .and_then(|t| t.f_flatten(0, -1))
-            .map_err(ModelError::from)?,
+            .map_err(in_batch)?,
     )
     .context("copying per-token losses to the host")?;
     Ok((tensors, logits, host))
+}
+
+/// What the forward of a batch will at least allocate: its logits, plus an f32 copy for the
+/// cross-entropy when they are in another dtype. A batch that cannot fit is refused before
+/// the forward, with the option that fixes it, rather than killed by the kernel halfway.
+/// Only on the CPU: MemAvailable says nothing about a GPU.
+fn check_memory<M: LanguageModel>(
+    model: &M,
+    batch: &Batch,
+    path: &str,
+    at: Pos,
+) -> Result<(), ModelError> {
+    if model.device() != Device::Cpu {
+        return Ok(());
+    }
+    let Some(available) = sys::available_memory() else {
+        return Ok(());
+    };
+    let elements = (batch.rows as u128) * (batch.seq_len as u128) * (model.vocab_size() as u128);
+    let need = elements.saturating_mul(4);
+    if need > available as u128 {
+        return Err(ModelError::Memory {
+            path: path.to_string(),
+            at: at.named(),
+            need: sys::human_bytes(u64::try_from(need).unwrap_or(u64::MAX)),
+            shape: format!(
+                "[{}, {}, {}]",
+                batch.rows,
+                batch.seq_len,
+                model.vocab_size()
+            ),
+            available: sys::human_bytes(available),
+        });
+    }
+    Ok(())
+}
+
+/// Where the forward's arguments come from when the file has no exporter record:
+/// `--forward-args`, or the loss arguments of `--loss-method forward` (the forward is the loss).
+fn load_options(opts: &CheckOptions) -> LoadOptions {
+    if let Some(args) = &opts.forward_args {
+        return LoadOptions {
+            forward_args: Some((args.clone(), ArgsSource::Option)),
+        };
+    }
+    let from_loss = opts.loss.as_ref().and_then(|l| {
+        let is_forward = matches!(&l.source, LossSource::Method(m) if m == "forward");
+        if !is_forward || !l.args_given {
+            return None;
+        }
+        l.args
+            .iter()
+            .map(|a| match a {
+                LossArg::InputIds => Some(ForwardArg::InputIds),
+                LossArg::AttentionMask => Some(ForwardArg::AttentionMask),
+                LossArg::Labels => Some(ForwardArg::Labels),
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>()
+    });
+    LoadOptions {
+        forward_args: from_loss.map(|args| (args, ArgsSource::LossArgs)),
+    }
+}
+
+/// What `check` learns batch by batch beyond the loss totals.
+struct RunState {
+    /// Next-token positions whose target is padding (attention 0), as opposed to real tokens
+    /// left untrained (prompts).
+    padding_targets: u64,
+    /// Per-token losses that were NaN or infinite, and where the first was.
+    non_finite: u64,
+    first_non_finite: Option<(usize, usize, f32)>,
+    longest_batch: usize,
+    probe: bool,
+    consistency: Consistency,
+    unit: Unit,
+}
+
+impl RunState {
+    fn new(probe: bool, unit: Unit) -> Self {
+        Self {
+            unit,
+            padding_targets: 0,
+            non_finite: 0,
+            first_non_finite: None,
+            longest_batch: 0,
+            probe,
+            consistency: Consistency::default(),
+        }
+    }
+
+    fn observe(&mut self, batch: &Batch, losses: &[f32]) {
+        self.padding_targets += batch.padding_targets() as u64;
+        self.longest_batch = self.longest_batch.max(batch.seq_len);
+        let positions = batch.seq_len.saturating_sub(1);
+        for (i, &l) in losses.iter().enumerate() {
+            if !l.is_finite() {
+                self.non_finite += 1;
+                if self.first_non_finite.is_none() {
+                    self.first_non_finite = Some((batch.lines[i / positions], i % positions, l));
+                }
+            }
+        }
+    }
+
+    /// Findings about the model and the losses it produced.
+    fn findings(
+        &self,
+        model: &TorchScriptLm,
+        losses: &crate::aggregate::Aggregates,
+    ) -> Vec<Finding> {
+        let unit = self.unit;
+        let mut findings = vec![];
+        if let Some((line, t, value)) = self.first_non_finite {
+            findings.push(Finding::new(
+                Code::NonFiniteLoss,
+                Severity::Error,
+                format!(
+                    "{} per-token loss(es) are NaN or infinite, the first at {}, position {t} (predicting token {}): {value}; every aggregate that includes them is meaningless (logits too large for float32?)",
+                    self.non_finite,
+                    Pos { unit, n: line }.named(),
+                    t + 1
+                ),
+            ).with_records(vec![line]));
+        } else if [
+            losses.all_positions_mean,
+            losses.masked_token_mean,
+            losses.masked_sum_over_all_positions,
+            losses.sequence_mean,
+            losses.batch_mean_of_means,
+        ]
+        .iter()
+        .flatten()
+        .any(|v| !v.is_finite())
+        {
+            findings.push(Finding::new(
+                Code::NonFiniteLoss,
+                Severity::Error,
+                "an aggregate of finite per-token losses overflowed to infinity",
+            ));
+        }
+        let c = &self.consistency;
+        if c.ran && !c.passed() {
+            let part = |name: &str, d: Option<f64>| {
+                d.filter(|&d| d > c.tolerance)
+                    .map(|d| format!("{name} by {d:.2e}"))
+            };
+            let moved: Vec<String> = [
+                part("when padding columns were appended", c.padding_difference),
+                part("when a row ran alone", c.row_difference),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            let note = if c.note.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", c.note)
+            };
+            findings.push(Finding::new(
+                Code::ModelNotPadInvariant,
+                Severity::Error,
+                format!(
+                    "logits at real positions of the first batch moved {} (relative; tolerance {:.0e}){note}: the losses of this model cannot be trusted; see `maskaudit explain model-not-pad-invariant`",
+                    moved.join(" and "),
+                    c.tolerance
+                ),
+            ));
+        }
+        if let Some(verified) = model.record().and_then(|r| r.longest_verified()) {
+            if self.longest_batch as i64 > verified {
+                findings.push(Finding::new(
+                    Code::ModelLengthUnverified,
+                    Severity::Warning,
+                    format!(
+                        "batches reach {} positions, but the exporter compared the trace with the eager model only up to {verified}: export again with a longer --trace-length",
+                        self.longest_batch
+                    ),
+                ));
+            }
+        }
+        findings
+    }
 }
 
 fn process_batch(
     model: &TorchScriptLm,
     batch: &Batch,
     totals: &mut LossTotals,
+    run: &mut RunState,
     audit: Option<&mut LossAudit>,
-    model_path: &std::path::Path,
+    opts: &CheckOptions,
 ) -> Result<()> {
     if batch.seq_len < 2 {
         // One-token rows have no next-token position: nothing to run.
         totals.add_batch(&[], &[], batch.rows);
         return Ok(());
     }
-    let (tensors, logits, losses) = batch_losses(model, batch, model_path)?;
+    let (tensors, logits, losses) = batch_losses(model, batch, &opts.model, run.unit)?;
+    run.observe(batch, &losses);
+    if run.probe && !run.consistency.ran {
+        run.consistency = consistency::probe(
+            model,
+            &tensors.input_ids,
+            &tensors.attention_mask,
+            &logits,
+            &batch.row_lengths(),
+            opts.pad_id.unwrap_or(0),
+            model.record().and_then(|r| r.max_position_embeddings),
+        )?;
+    }
     let target_mask = batch.target_mask();
     let sums = totals.add_batch(&losses, &target_mask, batch.rows);
     if let Some(audit) = audit {
@@ -450,6 +684,36 @@ mod tests {
             (summary.lint.rows(), summary.bytes_read),
             (5, data.len() as u64)
         );
+    }
+
+    struct HugeVocab;
+
+    impl LanguageModel for HugeVocab {
+        fn vocab_size(&self) -> i64 {
+            1 << 40
+        }
+        fn device(&self) -> Device {
+            Device::Cpu
+        }
+        fn logits(&self, _: &Tensor, _: &Tensor) -> Result<Tensor, ModelError> {
+            unreachable!("refused before the forward")
+        }
+    }
+
+    #[test]
+    fn a_batch_whose_logits_cannot_fit_is_refused_with_the_fix() {
+        let batch = Batcher::new(1, Some(0), "d.jsonl")
+            .push(Row::new(7, vec![1, 2, 3]))
+            .unwrap()
+            .expect("a batch of one row");
+        let err = batch_losses(&HugeVocab, &batch, std::path::Path::new("m.pt"), Unit::Line)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("m.pt: the batch starting at line 7 needs 12288.0 GiB for its logits [1, 3, 1099511627776]"),
+            "{err}"
+        );
+        assert!(err.ends_with("lower --batch-size"), "{err}");
     }
 
     #[test]

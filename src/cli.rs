@@ -8,7 +8,7 @@ use crate::check::{LossOptions, LossSource};
 use crate::data::FieldNames;
 use crate::diagnosis::DEFAULT_RTOL;
 use crate::findings::Code;
-use crate::model::DeviceChoice;
+use crate::model::{DeviceChoice, ForwardArg};
 use crate::userloss::LossArg;
 
 #[derive(Debug, Parser)]
@@ -64,6 +64,13 @@ pub struct CheckArgs {
     /// cpu, cuda, cuda:N, or auto (CUDA when available)
     #[arg(long, default_value = "auto", value_parser = parse_device, help_heading = "Model")]
     pub device: DeviceChoice,
+    /// The forward's tensors, in order, for a model without a maskaudit-export record: input_ids,
+    /// attention_mask, position_ids, labels [default: probed, and an error when unclear]
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_forward_arg, help_heading = "Model")]
+    pub forward_args: Vec<ForwardArg>,
+    /// Skip the trace-consistency probe (padding appended, rows alone) on the first batch
+    #[arg(long, help_heading = "Model")]
+    pub no_model_probe: bool,
 
     /// Fail (exit 1) when |all_positions_mean − masked_token_mean| / masked_token_mean exceeds this
     #[arg(long, value_name = "RELATIVE", value_parser = parse_fraction, help_heading = "Checks")]
@@ -128,6 +135,7 @@ impl UserLossArgs {
         Some(LossOptions {
             source,
             args,
+            args_given: !self.loss_args.is_empty(),
             rtol: self.rtol,
             probes: !self.no_probes,
         })
@@ -254,6 +262,10 @@ pub struct OutputArgs {
 }
 
 fn parse_device(s: &str) -> Result<DeviceChoice, String> {
+    s.parse()
+}
+
+fn parse_forward_arg(s: &str) -> Result<ForwardArg, String> {
     s.parse()
 }
 

@@ -44,6 +44,9 @@ fn long_form(code: Code) -> &'static str {
         Code::MaskLabelDisagree => include_str!("explain/mask-label-disagree.md"),
         Code::PaddingTrained => include_str!("explain/padding-trained.md"),
         Code::UnexpectedNegativeLabel => include_str!("explain/unexpected-negative-label.md"),
+        Code::NonFiniteLoss => include_str!("explain/non-finite-loss.md"),
+        Code::ModelNotPadInvariant => include_str!("explain/model-not-pad-invariant.md"),
+        Code::ModelLengthUnverified => include_str!("explain/model-length-unverified.md"),
     }
 }
 

@@ -96,6 +96,12 @@ codes! {
         "Trailing padding positions are trained targets, so the loss includes padding.";
     UnexpectedNegativeLabel => "unexpected-negative-label",
         "Labels are negative but not the ignore index -100, which a loss ignoring -100 rejects or treats as a class.";
+    NonFiniteLoss => "non-finite-loss",
+        "A per-token loss is NaN or infinite, so every aggregate that includes it is meaningless.";
+    ModelNotPadInvariant => "model-not-pad-invariant",
+        "The model's logits at real tokens change with the padding around them or with the batch's shape, so its losses cannot be trusted.";
+    ModelLengthUnverified => "model-length-unverified",
+        "Batches are longer than any length at which the exporter compared the trace with the eager model.";
 }
 
 impl fmt::Display for Code {

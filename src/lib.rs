@@ -18,6 +18,7 @@ pub mod model;
 pub mod output;
 pub mod report;
 pub mod stats;
+pub mod sys;
 pub mod tokenizer;
 pub mod userloss;
 pub mod view;

@@ -56,9 +56,15 @@ fn check(args: CheckArgs) -> Result<ExitCode> {
             &args.severity.allow,
         ),
         loss: args.user_loss.options(),
+        forward_args: (!args.forward_args.is_empty()).then(|| args.forward_args.clone()),
+        model_probe: !args.no_model_probe,
     };
     let progress = progress_bar(args.output.quiet);
-    let report = check::run(&opts, &progress)?;
+    // The model's and the loss's own prints go to stderr, not into the report.
+    let redirect = maskaudit::sys::StdoutToStderr::new()?;
+    let report = check::run(&opts, &progress);
+    drop(redirect);
+    let report = report?;
     progress.finish_and_clear();
 
     let mut stdout = io::stdout().lock();

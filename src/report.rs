@@ -9,7 +9,8 @@ use crate::aggregate::{Aggregates, Contamination};
 use crate::data::{Format, Unit};
 use crate::findings::{Finding, Severity};
 use crate::lint::LintStats;
-use crate::model::{OutputForm, Signature};
+use crate::model::consistency::Consistency;
+use crate::model::{ArgsSource, ForwardArg, OutputForm};
 use crate::userloss::UserLossReport;
 
 /// Bumped when a key changes meaning or disappears; new keys may appear within a version.
@@ -37,10 +38,25 @@ pub struct ModelInfo {
     pub path: String,
     pub vocab_size: i64,
     pub device: String,
-    /// `input_ids` or `input_ids_attention_mask`.
-    pub signature: Signature,
-    /// `tensor`, `tuple_first` or `dict_logits`.
+    /// The forward's arguments joined by `_`: `input_ids`, `input_ids_attention_mask`,
+    /// `input_ids_position_ids`, `input_ids_labels`, …
+    pub signature: String,
+    /// The forward's arguments in order (added within schema version 1, as are the keys below).
+    pub forward_args: Vec<ForwardArg>,
+    /// `record` (the maskaudit-export record), `option` (--forward-args), `loss_args`
+    /// (--loss-method forward) or `probe`.
+    pub forward_args_source: ArgsSource,
+    /// How the arguments were concluded, in words.
+    pub forward_args_note: String,
+    /// `tensor`, `tuple_first`, `loss_then_logits` or `dict_logits`.
     pub output: OutputForm,
+    /// The parameters' dtype: `float32`, `bfloat16`, `float16`, …
+    pub dtype: String,
+    /// From the exporter's record; null without one.
+    pub architecture: Option<String>,
+    pub max_position_embeddings: Option<i64>,
+    /// The trace-consistency probe on the first batch.
+    pub consistency: Consistency,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -54,8 +70,12 @@ pub struct DataSummary {
     pub positions: u64,
     /// Positions whose target is trained (Σm).
     pub supervised_positions: u64,
-    /// 1 − Σm / N.
+    /// 1 − Σm / N: every untrained position, padding and prompts alike.
     pub padding_fraction: Option<f64>,
+    /// Positions whose target is padding (attention 0).
+    pub padding_positions: u64,
+    /// Positions whose target is a real token left untrained (prompts, masked turns).
+    pub untrained_token_positions: u64,
     /// `loss_mask`, `labels`, `attention_mask`, `all_tokens`, or `mixed`.
     pub mask_source: String,
 }

@@ -89,6 +89,14 @@ pub enum UserLossError {
     },
     #[error("{source_name}: the loss returned {found}; expected a scalar tensor (or a tuple/list/dict whose first element or \"loss\" entry is one)")]
     NotScalar { source_name: String, found: String },
+    #[error(
+        "{source_name}: the loss returned {value}, not a finite real number (called with {args})"
+    )]
+    NotFinite {
+        source_name: String,
+        value: String,
+        args: String,
+    },
 }
 
 enum Source {
@@ -139,9 +147,28 @@ impl UserLoss {
         self.args.iter().any(|a| a.from_logits())
     }
 
-    /// Calls the loss and returns its scalar.
+    /// Calls the loss and returns its scalar. The loss gets copies: one that writes into its
+    /// inputs (zeroing the logits, say) cannot change what maskaudit computes from them.
     pub fn call(&self, model: &TorchScriptLm, t: &LossTensors) -> Result<f64, UserLossError> {
-        let values: Vec<Tensor> = self.args.iter().map(|&a| t.get(a)).collect();
+        let described = |values: &[Tensor]| {
+            self.args
+                .iter()
+                .zip(values)
+                .map(|(a, v)| format!("{a} {:?} {:?}", v.size(), v.kind()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let threw = |message: String, values: &[Tensor]| UserLossError::Threw {
+            source_name: self.source_name(),
+            message,
+            args: described(values),
+        };
+        let values: Vec<Tensor> = self
+            .args
+            .iter()
+            .map(|&a| t.get(a).f_copy_fresh())
+            .collect::<Result<_, _>>()
+            .map_err(|e| threw(torch_message(&e.to_string()), &[]))?;
         let inputs: Vec<IValue> = values
             .iter()
             .map(|v| IValue::Tensor(v.shallow_clone()))
@@ -150,32 +177,54 @@ impl UserLoss {
             Source::Module { module, .. } => module.forward_is(&inputs),
             Source::Method { name, .. } => model.module().method_is(name, &inputs),
         }
-        .map_err(|e| UserLossError::Threw {
-            source_name: self.source_name(),
-            message: torch_message(&e.to_string()),
-            args: self
-                .args
-                .iter()
-                .zip(&values)
-                .map(|(a, v)| format!("{a} {:?} {:?}", v.size(), v.kind()))
-                .collect::<Vec<_>>()
-                .join(", "),
-        })?;
-        scalar(out).map_err(|found| UserLossError::NotScalar {
-            source_name: self.source_name(),
-            found,
-        })
+        .map_err(|e| threw(torch_message(&e.to_string()), &values))?;
+        match scalar(out) {
+            Ok(Scalar::Real(x)) if x.is_finite() => Ok(x),
+            Ok(Scalar::Real(x)) => Err(UserLossError::NotFinite {
+                source_name: self.source_name(),
+                value: x.to_string(),
+                args: described(&values),
+            }),
+            Ok(Scalar::Complex) => Err(UserLossError::NotFinite {
+                source_name: self.source_name(),
+                value: "a complex tensor".into(),
+                args: described(&values),
+            }),
+            Err(found) => Err(UserLossError::NotScalar {
+                source_name: self.source_name(),
+                found,
+            }),
+        }
     }
 }
 
+/// A fresh copy of a tensor (`Tensor::copy` panics on error).
+trait CopyFresh {
+    fn f_copy_fresh(&self) -> Result<Tensor, tch::TchError>;
+}
+
+impl CopyFresh for Tensor {
+    fn f_copy_fresh(&self) -> Result<Tensor, tch::TchError> {
+        let mut out = self.f_empty_like()?;
+        out.f_copy_(self)?;
+        Ok(out)
+    }
+}
+
+/// What a loss's scalar turned out to be.
+enum Scalar {
+    Real(f64),
+    Complex,
+}
+
 /// The scalar in a loss's output, or what came back instead.
-fn scalar(out: IValue) -> Result<f64, String> {
+fn scalar(out: IValue) -> Result<Scalar, String> {
     let tensor = match out {
         IValue::Tensor(t) => t,
-        IValue::Double(x) => return Ok(x),
+        IValue::Double(x) => return Ok(Scalar::Real(x)),
         IValue::Tuple(items) | IValue::GenericList(items) => match items.into_iter().next() {
             Some(IValue::Tensor(t)) => t,
-            Some(IValue::Double(x)) => return Ok(x),
+            Some(IValue::Double(x)) => return Ok(Scalar::Real(x)),
             Some(other) => {
                 return Err(format!(
                     "a tuple whose first element is {}",
@@ -203,10 +252,17 @@ fn scalar(out: IValue) -> Result<f64, String> {
             tensor.size()
         ));
     }
+    if matches!(
+        tensor.kind(),
+        Kind::ComplexHalf | Kind::ComplexFloat | Kind::ComplexDouble
+    ) {
+        return Ok(Scalar::Complex);
+    }
     tensor
         .f_to_kind(Kind::Double)
         .and_then(|t| t.f_view([1]))
         .and_then(|t| t.f_double_value(&[0]))
+        .map(Scalar::Real)
         .map_err(|e| torch_message(&e.to_string()))
 }
 
@@ -362,8 +418,6 @@ impl LossAudit {
             .f_view([batch.rows as i64, batch.seq_len as i64])?
             .f_to_device(device)?;
         let inputs = LossTensors::new(logits, &tensors.input_ids, &tensors.attention_mask, &mask);
-        let user = self.loss.call(model, &inputs)?;
-
         // Targets at t and at t+2: one log-softmax of the logits serves both.
         let shifted = model::shifted_token_losses_each(
             logits,
@@ -372,6 +426,8 @@ impl LossAudit {
             model::CHUNK_ELEMENTS,
         )?
         .ok_or_else(|| anyhow::anyhow!("non-finite logits"))?;
+        let user = self.loss.call(model, &inputs)?;
+
         let host = |losses: &Tensor| -> anyhow::Result<Vec<f32>> {
             Ok(Vec::try_from(
                 losses.f_to_device(Device::Cpu)?.f_flatten(0, -1)?,
@@ -407,6 +463,7 @@ impl LossAudit {
         let padded = inputs.with_padding(extra, self.pad_id)?;
         match self.loss.call(model, &padded) {
             Ok(value) => self.padding.record(user, value),
+            Err(e @ UserLossError::NotFinite { .. }) => return Err(e.into()),
             // A model method may refuse a longer input (position limit): say so, don't fail.
             Err(e) if self.padding.note.is_empty() => {
                 self.padding.note = format!("the loss failed on the padded batch: {e}");

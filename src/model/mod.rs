@@ -19,9 +19,32 @@ pub trait LanguageModel {
 pub enum ModelError {
     #[error("{path}: no such file")]
     Missing { path: String },
+    #[error("{path}: {what}; {hint}")]
+    WrongFile {
+        path: String,
+        what: String,
+        hint: String,
+    },
+    #[error("{path}: cannot be read: {message}")]
+    Unreadable { path: String, message: String },
+    #[error(
+        "{path}: the maskaudit-export record ({}) is unreadable: {message}",
+        record::RECORD_NAME
+    )]
+    BadRecord { path: String, message: String },
+    #[error("{path}: {message}")]
+    ForwardArgs { path: String, message: String },
+    #[error("{path}: the batch starting at {at} needs {need} for its logits {shape} but {available} is available; lower --batch-size")]
+    Memory {
+        path: String,
+        at: String,
+        need: String,
+        shape: String,
+        available: String,
+    },
     #[error("{path}: not a TorchScript module: {message}")]
     NotTorchScript { path: String, message: String },
-    #[error("{path}: forward failed for every accepted signature: {tried}")]
+    #[error("{path}: the forward failed on a two-token probe input: {tried}")]
     Signature { path: String, tried: String },
     #[error("{path}: unsupported output: {found}; expected logits [batch, positions, vocabulary] as a tensor, the first element of a tuple or list, or a dict's \"logits\" entry")]
     Output { path: String, found: String },
@@ -47,8 +70,10 @@ impl From<tch::TchError> for ModelError {
     }
 }
 
+pub mod consistency;
 mod device;
 mod losses;
+pub mod record;
 mod torchscript;
 
 pub use device::*;

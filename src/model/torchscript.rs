@@ -4,26 +4,10 @@ use std::fmt;
 use std::path::Path;
 
 use serde::Serialize;
-use tch::{CModule, Device, IValue, Tensor};
+use tch::{CModule, Device, IValue, Kind, Tensor};
 
+use super::record::{self, ExportRecord, FileKind};
 use super::{torch_message, LanguageModel, ModelError};
-
-/// Which arguments the module's forward takes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Signature {
-    InputIdsAttentionMask,
-    InputIds,
-}
-
-impl fmt::Display for Signature {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Signature::InputIdsAttentionMask => "forward(input_ids, attention_mask)",
-            Signature::InputIds => "forward(input_ids)",
-        })
-    }
-}
 
 /// Where the logits were found in the module's output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -31,6 +15,8 @@ impl fmt::Display for Signature {
 pub enum OutputForm {
     Tensor,
     TupleFirst,
+    /// `(loss, logits, …)`: what a Hugging Face model returns when given labels.
+    LossThenLogits,
     DictLogits,
 }
 
@@ -39,9 +25,100 @@ impl fmt::Display for OutputForm {
         f.write_str(match self {
             OutputForm::Tensor => "a tensor",
             OutputForm::TupleFirst => "the first element of a tuple",
+            OutputForm::LossThenLogits => "the second element of a (loss, logits) tuple",
             OutputForm::DictLogits => "the \"logits\" entry of a dict",
         })
     }
+}
+
+/// A tensor the model's forward can take, by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ForwardArg {
+    InputIds,
+    /// 1 for tokens, 0 for padding.
+    AttentionMask,
+    /// 0, 1, … along each row.
+    PositionIds,
+    /// The ids, −100 where the attention mask is 0 (the model's own loss is not used).
+    Labels,
+}
+
+impl ForwardArg {
+    pub const ALL: [ForwardArg; 4] = [
+        ForwardArg::InputIds,
+        ForwardArg::AttentionMask,
+        ForwardArg::PositionIds,
+        ForwardArg::Labels,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ForwardArg::InputIds => "input_ids",
+            ForwardArg::AttentionMask => "attention_mask",
+            ForwardArg::PositionIds => "position_ids",
+            ForwardArg::Labels => "labels",
+        }
+    }
+}
+
+impl fmt::Display for ForwardArg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for ForwardArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        crate::by_name(&ForwardArg::ALL, ForwardArg::name, s.trim())
+            .map_err(|known| format!("unknown forward argument '{s}' (known: {known})"))
+    }
+}
+
+/// How the forward's arguments were established.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ArgsSource {
+    /// The maskaudit-export record inside the file.
+    Record,
+    /// `--forward-args`.
+    Option,
+    /// `--loss-method forward` with `--loss-args`: the forward is the loss, and its logits are
+    /// read from the same call.
+    LossArgs,
+    /// Calls with probe inputs, see [`identify_second`].
+    Probe,
+}
+
+/// The forward's arguments, in order, and how maskaudit knows them.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Signature {
+    pub args: Vec<ForwardArg>,
+    pub source: ArgsSource,
+    /// How they were concluded, in words.
+    pub note: String,
+}
+
+impl Signature {
+    /// `input_ids_attention_mask`, `input_ids`, …: the JSON's `signature`.
+    pub fn key(&self) -> String {
+        let names: Vec<&str> = self.args.iter().map(|a| a.name()).collect();
+        names.join("_")
+    }
+}
+
+impl fmt::Display for Signature {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self.args.iter().map(|a| a.name()).collect();
+        write!(f, "forward({})", names.join(", "))
+    }
+}
+
+/// Where the forward's arguments come from when the file carries no record.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    pub forward_args: Option<(Vec<ForwardArg>, ArgsSource)>,
 }
 
 /// A TorchScript causal LM.
@@ -52,87 +129,139 @@ pub struct TorchScriptLm {
     vocab_size: i64,
     signature: Signature,
     output_form: OutputForm,
+    dtype: String,
+    record: Option<ExportRecord>,
 }
 
-/// Loads a TorchScript file in eval mode, with errors that name the file.
+/// Loads a TorchScript file in eval mode, with errors that name the file and say what it is
+/// when it is not TorchScript.
 pub fn load_module(path: &Path, device: Device) -> Result<CModule, ModelError> {
-    let display = path.display().to_string();
-    if !path.is_file() {
-        return Err(ModelError::Missing { path: display });
-    }
+    record::inspect(path)?;
+    open_module(path, device)
+}
+
+fn open_module(path: &Path, device: Device) -> Result<CModule, ModelError> {
     let mut module =
         CModule::load_on_device(path, device).map_err(|e| ModelError::NotTorchScript {
-            path: display,
+            path: path.display().to_string(),
             message: torch_message(&e.to_string()),
         })?;
     module.set_eval();
     Ok(module)
 }
 
-impl TorchScriptLm {
-    /// Loads the module and probes it once with a two-token input to learn its signature,
-    /// output form and vocabulary size.
-    pub fn load(path: &Path, device: Device) -> Result<Self, ModelError> {
-        let display = path.display().to_string();
-        let module = load_module(path, device)?;
+/// What the first call with a two-token input showed.
+struct FirstCall {
+    vocab_size: i64,
+    output_form: OutputForm,
+    kind: Kind,
+}
 
-        let ids = Tensor::f_from_slice(&[0i64, 0])?
-            .f_view([1, 2])?
-            .f_to_device(device)?;
-        let mask = ids.f_ones_like()?;
-        // A forward(input_ids, labels=None) model accepts two tensors too, and then returns a
-        // loss first: an output that is not logits means "try the next signature".
-        let mut tried = vec![];
-        let mut bad_output = None;
-        for signature in [Signature::InputIdsAttentionMask, Signature::InputIds] {
-            let out = match call(&module, signature, &ids, &mask) {
-                Ok(out) => out,
-                Err(e) => {
-                    tried.push(format!("{signature}: {}", torch_message(&e.to_string())));
-                    continue;
-                }
-            };
-            let found = match extract_logits(out) {
-                Ok((logits, output_form)) => {
-                    let size = logits.size();
-                    if size.len() == 3 && size[..2] == [1, 2] && logits.is_floating_point() {
-                        return Ok(Self {
-                            module,
-                            path: display,
-                            device,
-                            vocab_size: size[2],
-                            signature,
-                            output_form,
-                        });
+/// Why a call with probe inputs gave no logits.
+enum CallError {
+    Threw(String),
+    Output(String),
+}
+
+impl TorchScriptLm {
+    /// Loads the module and learns its signature (from the exporter's record, the options, or
+    /// probe calls, in that order), output form, vocabulary size and dtype.
+    pub fn load(path: &Path, device: Device, opts: &LoadOptions) -> Result<Self, ModelError> {
+        let display = path.display().to_string();
+        let record = match record::inspect(path)? {
+            FileKind::TorchScript(record) => record.map(|r| *r),
+            FileKind::Unknown => None,
+        };
+        let module = open_module(path, device)?;
+        let named = match (&record, &opts.forward_args) {
+            (Some(r), _) => Some((
+                record_args(r, &display)?,
+                ArgsSource::Record,
+                "named by the maskaudit-export record",
+            )),
+            (None, Some((args, ArgsSource::LossArgs))) => Some((
+                args.clone(),
+                ArgsSource::LossArgs,
+                "named by --loss-args (--loss-method forward)",
+            )),
+            (None, Some((args, source))) => {
+                Some((args.clone(), *source, "named by --forward-args"))
+            }
+            (None, None) => None,
+        };
+        let (signature, first) = match named {
+            Some((args, source, note)) => {
+                check_args(&args).map_err(|message| ModelError::ForwardArgs {
+                    path: display.clone(),
+                    message,
+                })?;
+                let first = first_call(&module, &args, device).map_err(|e| {
+                    let (CallError::Threw(m) | CallError::Output(m)) = e;
+                    ModelError::ForwardArgs {
+                        path: display.clone(),
+                        message: format!(
+                            "{} ({note}) fails: {m}",
+                            Signature {
+                                args: args.clone(),
+                                source,
+                                note: String::new()
+                            }
+                        ),
                     }
-                    format!(
-                        "a {:?} tensor of shape {size:?} for input_ids of shape [1, 2]",
-                        logits.kind()
-                    )
-                }
-                Err(found) => found,
-            };
-            tried.push(format!("{signature}: returned {found}"));
-            bad_output.get_or_insert(found);
+                })?;
+                let signature = Signature {
+                    args,
+                    source,
+                    note: note.to_string(),
+                };
+                (signature, first)
+            }
+            None => probe_signature(&module, device, &display)?,
+        };
+        if let Some(v) = record.as_ref().and_then(|r| r.vocab_size) {
+            if v != first.vocab_size {
+                return Err(ModelError::BadRecord {
+                    path: display,
+                    message: format!(
+                        "it says vocab_size {v} but the logits have {} entries",
+                        first.vocab_size
+                    ),
+                });
+            }
         }
-        Err(match bad_output {
-            Some(found) => ModelError::Output {
-                path: display,
-                found,
-            },
-            None => ModelError::Signature {
-                path: display,
-                tried: tried.join("; "),
-            },
+        let dtype = record
+            .as_ref()
+            .and_then(|r| r.dtype.clone())
+            .or_else(|| parameter_dtype(&module))
+            .unwrap_or_else(|| kind_name(first.kind).to_string());
+        Ok(Self {
+            module,
+            path: display,
+            device,
+            vocab_size: first.vocab_size,
+            signature,
+            output_form: first.output_form,
+            dtype,
+            record,
         })
     }
 
-    pub fn signature(&self) -> Signature {
-        self.signature
+    pub fn signature(&self) -> &Signature {
+        &self.signature
     }
 
     pub fn output_form(&self) -> OutputForm {
         self.output_form
+    }
+
+    /// The parameters' dtype (`float32`, `bfloat16`, …), as recorded or as found.
+    pub fn dtype(&self) -> &str {
+        &self.dtype
+    }
+
+    /// The exporter's record, when the file has one.
+    pub fn record(&self) -> Option<&ExportRecord> {
+        self.record.as_ref()
     }
 
     pub fn path(&self) -> &str {
@@ -145,18 +274,299 @@ impl TorchScriptLm {
     }
 }
 
+fn record_args(record: &ExportRecord, path: &str) -> Result<Vec<ForwardArg>, ModelError> {
+    record
+        .forward_args
+        .iter()
+        .map(|name| name.parse::<ForwardArg>())
+        .collect::<Result<_, _>>()
+        .map_err(|message| ModelError::BadRecord {
+            path: path.to_string(),
+            message,
+        })
+}
+
+/// input_ids first, each name once.
+fn check_args(args: &[ForwardArg]) -> Result<(), String> {
+    if args.first() != Some(&ForwardArg::InputIds) {
+        return Err("the forward's first argument must be input_ids".into());
+    }
+    for (i, a) in args.iter().enumerate() {
+        if args[..i].contains(a) {
+            return Err(format!("forward argument {a} is named twice"));
+        }
+    }
+    Ok(())
+}
+
+/// The forward's inputs for a batch, built from its ids and attention mask. Every tensor is a
+/// fresh copy: a forward that writes into its inputs cannot change maskaudit's.
+pub fn forward_inputs(
+    args: &[ForwardArg],
+    input_ids: &Tensor,
+    attention_mask: &Tensor,
+) -> Result<Vec<IValue>, tch::TchError> {
+    let copy = |t: &Tensor| -> Result<Tensor, tch::TchError> {
+        let mut out = t.f_empty_like()?;
+        out.f_copy_(t)?;
+        Ok(out)
+    };
+    args.iter()
+        .map(|arg| {
+            Ok(IValue::Tensor(match arg {
+                ForwardArg::InputIds => copy(input_ids)?,
+                ForwardArg::AttentionMask => copy(attention_mask)?,
+                ForwardArg::PositionIds => {
+                    let size = input_ids.size();
+                    Tensor::f_arange(size[1], (Kind::Int64, input_ids.device()))?
+                        .f_expand([size[0], size[1]], false)?
+                        .f_contiguous()?
+                }
+                ForwardArg::Labels => input_ids.f_masked_fill(&attention_mask.f_eq(0)?, -100)?,
+            }))
+        })
+        .collect()
+}
+
 fn call(
     module: &CModule,
-    signature: Signature,
-    ids: &Tensor,
-    mask: &Tensor,
+    args: &[ForwardArg],
+    input_ids: &Tensor,
+    second: &Tensor,
 ) -> Result<IValue, tch::TchError> {
-    match signature {
-        Signature::InputIdsAttentionMask => module.forward_is(&[
-            IValue::Tensor(ids.shallow_clone()),
-            IValue::Tensor(mask.shallow_clone()),
-        ]),
-        Signature::InputIds => module.forward_is(&[IValue::Tensor(ids.shallow_clone())]),
+    module.forward_is(&forward_inputs(args, input_ids, second)?)
+}
+
+/// One call with a two-token input: the vocabulary size and where the logits are.
+fn first_call(
+    module: &CModule,
+    args: &[ForwardArg],
+    device: Device,
+) -> Result<FirstCall, CallError> {
+    let threw = |e: tch::TchError| CallError::Threw(torch_message(&e.to_string()));
+    let ids = Tensor::f_zeros([1, 2], (Kind::Int64, device)).map_err(threw)?;
+    let mask = ids.f_ones_like().map_err(threw)?;
+    let out = call(module, args, &ids, &mask).map_err(threw)?;
+    let (logits, output_form) = extract_logits(out).map_err(CallError::Output)?;
+    let size = logits.size();
+    if size.len() == 3 && size[..2] == [1, 2] && logits.is_floating_point() {
+        Ok(FirstCall {
+            vocab_size: size[2],
+            output_form,
+            kind: logits.kind(),
+        })
+    } else {
+        Err(CallError::Output(format!(
+            "a {:?} tensor of shape {size:?} for input_ids of shape [1, 2]",
+            logits.kind()
+        )))
+    }
+}
+
+/// Tries `forward(input_ids, ·)`, `forward(input_ids)` and `forward(input_ids, ·, ·)`; a
+/// second tensor is identified by [`identify_second`], a third is never guessed.
+fn probe_signature(
+    module: &CModule,
+    device: Device,
+    path: &str,
+) -> Result<(Signature, FirstCall), ModelError> {
+    use ForwardArg::*;
+    let mut tried = vec![];
+    let mut bad_output = None;
+    for args in [
+        vec![InputIds, AttentionMask],
+        vec![InputIds],
+        vec![InputIds, AttentionMask, Labels],
+    ] {
+        let shape = format!("forward with {} tensor(s)", args.len());
+        match first_call(module, &args, device) {
+            Ok(first) => {
+                let signature = match args.len() {
+                    1 => Signature {
+                        args,
+                        source: ArgsSource::Probe,
+                        note: "the forward takes input_ids alone".into(),
+                    },
+                    2 => identify_second(module, device, &first, path)?,
+                    _ => {
+                        return Err(ModelError::ForwardArgs {
+                            path: path.to_string(),
+                            message: "the forward takes three tensors, which maskaudit does not guess: name them with --forward-args (e.g. input_ids,attention_mask,labels), or export the model with maskaudit-export".into(),
+                        })
+                    }
+                };
+                return Ok((signature, first));
+            }
+            Err(CallError::Threw(m)) => tried.push(format!("{shape}: {m}")),
+            Err(CallError::Output(found)) => {
+                tried.push(format!("{shape}: returned {found}"));
+                bad_output.get_or_insert(found);
+            }
+        }
+    }
+    // A forward that took the arguments and then failed says more than the arity mismatches.
+    let real: Vec<&String> = tried.iter().filter(|t| !is_arity_mismatch(t)).collect();
+    Err(match bad_output {
+        Some(found) => ModelError::Output {
+            path: path.to_string(),
+            found,
+        },
+        None if real.len() == 1 => ModelError::Signature {
+            path: path.to_string(),
+            tried: real[0].clone(),
+        },
+        None => ModelError::Signature {
+            path: path.to_string(),
+            tried: tried.join("; "),
+        },
+    })
+}
+
+/// TorchScript's complaints about the number of arguments, as opposed to a forward that ran
+/// and failed.
+fn is_arity_mismatch(message: &str) -> bool {
+    message.contains("argument(s) for operator 'forward'")
+        || message.contains("is missing value for argument")
+}
+
+/// Length of the probe row.
+const PROBE_LEN: i64 = 8;
+
+/// What a forward's second tensor is, from four calls on one row of [`PROBE_LEN`] tokens with
+/// the second tensor set to: ones (M), 0..L (P), [0, 1, 1, …] (Q) and 3..L+3 (S).
+/// - M = P: the tensor does not reach the logits. With a loss first in the output it is the
+///   labels; otherwise it is passed as the attention mask, which then cannot matter.
+/// - Q = P past position 0: only zero vs non-zero matters, as for an attention mask (a key
+///   with mask 0 is hidden; values 1, 2, … all show it).
+/// - S = P: shifting every value leaves the logits alone, while 0 vs 1 matters: relative
+///   position ids (rotary embeddings).
+/// - Otherwise (absolute position ids among them: GPT-2's learned positions) maskaudit cannot
+///   tell, and says how to name it: treating position ids as a mask puts every token at
+///   position 1, and the losses are wrong without a sign.
+fn identify_second(
+    module: &CModule,
+    device: Device,
+    first: &FirstCall,
+    path: &str,
+) -> Result<Signature, ModelError> {
+    use ForwardArg::*;
+    let run = |second: &Tensor| -> Result<Tensor, ModelError> {
+        let ids = (Tensor::f_arange(PROBE_LEN, (Kind::Int64, device))?.f_mul_scalar(7)? + 3)
+            .f_remainder(first.vocab_size)?
+            .f_view([1, PROBE_LEN])?;
+        let out = call(module, &[InputIds, AttentionMask], &ids, second).map_err(|e| {
+            ModelError::ForwardArgs {
+                path: path.to_string(),
+                message: format!(
+                    "probing what the forward's second tensor is, the forward failed: {}; name it with --forward-args",
+                    torch_message(&e.to_string())
+                ),
+            }
+        })?;
+        let (logits, _) = extract_logits(out).map_err(|found| ModelError::Output {
+            path: path.to_string(),
+            found,
+        })?;
+        Ok(logits.f_to_kind(Kind::Double)?)
+    };
+    let row = |values: Tensor| -> Result<Tensor, tch::TchError> { values.f_view([1, PROBE_LEN]) };
+    let arange = Tensor::f_arange(PROBE_LEN, (Kind::Int64, device))?;
+    let tol = logit_tolerance(first.kind);
+    let m = run(&row(arange.f_ones_like()?)?)?;
+    let p = run(&row(arange.shallow_clone())?)?;
+    let signature = |second: ForwardArg, note: &str| Signature {
+        args: vec![InputIds, second],
+        source: ArgsSource::Probe,
+        note: note.to_string(),
+    };
+    if relative_difference(&m, &p, None)? <= tol {
+        return Ok(if first.output_form == OutputForm::LossThenLogits {
+            signature(
+                Labels,
+                "probed: the second tensor does not change the logits, and the output starts with a loss: labels",
+            )
+        } else {
+            signature(
+                AttentionMask,
+                "probed: the second tensor does not change the logits; passed as the attention mask",
+            )
+        });
+    }
+    let q = run(&row(arange.f_clamp_max(1)?)?)?;
+    let past_first = |t: &Tensor| t.f_narrow(1, 1, PROBE_LEN - 1);
+    if relative_difference(&past_first(&q)?, &past_first(&p)?, None)? <= tol {
+        return Ok(signature(
+            AttentionMask,
+            "probed: only zero vs non-zero in the second tensor changes the logits: an attention mask",
+        ));
+    }
+    let s = run(&row(arange.f_add_scalar(3)?)?)?;
+    if relative_difference(&s, &p, None)? <= tol {
+        return Ok(signature(
+            PositionIds,
+            "probed: shifting the second tensor's values leaves the logits unchanged, 0 vs 1 does not: relative position ids",
+        ));
+    }
+    Err(ModelError::ForwardArgs {
+        path: path.to_string(),
+        message: "the forward's second tensor behaves neither as an attention mask nor as relative position ids, and a wrong guess gives wrong losses without a sign: name it with --forward-args input_ids,attention_mask or --forward-args input_ids,position_ids (or export the model with maskaudit-export)".into(),
+    })
+}
+
+/// Relative tolerance on logits for calls that should agree: batched and single-row matrix
+/// products round differently, more so in half precision.
+pub fn logit_tolerance(kind: Kind) -> f64 {
+    match kind {
+        Kind::Half | Kind::BFloat16 => 3e-2,
+        _ => 1e-4,
+    }
+}
+
+/// max |a − b| / max |a| over the positions where `keep` (`[B, T]`, bool) is true, or all of
+/// them; infinite when either holds a NaN or an infinity there.
+pub fn relative_difference(
+    a: &Tensor,
+    b: &Tensor,
+    keep: Option<&Tensor>,
+) -> Result<f64, tch::TchError> {
+    let (a, b) = match keep {
+        Some(keep) => (a.f_index(&[Some(keep)])?, b.f_index(&[Some(keep)])?),
+        None => (a.shallow_clone(), b.shallow_clone()),
+    };
+    if a.numel() == 0 {
+        return Ok(0.0);
+    }
+    let a = a.f_to_kind(Kind::Double)?;
+    let b = b.f_to_kind(Kind::Double)?;
+    let diff = f64::try_from(a.f_sub(&b)?.f_abs()?.f_max()?)?;
+    let scale = f64::try_from(a.f_abs()?.f_max()?)?.max(1e-6);
+    Ok(if diff.is_finite() && scale.is_finite() {
+        diff / scale
+    } else {
+        f64::INFINITY
+    })
+}
+
+/// The dtype of the module's first floating-point parameter.
+fn parameter_dtype(module: &CModule) -> Option<String> {
+    let params = module.named_parameters().ok()?;
+    params
+        .iter()
+        .find(|(_, t)| t.is_floating_point())
+        .map(|(_, t)| kind_name(t.kind()).to_string())
+}
+
+/// PyTorch's name for a dtype.
+pub fn kind_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Float => "float32",
+        Kind::Double => "float64",
+        Kind::Half => "float16",
+        Kind::BFloat16 => "bfloat16",
+        Kind::Int64 => "int64",
+        Kind::Int => "int32",
+        Kind::Bool => "bool",
+        _ => "other",
     }
 }
 
@@ -164,14 +574,23 @@ fn call(
 pub fn extract_logits(out: IValue) -> Result<(Tensor, OutputForm), String> {
     match out {
         IValue::Tensor(t) => Ok((t, OutputForm::Tensor)),
-        IValue::Tuple(items) | IValue::GenericList(items) => match items.into_iter().next() {
-            Some(IValue::Tensor(t)) => Ok((t, OutputForm::TupleFirst)),
-            Some(other) => Err(format!(
-                "a tuple whose first element is {}",
-                describe(&other)
-            )),
-            None => Err("an empty tuple".into()),
-        },
+        IValue::Tuple(items) | IValue::GenericList(items) => {
+            let mut items = items.into_iter();
+            match (items.next(), items.next()) {
+                // A one-element first tensor followed by a [B, T, V] one: (loss, logits, …).
+                (Some(IValue::Tensor(loss)), Some(IValue::Tensor(t)))
+                    if loss.numel() == 1 && t.dim() == 3 =>
+                {
+                    Ok((t, OutputForm::LossThenLogits))
+                }
+                (Some(IValue::Tensor(t)), _) => Ok((t, OutputForm::TupleFirst)),
+                (Some(other), _) => Err(format!(
+                    "a tuple whose first element is {}",
+                    describe(&other)
+                )),
+                (None, _) => Err("an empty tuple".into()),
+            }
+        }
         IValue::TensorList(items) => items
             .into_iter()
             .next()
@@ -230,7 +649,12 @@ impl LanguageModel for TorchScriptLm {
     }
 
     fn logits(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor, ModelError> {
-        let out = call(&self.module, self.signature, input_ids, attention_mask)?;
+        let out = call(
+            &self.module,
+            &self.signature.args,
+            input_ids,
+            attention_mask,
+        )?;
         let (logits, _) = extract_logits(out).map_err(|found| ModelError::Output {
             path: self.path.clone(),
             found,

@@ -50,18 +50,28 @@ pub fn write<W: Write>(out: &mut W, report: &Report) -> std::io::Result<()> {
     let m = &report.model;
     writeln!(out, "maskaudit check: {} on {}", m.path, d.path)?;
     writeln!(out)?;
-    let padding = d
-        .padding_fraction
-        .map(|p| format!("{:.2}%", p * 100.0))
-        .unwrap_or_else(|| "n/a".into());
+    let share = |n: u64| {
+        if d.positions == 0 {
+            "n/a".to_string()
+        } else {
+            format!("{:.2}%", n as f64 / d.positions as f64 * 100.0)
+        }
+    };
     let pad = d
         .pad_id
         .map(|p| format!(", padded with id {p}"))
         .unwrap_or_default();
     writeln!(
         out,
-        "  data   {} rows in {} batches of up to {}{pad}; {} next-token positions, {} trained; padding {padding}; mask from {}",
-        d.rows, d.batches, d.batch_size, d.positions, d.supervised_positions, d.mask_source
+        "  data   {} rows in {} batches of up to {}{pad}; {} next-token positions, {} trained; padding {}, untrained tokens {}; mask from {}",
+        d.rows,
+        d.batches,
+        d.batch_size,
+        d.positions,
+        d.supervised_positions,
+        share(d.padding_positions),
+        share(d.untrained_token_positions),
+        d.mask_source
     )?;
     if let Some(l) = report.statistics.length {
         writeln!(
@@ -70,11 +80,49 @@ pub fn write<W: Write>(out: &mut W, report: &Report) -> std::io::Result<()> {
             l.min, l.median, l.p95, l.max, report.statistics.rows_without_trained_target
         )?;
     }
+    let arch = m
+        .architecture
+        .as_deref()
+        .map(|a| format!("{a}, "))
+        .unwrap_or_default();
     writeln!(
         out,
-        "  model  vocabulary {} on {}; {} returns logits as {}",
-        m.vocab_size, m.device, m.signature, m.output
+        "  model  {arch}{}, vocabulary {} on {}; {} returns logits as {}",
+        m.dtype,
+        m.vocab_size,
+        m.device,
+        forward_display(&m.forward_args),
+        m.output
     )?;
+    writeln!(out, "         arguments {}", m.forward_args_note)?;
+    let c = &m.consistency;
+    if c.ran {
+        let note = if c.note.is_empty() {
+            String::new()
+        } else {
+            format!("; {}", c.note)
+        };
+        if c.passed() {
+            writeln!(
+                out,
+                "         consistency: logits at real tokens unchanged (within {:.0e}) with padding appended and rows alone, up to {} positions{note}",
+                c.tolerance, c.longest_length
+            )?;
+        } else {
+            let show = |d: Option<f64>| {
+                d.map(|d| format!("{d:.1e}"))
+                    .unwrap_or_else(|| "not run".into())
+            };
+            writeln!(
+                out,
+                "         consistency: FAILED: logits at real tokens moved by {} with padding appended, {} with rows alone (tolerance {:.0e}), up to {} positions{note}",
+                show(c.padding_difference),
+                show(c.row_difference),
+                c.tolerance,
+                c.longest_length
+            )?;
+        }
+    }
     writeln!(out)?;
 
     let reference = report.losses.masked_token_mean;
@@ -113,6 +161,11 @@ pub fn write<W: Write>(out: &mut W, report: &Report) -> std::io::Result<()> {
     }
     write_findings(out, &report.findings)?;
     write_verdict(out, report.verdict)
+}
+
+fn forward_display(args: &[crate::model::ForwardArg]) -> String {
+    let names: Vec<&str> = args.iter().map(|a| a.name()).collect();
+    format!("forward({})", names.join(", "))
 }
 
 fn write_user_loss<W: Write>(out: &mut W, user: &UserLossReport) -> std::io::Result<()> {
