@@ -13,6 +13,7 @@ use maskaudit::lint::LintOptions;
 use maskaudit::lint_command::{self, LintCommandOptions};
 use maskaudit::output;
 use maskaudit::report::Verdict;
+use maskaudit::steps::StepConfig;
 use maskaudit::tokenizer::HfTokenizer;
 use maskaudit::view::{self, Ids, TokenText, ViewOptions};
 
@@ -58,6 +59,11 @@ fn check(args: CheckArgs) -> Result<ExitCode> {
         loss: args.user_loss.options(),
         forward_args: (!args.forward_args.is_empty()).then(|| args.forward_args.clone()),
         model_probe: !args.no_model_probe,
+        steps: (args.accum.is_some() || args.world_size.is_some()).then(|| StepConfig {
+            accum: args.accum.unwrap_or(1) as usize,
+            world_size: args.world_size.unwrap_or(1) as usize,
+            drop_last: args.drop_last,
+        }),
     };
     let progress = progress_bar(args.output.quiet);
     // The model's and the loss's own prints go to stderr, not into the report.

@@ -11,6 +11,7 @@ use crate::findings::{Finding, Severity};
 use crate::lint::LintStats;
 use crate::model::consistency::Consistency;
 use crate::model::{ArgsSource, ForwardArg, OutputForm};
+use crate::steps::StepReport;
 use crate::userloss::UserLossReport;
 
 /// Bumped when a key changes meaning or disappears; new keys may appear within a version.
@@ -91,6 +92,8 @@ pub struct Report {
     pub contamination: Option<Contamination>,
     /// The audit of the user's loss; null without `--loss`/`--loss-method`.
     pub user_loss: Option<UserLossReport>,
+    /// The optimizer-step simulation; null without --accum/--world-size.
+    pub steps: Option<StepReport>,
     pub findings: Vec<Finding>,
     pub verdict: Verdict,
 }
