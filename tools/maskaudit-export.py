@@ -4,6 +4,7 @@ verified against the eager model.
 
     maskaudit-export MODEL_DIR model.pt [--dtype float32|bfloat16|float16] [--trace-length N]
                      [--tolerance X] [--max-verify-length N]
+                     [--no-substitutes]
 
 (`make export MODEL=dir OUT=model.pt [DTYPE=...]` runs it with the set-up's Python.)
 
@@ -11,7 +12,9 @@ MODEL_DIR is anything `AutoModelForCausalLM.from_pretrained(MODEL_DIR, local_fil
 loads; the hub is never contacted. The model is loaded in eval mode, in the dtype asked, with
 eager attention, and a wrapper whose `forward(input_ids, attention_mask)` returns the logits
 tensor [B, T, V] is traced (`use_cache=False`, keyword arguments into the model) on a batch of
-two rows, one right-padded, so the trace does not bake in the no-padding case.
+two rows, one right-padded, so the trace does not bake in the no-padding case. Modules that
+trace into something TorchScript cannot save get a stand-in computing the same formula for the
+trace only (Bloom's GeLU, an autograd.Function; --no-substitutes turns that off).
 
 Verification, printed one line per case: the saved archive is loaded back and run next to the
 eager model on right-padded batches of 3 rows at lengths below, at and past the trace length,
@@ -44,6 +47,8 @@ in the zip, `<archive name>/extra/maskaudit.json`), a JSON object:
     trace_length             the padded length of the example batch that was traced
     verified_lengths         the sequence lengths checked against eager, ascending
     max_relative_difference  the largest difference over every check (definition above)
+    max_relative_difference_padding  the same at padding (attention_mask = 0) positions;
+                             not checked against the tolerance (a note is printed above it)
     tolerance                the tolerance the checks passed
     exporter                 "maskaudit-export 1"
     torch_version            torch.__version__ of the export
@@ -51,6 +56,7 @@ in the zip, `<archive name>/extra/maskaudit.json`), a JSON object:
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -91,6 +97,35 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
     if len(line) > limit:
         line = line[: limit - 3] + "..."
     return f"{type(exc).__name__}: {line}"
+
+
+class BloomGeluTraceable(nn.Module):
+    """Bloom's GeLU without its torch.autograd.Function (which TorchScript cannot save): the
+    same formula as transformers' bloom_gelu_forward, which that Function's forward calls."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+
+
+# Modules (by class name) that trace into something TorchScript cannot save, and a traceable
+# module computing the same thing. Swapped in for tracing only; verification runs the original.
+TRACEABLE_SUBSTITUTES = {"BloomGelu": BloomGeluTraceable}
+
+
+@contextlib.contextmanager
+def traceable_substitutes(model: nn.Module):
+    swapped = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            substitute = TRACEABLE_SUBSTITUTES.get(type(child).__name__)
+            if substitute is not None:
+                setattr(parent, name, substitute())
+                swapped.append((parent, name, child))
+    try:
+        yield [type(child).__name__ for _, _, child in swapped]
+    finally:
+        for parent, name, child in swapped:
+            setattr(parent, name, child)
 
 
 class LogitsOnly(nn.Module):
@@ -203,11 +238,6 @@ class Exporter:
         self.config = config
         architecture = (getattr(config, "architectures", None) or [type(model).__name__])[0]
         model_type = getattr(config, "model_type", None)
-        if model_type == "bloom":
-            raise ExportError(
-                f"{model_dir}: Bloom cannot be exported: its GeLU (a torch.autograd.Function) "
-                "cannot be saved in TorchScript"
-            )
         vocab = config_int(config, "vocab_size") or 2
         max_pos = config_int(config, "max_position_embeddings")
         window = config_int(config, "sliding_window")
@@ -222,8 +252,12 @@ class Exporter:
             f"maskaudit-export: {architecture} ({model_type}) from {model_dir}, {self.dtype_name}, "
             f"traced at length {trace_len} (2 rows, one right-padded)"
         )
-        with warnings.catch_warnings(), torch.no_grad():
+        substitutes = traceable_substitutes(model) if args.substitutes else contextlib.nullcontext([])
+        with warnings.catch_warnings(), torch.no_grad(), substitutes as swapped:
             warnings.simplefilter("ignore")
+            if swapped:
+                self.say(f"  traced with {sorted(set(swapped))} replaced by the same formula "
+                         "in plain tensor operations")
             try:
                 traced = torch.jit.trace(wrapper, example, strict=False, check_trace=False)
             except Exception as exc:  # noqa: BLE001
@@ -252,6 +286,36 @@ class Exporter:
         with torch.no_grad():
             return self.wrapper(ids, mask)
 
+    def check_causal(self, loaded, architecture, vocab, length) -> None:
+        """A next-token loss is meaningless if the logits at t see token t+1 (a bidirectional
+        encoder loaded as a causal LM), or if one row's logits depend on another row."""
+        rows = padded_rows(length)
+        ids, mask = make_batch(rows, vocab, self.gen)
+        k = length // 2
+        changed = ids.clone()
+        changed[0, k] = changed[0, k] % (vocab - 1) + 1
+        with torch.no_grad():
+            before = loaded(ids, mask).float()
+            after = loaded(changed, mask).float()
+        scale = float(before[mask.bool()].abs().max().clamp_min(1e-12))
+        earlier = float((after[0, :k] - before[0, :k]).abs().max()) / scale
+        others = float((after[1:] - before[1:]).abs().max()) / scale
+        self.say(f"  causal: changing token {k} of row 0 moves the logits before it by "
+                 f"{earlier:.2e} and the other rows by {others:.2e}")
+        # Exactly 0 in a causal model: the masked attention weights are exactly 0.
+        limit = min(self.tolerance, 1e-6)
+        if not earlier <= limit:
+            raise ExportError(
+                f"{architecture}: not causal: the logits at positions before a changed token "
+                f"move by {earlier:.2e} (a bidirectional model?); a next-token loss over it "
+                "is meaningless; not written"
+            )
+        if not others <= limit:
+            raise ExportError(
+                f"{architecture}: rows are not independent: changing one row moves the "
+                f"logits of the others by {others:.2e}; not written"
+            )
+
     def save_verify_rename(self, traced, tmp, out, architecture, model_type, vocab, vocab_out,
                            max_pos, window, trace_len, logits_dtype, tf_version) -> None:
         # Save, then verify what was saved: the file the user gets is the one checked.
@@ -259,7 +323,10 @@ class Exporter:
             torch.jit.save(traced, str(tmp))
             loaded = torch.jit.load(str(tmp))
         except Exception as exc:  # noqa: BLE001
-            raise ExportError(f"{architecture}: the trace cannot be saved in TorchScript: "
+            hint = ""
+            if "Could not export Python function" in str(exc):
+                hint = " (the model calls a torch.autograd.Function or other Python code)"
+            raise ExportError(f"{architecture}: the trace cannot be saved in TorchScript{hint}: "
                               f"{first_line(exc)}")
         loaded.eval()
 
@@ -283,7 +350,7 @@ class Exporter:
         cases.append((trace_len, [trace_len, trace_len]))  # no padding at all
 
         verified: List[int] = []
-        worst = 0.0
+        worst = worst_pad = 0.0
         length_limit = None
         failures = []
         for n, rows in cases:
@@ -324,6 +391,13 @@ class Exporter:
             verified.append(n)
             ok = diff <= self.tolerance
             line = f"  {what}: max relative logit difference {diff:.2e}"
+            if not mask.bool().all():
+                # Not a failure (only real positions are trained), but maskaudit's
+                # all_positions_mean reads the padding's logits too.
+                at_pad = relative_difference(want, got, mask.eq(0))
+                worst_pad = max(worst_pad, at_pad)
+                if at_pad > self.tolerance:
+                    line += f" (at padding: {at_pad:.2e})"
             if note:
                 line += f"  ({note})"
             if not ok:
@@ -332,6 +406,8 @@ class Exporter:
             self.say(line)
         for line in skipped:
             self.say(f"  {line}")
+        if not failures:
+            self.check_causal(loaded, architecture, vocab, trace_len)
         if failures:
             n, rows, diff, note = max(failures, key=lambda f: f[2])
             hint = ""
@@ -362,6 +438,7 @@ class Exporter:
             "trace_length": trace_len,
             "verified_lengths": sorted(set(verified)),
             "max_relative_difference": worst,
+            "max_relative_difference_padding": worst_pad,
             "tolerance": self.tolerance,
             "exporter": EXPORTER,
             "torch_version": torch.__version__,
@@ -399,6 +476,8 @@ def parse_args(argv):
                    "(default 1e-4 for float32, 2e-2 for bfloat16/float16)")
     p.add_argument("--max-verify-length", type=int, default=4096,
                    help="longest length run in verification (default 4096)")
+    p.add_argument("--no-substitutes", dest="substitutes", action="store_false",
+                   help="trace every module as it is (no traceable stand-in for Bloom's GeLU)")
     return p.parse_args(argv)
 
 
