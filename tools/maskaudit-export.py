@@ -14,19 +14,23 @@ eager attention, and a wrapper whose `forward(input_ids, attention_mask)` return
 tensor [B, T, V] is traced (`use_cache=False`, keyword arguments into the model) on a batch of
 two rows, one right-padded, so the trace does not bake in the no-padding case. Modules that
 trace into something TorchScript cannot save get a stand-in computing the same formula for the
-trace only (Bloom's GeLU, an autograd.Function; --no-substitutes turns that off).
+trace only: Bloom's GeLU (an autograd.Function), rotary embeddings with dynamic NTK scaling
+(whose frequencies transformers picks in Python per call); --no-substitutes turns that off.
 
 Verification, printed one line per case: the saved archive is loaded back and run next to the
 eager model on right-padded batches of 3 rows at lengths below, at and past the trace length,
-past `sliding_window` where the config has one, and past `max_position_embeddings` where it has
-one (up to --max-verify-length). A model whose eager forward itself fails past its
-`max_position_embeddings` (learned position embeddings: GPT-2, OPT) has that length recorded as
-its limit, not counted as a failure. A batch of 1 row and an unpadded batch are checked too.
-The difference at one length is max |traced - eager| / max |eager| over the logits at real
-(attention_mask = 1) positions. Any case above the tolerance (default 1e-4 for float32, 2e-2
-for bfloat16 and float16) fails the export: one line on stderr, exit status 1, no file
-written (the archive is written to a temporary file beside OUT and renamed only when every
-check passed). Bad input (no model directory, no config.json, not a causal LM) exits with 2.
+past `sliding_window`, `original_max_position_embeddings` (scaled RoPE) and
+`max_position_embeddings` where the config has them (up to --max-verify-length). A model whose
+eager forward itself fails past its `max_position_embeddings` (learned position embeddings:
+GPT-2, OPT) has that length recorded as its limit, not counted as a failure. A batch of 1 row
+and an unpadded batch are checked too. The difference at one length is
+max |traced - eager| / max |eager| over the logits at real (attention_mask = 1) positions.
+Then causality: changing one token must leave the logits before it, and the other rows'
+logits, exactly as they were (a bidirectional model fails here). A difference above the
+tolerance (default 1e-4 for float32, 2e-2 for bfloat16 and float16) fails the export: one
+line on stderr, exit status 1, no file written (the archive is written to a temporary file
+beside OUT and renamed only when every check passed). Bad input (no model directory, no
+config.json, not a causal LM) exits with 2.
 
 The record: the archive holds `extra/maskaudit.json` (`torch.jit.save(..., _extra_files=...)`;
 in the zip, `<archive name>/extra/maskaudit.json`), a JSON object:
@@ -107,9 +111,53 @@ class BloomGeluTraceable(nn.Module):
         return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
 
 
-# Modules (by class name) that trace into something TorchScript cannot save, and a traceable
-# module computing the same thing. Swapped in for tracing only; verification runs the original.
-TRACEABLE_SUBSTITUTES = {"BloomGelu": BloomGeluTraceable}
+def has_dynamic_rope(module: nn.Module) -> bool:
+    rope_type = getattr(module, "rope_type", None)
+    types = rope_type.values() if isinstance(rope_type, dict) else [rope_type]
+    plain = getattr(type(module).forward, "__wrapped__", None)
+    return plain is not None and any(isinstance(t, str) and "dynamic" in t for t in types)
+
+
+class DynamicRopeTraceable(nn.Module):
+    """A rotary embedding with dynamic NTK scaling whose frequencies are computed, in tensor
+    operations, from the length of each call. transformers picks them in Python (`if seq_len >
+    max_seq_len_cached`) and keeps them in a buffer, so a trace would keep the traced length's
+    frequencies at every length. This calls the same frequency function (it accepts a tensor
+    length) and the module's own undecorated forward with them."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.plain_forward = type(inner).forward.__wrapped__
+
+    def forward(self, x: Tensor, position_ids: Tensor, layer_type=None):
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        inner = self.inner
+        kwargs = {} if layer_type is None else {"layer_type": layer_type}
+        rope_type = inner.rope_type if layer_type is None else inner.rope_type[layer_type]
+        if "dynamic" not in rope_type:
+            return inner(x, position_ids, **kwargs)
+        seq_len = torch.max(position_ids) + 1
+        inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](
+            inner.config, x.device, seq_len=seq_len, layer_type=layer_type
+        )
+        name = "inv_freq" if layer_type is None else f"{layer_type}_inv_freq"
+        kept = getattr(inner, name)
+        setattr(inner, name, inv_freq)
+        try:
+            return self.plain_forward(inner, x, position_ids, **kwargs)
+        finally:
+            setattr(inner, name, kept)
+
+
+# Modules that trace into something TorchScript cannot save or into a wrong graph: (which, a
+# stand-in computing the same thing). Swapped in for tracing only; verification runs the
+# original model.
+TRACEABLE_SUBSTITUTES = [
+    (lambda m: type(m).__name__ == "BloomGelu", lambda m: BloomGeluTraceable()),
+    (has_dynamic_rope, DynamicRopeTraceable),
+]
 
 
 @contextlib.contextmanager
@@ -117,10 +165,11 @@ def traceable_substitutes(model: nn.Module):
     swapped = []
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            substitute = TRACEABLE_SUBSTITUTES.get(type(child).__name__)
-            if substitute is not None:
-                setattr(parent, name, substitute())
-                swapped.append((parent, name, child))
+            for which, stand_in in TRACEABLE_SUBSTITUTES:
+                if which(child):
+                    setattr(parent, name, stand_in(child))
+                    swapped.append((parent, name, child))
+                    break
     try:
         yield [type(child).__name__ for _, _, child in swapped]
     finally:
@@ -184,6 +233,18 @@ def config_int(config, name: str) -> Optional[int]:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         return None
     return value
+
+
+def original_max_positions(config) -> Optional[int]:
+    """The pre-training length of a RoPE scaled past it (longrope, yarn, llama3), if given."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    candidates = [config_int(config, "original_max_position_embeddings")]
+    if isinstance(rope, dict):
+        value = rope.get("original_max_position_embeddings")
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            candidates.append(value)
+    found = [c for c in candidates if c is not None]
+    return min(found) if found else None
 
 
 def make_batch(lengths: List[int], vocab: int, gen: torch.Generator):
@@ -252,12 +313,14 @@ class Exporter:
             f"maskaudit-export: {architecture} ({model_type}) from {model_dir}, {self.dtype_name}, "
             f"traced at length {trace_len} (2 rows, one right-padded)"
         )
-        substitutes = traceable_substitutes(model) if args.substitutes else contextlib.nullcontext([])
+        substitutes = (
+            traceable_substitutes(model) if args.substitutes else contextlib.nullcontext([])
+        )
         with warnings.catch_warnings(), torch.no_grad(), substitutes as swapped:
             warnings.simplefilter("ignore")
             if swapped:
-                self.say(f"  traced with {sorted(set(swapped))} replaced by the same formula "
-                         "in plain tensor operations")
+                self.say(f"  traced with {', '.join(sorted(set(swapped)))} replaced by a stand-in "
+                         "computing the same in tensor operations")
             try:
                 traced = torch.jit.trace(wrapper, example, strict=False, check_trace=False)
             except Exception as exc:  # noqa: BLE001
@@ -332,6 +395,10 @@ class Exporter:
 
         lengths = {max(2, trace_len // 2), trace_len, 2 * trace_len + 3}
         reasons = {}
+        original = original_max_positions(self.config)
+        if original is not None and original + 8 <= self.args.max_verify_length:
+            lengths.add(original + 8)
+            reasons[original + 8] = f"past original_max_position_embeddings ({original})"
         if window is not None and window + 8 <= self.args.max_verify_length:
             lengths.add(window + 8)
             reasons[window + 8] = f"past sliding_window ({window})"
@@ -477,7 +544,8 @@ def parse_args(argv):
     p.add_argument("--max-verify-length", type=int, default=4096,
                    help="longest length run in verification (default 4096)")
     p.add_argument("--no-substitutes", dest="substitutes", action="store_false",
-                   help="trace every module as it is (no traceable stand-in for Bloom's GeLU)")
+                   help="trace every module as it is "
+                   "(no stand-in for Bloom's GeLU or dynamic RoPE)")
     return p.parse_args(argv)
 
 

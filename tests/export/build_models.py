@@ -29,8 +29,9 @@ Deliberately wrong traces, without a record, for the signature tests (from the L
     target/hf-models/llama_3arg.pt     forward(input_ids, attention_mask, labels) -> (loss, logits)
 
 It also checks the exporter's failures (no directory, no config.json, not a causal LM, a
-bidirectional model, a trace that cannot be saved, a trace that fails verification: exit
-status, one stderr line, no file).
+bidirectional model, and with --no-substitutes a trace that cannot be saved (Bloom) and one
+that fails verification (dynamic RoPE): exit status, one stderr line, no file), and that
+those two export with the stand-ins.
 Ends with `export: N passed, M failed` and exits non-zero on any failure. Skipped when
 target/hf-models/.stamp matches the hash of this script, the exporter and the library versions.
 """
@@ -463,9 +464,14 @@ def main() -> int:
         # Larger weights than the default init, so attention (and so RoPE) matters.
         hf = build("llama", dict(COMMON, num_hidden_layers=1, initializer_range=0.3,
                                  rope_scaling={"rope_type": "dynamic", "factor": 4.0}))
-        return fails([str(hf), str(scratch / "m.pt")], 1, "dynamic RoPE")
+        note = fails([str(hf), str(scratch / "m.pt"), "--no-substitutes"], 1, "dynamic RoPE")
+        code, stdout, stderr = run_exporter(exporter, [str(hf), str(scratch / "dyn.pt")])
+        assert code == 0, stderr
+        assert "past max_position_embeddings" in stdout, stdout
+        (scratch / "dyn.pt").unlink()
+        return note + " (exported with the stand-in)"
 
-    checks.run("fails: dynamic RoPE past max_position_embeddings", dynamic_rope)
+    checks.run("fails: dynamic RoPE without the stand-in", dynamic_rope)
 
     shutil.rmtree(tmp_root, ignore_errors=True)
     elapsed = time.monotonic() - started
