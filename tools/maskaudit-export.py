@@ -63,6 +63,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import warnings
@@ -70,8 +71,8 @@ from pathlib import Path
 from typing import List, Optional
 
 # Never the hub: set before transformers is imported.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
@@ -206,7 +207,15 @@ def load_model(model_dir: Path, dtype: torch.dtype):
     try:
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     except Exception as exc:  # noqa: BLE001: every failure becomes one line
-        raise ExportError(f"{model_dir}/config.json: cannot read it: {first_line(exc)}", 2)
+        hint = ""
+        try:
+            if "auto_map" in json.loads((model_dir / "config.json").read_text()):
+                hint = " (a model with its own code, auto_map: not run; trust_remote_code is off)"
+        except (OSError, ValueError):
+            pass
+        raise ExportError(
+            f"{model_dir}/config.json: cannot read it{hint}: {first_line(exc)}", 2
+        )
     try:
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, local_files_only=True, dtype=dtype, attn_implementation="eager"
@@ -333,17 +342,16 @@ class Exporter:
             raise ExportError(f"{architecture}: the trace does not return logits [B, T, V]")
         vocab_out = int(probe.shape[-1])
 
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-        os.close(fd)
-        tmp = Path(tmp_name)
+        # A temporary folder beside OUT holding a file of OUT's name: the archive's inner
+        # folder (named after the file by torch.jit.save) is then OUT's stem, as usual.
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
         try:
             self.save_verify_rename(
-                traced, tmp, out, architecture, model_type, vocab, vocab_out, max_pos, window,
-                trace_len, probe.dtype, transformers.__version__,
+                traced, tmp_dir / out.name, out, architecture, model_type, vocab, vocab_out,
+                max_pos, window, trace_len, probe.dtype, transformers.__version__,
             )
         finally:
-            if tmp.exists():
-                tmp.unlink()
+            shutil.rmtree(tmp_dir, ignore_errors=True)
 
     def eager(self, ids: Tensor, mask: Tensor) -> Tensor:
         with torch.no_grad():

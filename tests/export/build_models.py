@@ -129,7 +129,8 @@ def run_exporter(exporter, argv: List[str]):
 def read_record(path: Path) -> dict:
     with zipfile.ZipFile(path) as z:
         names = [n for n in z.namelist() if n.endswith("/extra/maskaudit.json")]
-        assert len(names) == 1, f"{path}: no extra/maskaudit.json in {z.namelist()[:5]}..."
+        # torch.jit.save names the archive's folder after the file: <stem>/extra/maskaudit.json
+        assert names == [f"{path.stem}/extra/maskaudit.json"], f"{path}: {names}"
         return json.loads(z.read(names[0]))
 
 
