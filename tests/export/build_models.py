@@ -94,13 +94,13 @@ ARCHS: Dict[str, dict] = {
 
 
 def stamp_text() -> str:
-    import torch
-    import transformers
+    # Package metadata, not imports: the up-to-date check stays well under a second.
+    from importlib.metadata import version
 
     h = hashlib.sha256()
     for path in (Path(__file__), EXPORTER):
         h.update(path.read_bytes())
-    return f"{h.hexdigest()} torch {torch.__version__} transformers {transformers.__version__}\n"
+    return f"{h.hexdigest()} torch {version('torch')} transformers {version('transformers')}\n"
 
 
 def expected_files() -> List[Path]:
