@@ -91,13 +91,29 @@ fn analytic(kind: &str, batch: &[RowWeights]) -> Vec<f64> {
 fn recovered_weights_match_the_analytic_ones_for_every_fixture_loss() {
     let cases = [
         ("correct_labels", "logits,labels", "token_mean"),
-        ("correct_shifted", "shift_logits,targets,loss_mask", "token_mean"),
-        ("reduce_then_mask", "shift_logits,targets,loss_mask", "all_positions"),
+        (
+            "correct_shifted",
+            "shift_logits,targets,loss_mask",
+            "token_mean",
+        ),
+        (
+            "reduce_then_mask",
+            "shift_logits,targets,loss_mask",
+            "all_positions",
+        ),
         ("pad_not_ignored", "logits,input_ids", "all_positions"),
         ("mask_numel", "shift_logits,targets,loss_mask", "mask_numel"),
-        ("sequence_mean", "shift_logits,targets,loss_mask", "sequence_mean"),
+        (
+            "sequence_mean",
+            "shift_logits,targets,loss_mask",
+            "sequence_mean",
+        ),
         ("masked_sum", "shift_logits,targets,loss_mask", "sum"),
-        ("scaled_wrong", "shift_logits,targets,loss_mask", "scaled_token_mean"),
+        (
+            "scaled_wrong",
+            "shift_logits,targets,loss_mask",
+            "scaled_token_mean",
+        ),
         ("logits_leak", "logits,labels", "token_mean"),
     ];
     for (loss, args, kind) in cases {
@@ -149,7 +165,10 @@ fn wrong_targets_leave_a_residual_and_a_finding() {
             .iter()
             .map(|f| f["code"].as_str().unwrap())
             .collect();
-        assert!(codes.contains(&"gradient-not-cross-entropy"), "{loss}: {codes:?}");
+        assert!(
+            codes.contains(&"gradient-not-cross-entropy"),
+            "{loss}: {codes:?}"
+        );
     }
 }
 
@@ -206,7 +225,10 @@ fn a_mean_of_micro_batch_means_gives_a_lone_token_five_times_its_weight() {
     let data = row(2) + &row(10);
     let (json, out) = steps_json(&data, &["--accum", "2"]);
     assert_eq!(out.code, 0, "{out:?}");
-    assert!(close(&formula(&json, "global_token_mean")["worst_max_relative_weight"], 1.0));
+    assert!(close(
+        &formula(&json, "global_token_mean")["worst_max_relative_weight"],
+        1.0
+    ));
     let mom = formula(&json, "mean_of_micro_batch_means");
     assert!(close(&mom["worst_max_relative_weight"], 5.0), "{mom}");
     assert!(close(&mom["worst_max_min_ratio"], 9.0), "{mom}");
@@ -248,14 +270,20 @@ fn a_mean_of_micro_batch_means_gives_a_lone_token_five_times_its_weight() {
     );
     assert_eq!(out.code, 0, "{out:?}");
     let yours = formula(&json, "your_loss");
-    assert!(yours["worst_total_variation"].as_f64().unwrap() < 1e-4, "{yours}");
+    assert!(
+        yours["worst_total_variation"].as_f64().unwrap() < 1e-4,
+        "{yours}"
+    );
     assert!(
         (yours["min_total_weight"].as_f64().unwrap() - 1.0).abs() < 1e-4,
         "{yours}"
     );
     // One row a batch: a token mean and a sequence mean cannot be told apart per batch.
     let candidates = json["user_loss"]["candidates"].as_array().unwrap();
-    assert!(candidates.contains(&Value::from("masked_token_mean")), "{json}");
+    assert!(
+        candidates.contains(&Value::from("masked_token_mean")),
+        "{json}"
+    );
 }
 
 #[test]
@@ -265,7 +293,10 @@ fn a_partial_last_window_is_underweighted_unless_dropped() {
     assert_eq!(json["steps"]["steps"].as_array().unwrap().len(), 2);
     let mom = formula(&json, "mean_of_micro_batch_means");
     assert!(close(&mom["min_total_weight"], 0.5), "{mom}");
-    assert!(close(&formula(&json, "global_token_mean")["min_total_weight"], 1.0));
+    assert!(close(
+        &formula(&json, "global_token_mean")["min_total_weight"],
+        1.0
+    ));
 
     let (json, _) = steps_json(&data, &["--accum", "2", "--drop-last"]);
     assert_eq!(json["steps"]["dropped_micro_batches"], 1);
@@ -282,6 +313,12 @@ fn ranks_with_their_own_token_counts_are_shown() {
     let data = row(2) + &row(4);
     let (json, _) = steps_json(&data, &["--world-size", "2"]);
     let per_rank = formula(&json, "per_rank_token_mean");
-    assert!(close(&per_rank["worst_max_relative_weight"], 2.0), "{per_rank}");
-    assert!(close(&formula(&json, "num_items_in_batch")["worst_total_variation"], 0.0));
+    assert!(
+        close(&per_rank["worst_max_relative_weight"], 2.0),
+        "{per_rank}"
+    );
+    assert!(close(
+        &formula(&json, "num_items_in_batch")["worst_total_variation"],
+        0.0
+    ));
 }

@@ -412,6 +412,11 @@ class Exporter:
             reasons[window + 8] = f"past sliding_window ({window})"
         skipped = []
         if max_pos is not None:
+            # At the limit itself too: a model whose eager forward stops there (learned
+            # positions) is still verified over every length it accepts.
+            if max_pos <= self.args.max_verify_length:
+                lengths.add(max_pos)
+                reasons[max_pos] = f"at max_position_embeddings ({max_pos})"
             if max_pos + 8 <= self.args.max_verify_length:
                 lengths.add(max_pos + 8)
                 reasons[max_pos + 8] = f"past max_position_embeddings ({max_pos})"
