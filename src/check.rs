@@ -713,13 +713,19 @@ fn process_batch(
 /// runs it, misweights a step; information on what the common formulas would do otherwise.
 fn step_findings(steps: &StepReport, has_loss: bool) -> Vec<Finding> {
     let describe = |f: &FormulaSummary| {
+        let sums = if (f.min_total_weight - 1.0).abs() > steps::MISWEIGHT_TOLERANCE
+            || (f.max_total_weight - 1.0).abs() > steps::MISWEIGHT_TOLERANCE
+        {
+            format!(
+                ", and a step's weights sum to {:.3}..{:.3} instead of 1",
+                f.min_total_weight, f.max_total_weight
+            )
+        } else {
+            String::new()
+        };
         format!(
-            "in step {} one token weighs {:.2}× the global token mean's 1/N (total variation {:.3} from uniform), and steps' weights sum to {:.3}..{:.3} instead of 1",
-            f.worst_step,
-            f.worst_max_relative_weight,
-            f.worst_total_variation,
-            f.min_total_weight,
-            f.max_total_weight
+            "in step {} one token weighs {:.2}× the global token mean's 1/N (total variation {:.3} from uniform){sums}",
+            f.worst_step, f.worst_max_relative_weight, f.worst_total_variation
         )
     };
     let config = format!("--accum {} --world-size {}", steps.accum, steps.world_size);
