@@ -675,6 +675,22 @@ fn process_batch(
             user: None,
         });
     }
+    if let Some(limit) = model.record().and_then(|r| r.length_limit) {
+        // Past it the forward indexes its position table out of range: on a GPU that is a
+        // device-side assert that poisons the CUDA context.
+        if batch.seq_len as i64 > limit {
+            anyhow::bail!(
+                "{}: the batch starting at {} has rows of {} tokens, but the model accepts at most {limit} (its record's length_limit); truncate the rows",
+                model.path(),
+                Pos {
+                    unit: run.unit,
+                    n: line
+                }
+                .named(),
+                batch.seq_len
+            );
+        }
+    }
     let (tensors, logits, losses) = batch_losses(model, batch, &opts.model, run.unit)?;
     run.observe(batch, &losses);
     if run.probe && !run.consistency.ran {
@@ -685,7 +701,7 @@ fn process_batch(
             &logits,
             &batch.row_lengths(),
             opts.pad_id.unwrap_or(0),
-            model.record().and_then(|r| r.max_position_embeddings),
+            model.record().and_then(|r| r.position_limit()),
         )?;
     }
     let target_mask = batch.target_mask();
