@@ -175,17 +175,17 @@ impl UserLoss {
             message: torch_message(&e.to_string()),
             args: String::new(),
         };
+        // The leaf shares the logits' storage; the loss gets `leaf * 1`, a copy of its own.
         let leaf = t
             .logits
             .f_detach()
-            .and_then(|l| l.f_copy_fresh())
             .and_then(|l| l.f_set_requires_grad(true))
             .map_err(torch)?;
-        tch::with_grad(|| {
-            // Not the leaf itself: a loss that writes into its logits may, as in PyTorch.
-            let logits = leaf.f_mul_scalar(1.0).map_err(torch)?;
+        let attempt = tch::with_grad(|| {
+            // The leaf itself: PyTorch refuses in-place writes to it and its views, so the
+            // model's logits behind it stay as they are, and no copy is made.
             let inputs = LossTensors {
-                logits,
+                logits: leaf.shallow_clone(),
                 ..t.copied().map_err(torch)?
             };
             let values: Vec<Tensor> = self.args.iter().map(|&a| inputs.get(a)).collect();
@@ -201,7 +201,14 @@ impl UserLoss {
                 _ => None,
             };
             Ok((value, grad))
-        })
+        });
+        match attempt {
+            Ok(done) => Ok(done),
+            // A loss that writes into its logits fails on the leaf: run it on copies, without
+            // a weight map; a loss that fails there too fails for real.
+            Err(UserLossError::Threw { .. }) => Ok((self.call(model, t)?, None)),
+            Err(e) => Err(e),
+        }
     }
 
     fn copies(&self, t: &LossTensors) -> Result<Vec<Tensor>, UserLossError> {
@@ -550,21 +557,41 @@ impl LossAudit {
             &mask,
             num_items,
         );
-        // Targets at t and at t+2: one log-softmax of the logits serves both.
-        let shifted = model::shifted_token_losses_each(
-            logits,
-            &tensors.input_ids,
-            &[0, 2],
-            model::CHUNK_ELEMENTS,
-        )?
-        .ok_or_else(|| anyhow::anyhow!("non-finite logits"))?;
+        // Targets at t and at t+2. On the CPU one log-sum-exp per position serves both, and
+        // the weight map; elsewhere one log-softmax of the logits serves both.
+        let lse = model::fused_ce::log_sum_exp(logits);
+        let from_lse = lse.as_ref().and_then(|lse| {
+            let shifted =
+                |shift| model::fused_ce::shifted_from_lse(logits, lse, &batch.input_ids, shift);
+            shifted(0).zip(shifted(2))
+        });
+        let (unshifted, double) = match from_lse {
+            Some(pair) => pair,
+            None => {
+                let shifted = model::shifted_token_losses_each(
+                    logits,
+                    &tensors.input_ids,
+                    &[0, 2],
+                    model::CHUNK_ELEMENTS,
+                )?
+                .ok_or_else(|| anyhow::anyhow!("non-finite logits"))?;
+                let host = |losses: &Tensor| -> anyhow::Result<Vec<f32>> {
+                    Ok(Vec::try_from(
+                        losses.f_to_device(Device::Cpu)?.f_flatten(0, -1)?,
+                    )?)
+                };
+                (host(&shifted[0])?, host(&shifted[1])?)
+            }
+        };
         let (user, grad) = if self.loss.takes_logits() {
             self.loss.call_with_gradient(model, &inputs)?
         } else {
             (self.loss.call(model, &inputs)?, None)
         };
         let weights = match grad {
-            Some(grad) => Some(self.weigh(batch, logits, &grad, &tensors.input_ids)?),
+            Some(grad) => {
+                Some(self.weigh(batch, logits, &grad, &tensors.input_ids, lse.as_deref())?)
+            }
             None => None,
         };
         // A loss given num_items_in_batch divides by the step's count, not the batch's: scaled
@@ -575,12 +602,6 @@ impl LossAudit {
             user
         };
 
-        let host = |losses: &Tensor| -> anyhow::Result<Vec<f32>> {
-            Ok(Vec::try_from(
-                losses.f_to_device(Device::Cpu)?.f_flatten(0, -1)?,
-            )?)
-        };
-        let (unshifted, double) = (host(&shifted[0])?, host(&shifted[1])?);
         let double_mask = batch.shifted_mask(2);
         let hypotheses = batch_hypotheses(&BatchLosses {
             rows: batch.rows,
@@ -609,8 +630,9 @@ impl LossAudit {
         logits: &Tensor,
         grad: &Tensor,
         input_ids: &Tensor,
+        lse: Option<&[f32]>,
     ) -> anyhow::Result<Vec<f64>> {
-        let w = weights::recover(logits, grad, input_ids, model::CHUNK_ELEMENTS)?;
+        let w = weights::recover(logits, grad, input_ids, lse, model::CHUNK_ELEMENTS)?;
         let mask = batch.target_mask();
         let padding = batch.padding_target_mask();
         let line = batch.lines.first().copied().unwrap_or(0);

@@ -28,8 +28,47 @@ pub struct TokenWeights {
 }
 
 /// Recovers the weights from the logits `z` `[B,T,V]` and the loss's gradient `g` (same
-/// shape), `chunk` positions' worth of `[n, V]` at a time so memory stays bounded.
+/// shape): on the CPU with f32 logits and their log-sum-exp `lse` (`[B·T]`, from
+/// `model::fused_ce::log_sum_exp`), by the fused kernel beside the cross-entropy's
+/// (`model::fused_ce::gradient_terms`: two passes over each position, no allocation),
+/// otherwise with libtorch, `chunk` positions' worth of `[n, V]` at a time so memory stays
+/// bounded.
 pub fn recover(
+    logits: &Tensor,
+    grad: &Tensor,
+    input_ids: &Tensor,
+    lse: Option<&[f32]>,
+    chunk_elements: i64,
+) -> Result<TokenWeights, tch::TchError> {
+    let fused = match lse {
+        Some(lse) => {
+            let ids = Vec::<i64>::try_from(
+                input_ids
+                    .f_to_device(tch::Device::Cpu)?
+                    .f_contiguous()?
+                    .f_view([-1])?,
+            )?;
+            crate::model::fused_ce::gradient_terms(logits, grad, &ids, lse)?
+        }
+        None => None,
+    };
+    {
+        if let Some(terms) = fused {
+            let last: f64 = terms.last_norms.iter().sum();
+            return Ok(TokenWeights {
+                weights: terms.weights,
+                residuals: terms.residuals,
+                last_position_norm: last,
+                total_norm: terms.norms.iter().sum::<f64>() + last,
+            });
+        }
+    }
+    recover_with_libtorch(logits, grad, input_ids, chunk_elements)
+}
+
+/// [`recover`] with libtorch's kernels, in f64: any device and dtype, and the reference the
+/// fused CPU path is tested against.
+pub fn recover_with_libtorch(
     logits: &Tensor,
     grad: &Tensor,
     input_ids: &Tensor,
@@ -358,6 +397,35 @@ impl GradientSummary {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fused CPU path against libtorch's in f64, on a token-mean gradient plus noise (so
+    /// residuals are not all zero), with a vocabulary that leaves a tail after the lanes.
+    #[test]
+    fn the_fused_path_agrees_with_libtorch() {
+        let _guard = tch::no_grad_guard();
+        tch::manual_seed(5);
+        let (b, t, v) = (3, 6, 37);
+        let opts = (Kind::Float, tch::Device::Cpu);
+        let logits = Tensor::randn([b, t, v], opts) * 3.0;
+        let ids = Tensor::randint(v, [b, t], (Kind::Int64, tch::Device::Cpu));
+        let p = logits.softmax(-1, Kind::Float);
+        let onehot = ids.narrow(1, 1, t - 1).onehot(v);
+        let d = Tensor::cat(&[p.narrow(1, 0, t - 1) - onehot, p.narrow(1, t - 1, 1)], 1);
+        let w = Tensor::rand([b, t, 1], opts);
+        let noise = Tensor::randn([b, t, v], opts) * 1e-3;
+        let grad = &d * &w + noise;
+        let lse = crate::model::fused_ce::log_sum_exp(&logits).expect("an AVX2 CPU");
+        let fused = recover(&logits, &grad, &ids, Some(&lse), 1 << 20).unwrap();
+        let reference = recover_with_libtorch(&logits, &grad, &ids, 1 << 20).unwrap();
+        for (a, r) in fused.weights.iter().zip(&reference.weights) {
+            assert!((a - r).abs() <= 1e-5 * r.abs().max(1e-3), "{a} vs {r}");
+        }
+        for (a, r) in fused.residuals.iter().zip(&reference.residuals) {
+            assert!((a - r).abs() <= 1e-4 * r.abs().max(1e-2), "{a} vs {r}");
+        }
+        let rel = (fused.total_norm - reference.total_norm).abs() / reference.total_norm;
+        assert!(rel < 1e-5, "{rel}");
+    }
 
     fn tw(weights: Vec<f64>) -> TokenWeights {
         let n = weights.len();

@@ -148,7 +148,7 @@ pub fn shifted_token_losses_each(
 /// ln 2, a degree-6 polynomial; about 1 ulp). Compiled for AVX2 and FMA, and for AVX-512, and
 /// used only where the CPU has them, so that the lanes below become vector instructions;
 /// positions are split over libtorch's intra-op thread count.
-mod fused_ce {
+pub mod fused_ce {
     use tch::{Kind, Tensor};
 
     pub enum Outcome {
@@ -274,6 +274,291 @@ mod fused_ce {
         position_loss_lanes(x, target)
     }
 
+    /// One position's weight, residual and gradient norm (see `crate::weights`), from its f32
+    /// logits `z` and the loss's gradient `g` there; `scratch` holds V floats. Three passes:
+    /// the log-sum-exp (as the cross-entropy above), then p = softmax(z) into `scratch` with
+    /// ⟨g,p⟩, ⟨p,p⟩ and ⟨g,g⟩, then ‖g − w·d‖² directly, f32 lanes summed in f64 (not
+    /// ‖g‖² − w⟨g,d⟩, which cancels for a pure cross-entropy). `None` for non-finite logits.
+    #[inline(always)]
+    pub(super) fn gradient_lanes(
+        z: &[f32],
+        g: &[f32],
+        target: usize,
+        lse: f32,
+        scratch: &mut [f32],
+    ) -> (f64, f64, f64) {
+        let (mut gp, mut pp, mut gg) = ([0f32; LANES], [0f32; LANES], [0f32; LANES]);
+        let mut zc = z.chunks_exact(LANES);
+        let mut gc = g.chunks_exact(LANES);
+        let mut sc = scratch.chunks_exact_mut(LANES);
+        for ((zs, gs), ss) in (&mut zc).zip(&mut gc).zip(&mut sc) {
+            for l in 0..LANES {
+                let p = exp_nonpositive(zs[l] - lse);
+                ss[l] = p;
+                gp[l] = gs[l].mul_add(p, gp[l]);
+                pp[l] = p.mul_add(p, pp[l]);
+                gg[l] = gs[l].mul_add(gs[l], gg[l]);
+            }
+        }
+        let (mut gp, mut pp, mut gg): (f64, f64, f64) = (
+            gp.iter().map(|&x| x as f64).sum(),
+            pp.iter().map(|&x| x as f64).sum(),
+            gg.iter().map(|&x| x as f64).sum(),
+        );
+        let done = z.len() - zc.remainder().len();
+        for i in done..z.len() {
+            let p = exp_nonpositive(z[i] - lse);
+            scratch[i] = p;
+            gp += (g[i] * p) as f64;
+            pp += (p * p) as f64;
+            gg += (g[i] * g[i]) as f64;
+        }
+        let (pt, gt) = (scratch[target] as f64, g[target] as f64);
+        let dd = pp - 2.0 * pt + 1.0;
+        let w = if dd > 0.0 { (gp - gt) / dd } else { 0.0 };
+        let wf = w as f32;
+        // scratch becomes d = p − onehot(target), so the residual needs no correction.
+        scratch[target] -= 1.0;
+        let mut rr = [0f32; LANES];
+        let mut gc = g.chunks_exact(LANES);
+        let mut sc = scratch.chunks_exact(LANES);
+        for (gs, ss) in (&mut gc).zip(&mut sc) {
+            for l in 0..LANES {
+                let r = (-wf).mul_add(ss[l], gs[l]);
+                rr[l] = r.mul_add(r, rr[l]);
+            }
+        }
+        let mut rr: f64 = rr.iter().map(|&x| x as f64).sum();
+        for i in done..z.len() {
+            let r = (g[i] - wf * scratch[i]) as f64;
+            rr += r * r;
+        }
+        let residual = if gg > 0.0 {
+            (rr.max(0.0) / gg).sqrt()
+        } else {
+            0.0
+        };
+        (w, residual, gg.sqrt())
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn gradient_avx2(
+        z: &[f32],
+        g: &[f32],
+        target: usize,
+        lse: f32,
+        scratch: &mut [f32],
+    ) -> (f64, f64, f64) {
+        gradient_lanes(z, g, target, lse, scratch)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn gradient_avx512(
+        z: &[f32],
+        g: &[f32],
+        target: usize,
+        lse: f32,
+        scratch: &mut [f32],
+    ) -> (f64, f64, f64) {
+        gradient_lanes(z, g, target, lse, scratch)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn lse_avx2(x: &[f32]) -> Option<f32> {
+        position_loss_lanes(x, 0).map(|l| l + x[0])
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn lse_avx512(x: &[f32]) -> Option<f32> {
+        position_loss_lanes(x, 0).map(|l| l + x[0])
+    }
+
+    /// Runs `work(first, part)` over `out` split into libtorch's thread count; false if any
+    /// part returned false.
+    fn split<T: Send>(out: &mut [T], work: impl Fn(usize, &mut [T]) -> bool + Sync) -> bool {
+        let n = out.len().max(1);
+        let threads = usize::try_from(tch::get_num_threads())
+            .unwrap_or(1)
+            .clamp(1, n);
+        let per_thread = n.div_ceil(threads);
+        let work = &work;
+        std::thread::scope(|scope| {
+            let mut parts = out.chunks_mut(per_thread).enumerate();
+            let Some((_, mine)) = parts.next() else {
+                return true;
+            };
+            let others: Vec<_> = parts
+                .map(|(i, part)| scope.spawn(move || work(i * per_thread, part)))
+                .collect();
+            let mut ok = work(0, mine);
+            for handle in others {
+                ok &= handle.join().expect("worker thread panicked");
+            }
+            ok
+        })
+    }
+
+    /// Host slices of a contiguous f32 CPU tensor `[B, T, V]`, if it is one.
+    fn host_f32(t: &Tensor) -> Option<&[f32]> {
+        let ok = t.device() == tch::Device::Cpu
+            && t.kind() == Kind::Float
+            && t.is_contiguous()
+            && t.dim() == 3;
+        // SAFETY: a contiguous f32 host tensor of numel() elements; the slice borrows it.
+        ok.then(|| unsafe { std::slice::from_raw_parts(t.data_ptr() as *const f32, t.numel()) })
+    }
+
+    /// The log-sum-exp of every position of contiguous f32 CPU logits `[B, T, V]`, `[B·T]`:
+    /// with it, the cross-entropy against any target is one subtraction, so several shifts and
+    /// the gradient weights share one pass. `None` when the logits are not such a tensor, the
+    /// CPU lacks the instructions, or a logit is not finite.
+    pub fn log_sum_exp(logits: &Tensor) -> Option<Vec<f32>> {
+        if !available() {
+            return None;
+        }
+        let data = host_f32(logits)?;
+        let v = logits.size()[2] as usize;
+        let mut out = vec![0f32; data.len() / v.max(1)];
+        #[cfg(target_arch = "x86_64")]
+        let kernel: unsafe fn(&[f32]) -> Option<f32> = if std::is_x86_feature_detected!("avx512f") {
+            lse_avx512
+        } else {
+            lse_avx2
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        return None;
+        let finite = split(&mut out, |first, part| {
+            for (k, slot) in part.iter_mut().enumerate() {
+                let p = first + k;
+                // SAFETY: `kernel` chose an instruction set this CPU has.
+                match unsafe { kernel(&data[p * v..(p + 1) * v]) } {
+                    Some(lse) => *slot = lse,
+                    None => return false,
+                }
+            }
+            true
+        });
+        finite.then_some(out)
+    }
+
+    /// Cross-entropy of position t against `input_ids[t + shift]`, `[B, T − shift]` row-major,
+    /// from [`log_sum_exp`]'s values: `lse[t] − z[t, id]`.
+    pub fn shifted_from_lse(
+        logits: &Tensor,
+        lse: &[f32],
+        ids: &[i64],
+        shift: usize,
+    ) -> Option<Vec<f32>> {
+        let data = host_f32(logits)?;
+        let size = logits.size();
+        let (b, t, v) = (size[0] as usize, size[1] as usize, size[2] as usize);
+        let n = t.saturating_sub(shift);
+        let mut out = Vec::with_capacity(b * n);
+        for row in 0..b {
+            for pos in 0..n {
+                let id = usize::try_from(ids[row * t + pos + shift])
+                    .ok()
+                    .filter(|&i| i < v)?;
+                let p = row * t + pos;
+                out.push(lse[p] - data[p * v + id]);
+            }
+        }
+        Some(out)
+    }
+
+    /// Per position of contiguous f32 CPU logits and gradient `[B, T, V]`, with the logits'
+    /// [`log_sum_exp`]: the weight and residual of every target position (`[B, T-1]`
+    /// row-major) and the gradient norm of each row's last position. `None` when the tensors
+    /// are not such or a target is out of range (the caller falls back to libtorch).
+    pub fn gradient_terms(
+        logits: &Tensor,
+        grad: &Tensor,
+        ids: &[i64],
+        lse: &[f32],
+    ) -> Result<Option<GradientTerms>, tch::TchError> {
+        let size = logits.size();
+        let (b, t, v) = (size[0] as usize, size[1] as usize, size[2] as usize);
+        if t < 2 || !available() || lse.len() != b * t {
+            return Ok(None);
+        }
+        let positions = t - 1;
+        let mut targets = Vec::with_capacity(b * positions);
+        for row in 0..b {
+            for &id in &ids[row * t + 1..(row + 1) * t] {
+                match usize::try_from(id) {
+                    Ok(id) if id < v => targets.push(id),
+                    _ => return Ok(None),
+                }
+            }
+        }
+        let g = grad.f_to_kind(Kind::Float)?.f_contiguous()?;
+        let (Some(zd), Some(gd)) = (host_f32(logits), host_f32(&g)) else {
+            return Ok(None);
+        };
+        #[cfg(target_arch = "x86_64")]
+        let kernel: GradientKernel = if std::is_x86_feature_detected!("avx512f") {
+            gradient_avx512
+        } else {
+            gradient_avx2
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        return Ok(None);
+        let mut out = vec![(0f64, 0f64, 0f64); b * positions];
+        split(&mut out, |first, part| {
+            let mut scratch = vec![0f32; v];
+            for (k, slot) in part.iter_mut().enumerate() {
+                let p = first + k;
+                let row = (p / positions) * t + p % positions;
+                let span = row * v..(row + 1) * v;
+                // SAFETY: `kernel` chose an instruction set this CPU has.
+                *slot = unsafe {
+                    kernel(
+                        &zd[span.clone()],
+                        &gd[span],
+                        targets[p],
+                        lse[row],
+                        &mut scratch,
+                    )
+                };
+            }
+            true
+        });
+        let mut last_norms = Vec::with_capacity(b);
+        for row in 0..b {
+            let last = &gd[(row * t + t - 1) * v..(row * t + t) * v];
+            last_norms.push(
+                last.iter()
+                    .map(|&x| (x as f64) * (x as f64))
+                    .sum::<f64>()
+                    .sqrt(),
+            );
+        }
+        Ok(Some(GradientTerms {
+            weights: out.iter().map(|o| o.0).collect(),
+            residuals: out.iter().map(|o| o.1).collect(),
+            norms: out.iter().map(|o| o.2).collect(),
+            last_norms,
+        }))
+    }
+
+    /// One position's (weight, residual, ‖g‖) from its logits, gradient, target and
+    /// log-sum-exp, with a scratch row.
+    type GradientKernel = unsafe fn(&[f32], &[f32], usize, f32, &mut [f32]) -> (f64, f64, f64);
+
+    /// What [`gradient_terms`] found.
+    pub struct GradientTerms {
+        pub weights: Vec<f64>,
+        pub residuals: Vec<f64>,
+        /// ‖g‖ of every target position.
+        pub norms: Vec<f64>,
+        /// ‖g‖ of each row's last position.
+        pub last_norms: Vec<f64>,
+    }
+
     /// Independent accumulators: two AVX2 registers' worth, one AVX-512 register's.
     const LANES: usize = 16;
 
@@ -394,6 +679,38 @@ mod tests {
                 assert!(each[k].equal(&alone), "shift {shift}, chunk {chunk}");
             }
         }
+    }
+
+    /// Cross-entropy from the fused log-sum-exp equals libtorch's, for shifts 0, 1 and 2.
+    #[test]
+    fn shifts_from_the_log_sum_exp_match_libtorch() {
+        if !fused_ce::available() {
+            return;
+        }
+        let _guard = tch::no_grad_guard();
+        tch::manual_seed(4);
+        let (b, t, v) = (2, 7, 37);
+        let logits = Tensor::randn([b, t, v], (Kind::Float, Device::Cpu)) * 4.0;
+        let ids = Tensor::randint(v, [b, t], (Kind::Int64, Device::Cpu));
+        let host_ids = Vec::<i64>::try_from(ids.view([-1])).unwrap();
+        let lse = fused_ce::log_sum_exp(&logits).unwrap();
+        let each = shifted_token_losses_each(&logits, &ids, &[0, 1, 2], 1 << 20)
+            .unwrap()
+            .unwrap();
+        for (k, shift) in [0usize, 1, 2].into_iter().enumerate() {
+            let got = fused_ce::shifted_from_lse(&logits, &lse, &host_ids, shift).unwrap();
+            let want = Vec::<f32>::try_from(each[k].view([-1])).unwrap();
+            assert_eq!(got.len(), want.len());
+            for (g, w) in got.iter().zip(&want) {
+                assert!(
+                    (g - w).abs() <= 1e-5 * w.abs().max(1.0),
+                    "shift {shift}: {g} vs {w}"
+                );
+            }
+        }
+        let nan = logits.copy();
+        let _ = nan.narrow(1, 3, 1).fill_(f64::NAN);
+        assert!(fused_ce::log_sum_exp(&nan).is_none());
     }
 
     #[test]
