@@ -19,6 +19,7 @@ pub mod output;
 pub mod report;
 pub mod stats;
 pub mod sys;
+pub mod token_rows;
 pub mod tokenizer;
 pub mod userloss;
 pub mod view;

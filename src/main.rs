@@ -58,6 +58,7 @@ fn check(args: CheckArgs) -> Result<ExitCode> {
         loss: args.user_loss.options(),
         forward_args: (!args.forward_args.is_empty()).then(|| args.forward_args.clone()),
         model_probe: !args.no_model_probe,
+        token_rows: 0,
     };
     let progress = progress_bar(args.output.quiet);
     // The model's and the loss's own prints go to stderr, not into the report.
