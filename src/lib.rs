@@ -5,6 +5,7 @@
 #![warn(clippy::print_stdout, clippy::print_stderr)]
 
 pub mod aggregate;
+pub mod baseline;
 pub mod batch;
 pub mod check;
 pub mod cli;
