@@ -64,7 +64,7 @@ table.tokens th { width: 1%; text-align: left; vertical-align: top; white-space:
   color: #555; padding: 6px 12px 6px 0; font-size: 12px; }
 table.tokens td { padding: 6px 0; border-top: 1px solid #eee; line-height: 2.1; }
 .tok { font-family: ui-monospace, "DejaVu Sans Mono", monospace; font-size: 13px; white-space: pre;
-  padding: 1px 2px; border: 1px solid #8c959f; border-radius: 3px; }
+  padding: 1px 2px; margin: 0 1px; border: 1px solid #8c959f; border-radius: 3px; }
 .tok.first { border-color: transparent; color: #555; }
 .tok.untrained { color: #8c959f; border: 1px dashed #c6ccd2; }
 .tok.trained { border-color: #1a7f37; }
