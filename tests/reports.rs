@@ -119,6 +119,7 @@ fn error_codes(report: &ReportJson) -> usize {
         .filter(|f| f.severity == "error")
         .map(|f| f.code.as_str())
         .collect();
+    codes.sort_unstable();
     codes.dedup();
     codes.len()
 }
