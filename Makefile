@@ -1,19 +1,22 @@
 # maskaudit: `make demo` and `make test` each do all of their own set-up.
 #
-# Set-up installs PyTorch 2.11.0 (the version tch 0.24 is built against) into a venv under the
-# user's cache directory, shared by every clone, and links .libtorch to its torch/ folder, which
+# Set-up installs PyTorch 2.11.0 (the version tch 0.24 is built against) and transformers (for
+# the Hugging Face exporter, tools/maskaudit-export.py) into a venv under the user's cache
+# directory, shared by every clone, and links .libtorch to its torch/ folder, which
 # .cargo/config.toml hands to torch-sys. With LIBTORCH or LIBTORCH_USE_PYTORCH=1 in the
-# environment, that libtorch is used and nothing is installed.
+# environment, that libtorch is used and nothing is installed; Python then is $(PYTHON), which
+# needs torch and transformers for `make export` (`make test` skips the exports without them).
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 TORCH_VERSION := 2.11.0
+TRANSFORMERS_VERSION := 5.24.0
 CACHE_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/maskaudit
 VENV ?= $(CACHE_DIR)/venv-torch-$(TORCH_VERSION)
 PYTHON ?= python3
 CARGO ?= cargo
 
-.PHONY: all setup build demo test test-tools fixtures bench check-fmt clippy
+.PHONY: all setup build demo test test-tools fixtures export hf-models bench check-fmt clippy
 
 all: build
 
@@ -21,9 +24,11 @@ ifneq ($(or $(LIBTORCH),$(LIBTORCH_USE_PYTORCH)),)
 setup:
 	@echo "using the libtorch from the environment (LIBTORCH / LIBTORCH_USE_PYTORCH)"
 VENV_PYTHON := $(PYTHON)
+FROM_ENV := 1
 else
 VENV_PYTHON := $(VENV)/bin/python
-setup: $(VENV)/.installed
+TRANSFORMERS_STAMP := $(VENV)/.installed-transformers-$(TRANSFORMERS_VERSION)
+setup: $(VENV)/.installed $(TRANSFORMERS_STAMP)
 	@torch_dir=$$($(VENV_PYTHON) -c 'import os, torch; print(os.path.dirname(torch.__file__))'); \
 	if [ "$$(readlink .libtorch 2>/dev/null)" != "$$torch_dir" ]; then ln -sfn "$$torch_dir" .libtorch; fi
 
@@ -39,6 +44,18 @@ $(VENV)/.installed:
 	  $(VENV)/bin/python -m pip install --quiet --disable-pip-version-check torch==$(TORCH_VERSION) numpy; \
 	  touch $@; \
 	fi
+
+# Its own stamp, so a venv made before transformers joined the set-up (or with another version)
+# is upgraded in place. Order-only: a re-made venv has lost this stamp anyway.
+$(TRANSFORMERS_STAMP): | $(VENV)/.installed
+	@exec 9>$(CACHE_DIR)/.lock; flock 9; \
+	if [ ! -f $@ ]; then \
+	  echo "installing transformers $(TRANSFORMERS_VERSION) into $(VENV) (once)"; \
+	  $(VENV)/bin/python -m pip install --quiet --disable-pip-version-check \
+	    transformers==$(TRANSFORMERS_VERSION) safetensors; \
+	  rm -f $(VENV)/.installed-transformers-*; \
+	  touch $@; \
+	fi
 endif
 
 build: setup
@@ -47,8 +64,26 @@ build: setup
 demo: build
 	./target/release/maskaudit check fixtures/tiny_lm.pt fixtures/ragged.jsonl --pad-id 0 --batch-size 4
 
-test: setup test-tools
+# Tiny Hugging Face models exported for the tests (target/hf-models/; skipped when up to date).
+hf-models: setup
+	@if [ -n "$(FROM_ENV)" ] && ! $(VENV_PYTHON) -c 'import torch, transformers' 2>/dev/null; then \
+	  echo "skipping tests/export/build_models.py: $(VENV_PYTHON) has no torch or transformers"; \
+	else \
+	  nice $(VENV_PYTHON) tests/export/build_models.py; \
+	fi
+
+test: setup hf-models test-tools
 	$(CARGO) test --locked
+
+# A Hugging Face model directory to TorchScript, verified against eager (README.md,
+# "From a Hugging Face model"): make export MODEL=dir OUT=model.pt [DTYPE=bfloat16]
+export:
+	@if [ -z "$(MODEL)" ] || [ -z "$(OUT)" ]; then \
+	  echo "usage: make export MODEL=hf_model_dir OUT=model.pt [DTYPE=float32|bfloat16|float16] [EXPORT_ARGS=...]" >&2; \
+	  exit 2; \
+	fi
+	@$(MAKE) --no-print-directory build
+	$(VENV_PYTHON) tools/maskaudit-export.py "$(MODEL)" "$(OUT)" $(if $(DTYPE),--dtype $(DTYPE)) $(EXPORT_ARGS)
 
 # tests/reports.rs needs xmllint (the JUnit report against tests/junit/junit.xsd) and Chromium
 # (the HTML report in a real browser). apt-get installs the missing ones, as root only; without

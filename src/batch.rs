@@ -44,6 +44,20 @@ impl Batch {
             .sum()
     }
 
+    /// 1 where the target (token t+1) is padding, `rows × (seq_len-1)` like the target mask.
+    pub fn padding_target_mask(&self) -> Vec<u8> {
+        let t = self.seq_len;
+        let mut out = Vec::with_capacity(self.positions());
+        for b in 0..self.rows {
+            out.extend(
+                self.attention_mask[b * t + 1.min(t)..(b + 1) * t]
+                    .iter()
+                    .map(|&a| u8::from(a == 0)),
+            );
+        }
+        out
+    }
+
     /// Each row's length up to and including its last real token (attention 1).
     pub fn row_lengths(&self) -> Vec<i64> {
         let t = self.seq_len;

@@ -22,6 +22,9 @@ use crate::model::{
     ModelError, TorchScriptLm,
 };
 use crate::report::{DataSummary, ModelInfo, Report, Verdict, SCHEMA_VERSION};
+use crate::steps::{
+    self, FormulaSummary, MicroBatch, Step, StepConfig, StepFormula, StepReport, UserMicroBatch,
+};
 use crate::sys;
 use crate::token_rows::{self, TokenRow};
 use crate::userloss::{LossArg, LossAudit, UserLoss};
@@ -49,6 +52,8 @@ pub struct CheckOptions {
     /// Rows whose per-token losses the report keeps for the HTML view (`--html-rows`; 0
     /// without `--html`).
     pub token_rows: usize,
+    /// `--accum`/`--world-size`: simulate optimizer steps over the batches.
+    pub steps: Option<StepConfig>,
 }
 
 /// Where the user's loss is: the command line takes exactly one of the two.
@@ -69,6 +74,8 @@ pub struct LossOptions {
     pub args_given: bool,
     pub rtol: f64,
     pub probes: bool,
+    /// `--weights-out`: every row's gradient weights, as JSON lines.
+    pub weights_out: Option<PathBuf>,
 }
 
 pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
@@ -93,12 +100,11 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
                 LossSource::File(file) => UserLoss::from_file(file, device, l.args.clone())?,
                 LossSource::Method(method) => UserLoss::method(method, &opts.model, l.args.clone()),
             };
-            Some(LossAudit::new(
-                loss,
-                l.rtol,
-                l.probes,
-                opts.pad_id.unwrap_or(0),
-            ))
+            let mut audit = LossAudit::new(loss, l.rtol, l.probes, opts.pad_id.unwrap_or(0));
+            if let Some(path) = &l.weights_out {
+                audit.write_weights_to(path)?;
+            }
+            Some(audit)
         }
         None => None,
     };
@@ -123,10 +129,46 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
 
     let (batches, reading) =
         read_ahead(reader, batcher, lint, vocab, opts.fields.input_ids.clone());
+    // Batches are taken a step at a time (W×K micro-batches; one without --accum and
+    // --world-size) so that each knows its step's trained-target count before it runs.
+    let per_step = opts.steps.map_or(1, |c| c.micro_batches_per_step());
+    let mut simulation = Simulation::default();
+    let mut pending = Vec::with_capacity(per_step);
     for item in batches {
         let (batch, bytes_read) = item?;
-        process_batch(&model, &batch, &mut totals, &mut run, audit.as_mut(), opts)?;
-        progress.set_position(bytes_read);
+        pending.push(batch);
+        if pending.len() == per_step {
+            let ctx = StepContext {
+                model: &model,
+                opts,
+                full: true,
+            };
+            run_step(
+                &ctx,
+                &pending,
+                &mut totals,
+                &mut run,
+                audit.as_mut(),
+                &mut simulation,
+            )?;
+            pending.clear();
+            progress.set_position(bytes_read);
+        }
+    }
+    if !pending.is_empty() {
+        let ctx = StepContext {
+            model: &model,
+            opts,
+            full: false,
+        };
+        run_step(
+            &ctx,
+            &pending,
+            &mut totals,
+            &mut run,
+            audit.as_mut(),
+            &mut simulation,
+        )?;
     }
     let ReadSummary { bytes_read, lint } = reading
         .join()
@@ -147,15 +189,29 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
         totals.padding_fraction(),
         opts.max_contamination,
     ));
-    let user_loss = audit.map(|audit| {
-        let sequence_gap = losses
-            .sequence_mean
-            .zip(losses.masked_token_mean)
-            .map(|(s, m)| relative_difference(s, m));
-        let (report, loss_findings) = audit.finish(sequence_gap);
-        findings.extend(loss_findings);
-        report
+    let user_loss = match audit {
+        Some(audit) => {
+            let sequence_gap = losses
+                .sequence_mean
+                .zip(losses.masked_token_mean)
+                .map(|(s, m)| relative_difference(s, m));
+            let (report, loss_findings) = audit.finish(sequence_gap)?;
+            findings.extend(loss_findings);
+            Some(report)
+        }
+        None => None,
+    };
+    let steps = opts.steps.map(|config| {
+        StepReport::of(
+            config,
+            opts.batch_size,
+            simulation.dropped,
+            std::mem::take(&mut simulation.steps),
+        )
     });
+    if let Some(steps) = &steps {
+        findings.extend(step_findings(steps, user_loss.is_some()));
+    }
     opts.overrides.apply(&mut findings);
     let verdict = Verdict::of(&findings);
 
@@ -193,6 +249,7 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
         losses,
         contamination,
         user_loss,
+        steps,
         findings,
         verdict,
         token_rows: run.token_rows,
@@ -564,6 +621,64 @@ impl RunState {
     }
 }
 
+/// What [`run_step`] needs besides the running state.
+struct StepContext<'a> {
+    model: &'a TorchScriptLm,
+    opts: &'a CheckOptions,
+    /// False for the last, partial step.
+    full: bool,
+}
+
+/// The optimizer steps simulated so far.
+#[derive(Default)]
+struct Simulation {
+    steps: Vec<Step>,
+    dropped: usize,
+}
+
+/// Runs one step's micro-batches and, with `--accum`/`--world-size`, evaluates the step.
+fn run_step(
+    ctx: &StepContext,
+    batches: &[Batch],
+    totals: &mut LossTotals,
+    run: &mut RunState,
+    mut audit: Option<&mut LossAudit>,
+    simulation: &mut Simulation,
+) -> Result<()> {
+    let num_items: usize = batches
+        .iter()
+        .map(|b| b.target_mask().iter().filter(|&&m| m != 0).count())
+        .sum();
+    let mut micro = Vec::with_capacity(batches.len());
+    for batch in batches {
+        micro.push(process_batch(
+            ctx.model,
+            batch,
+            totals,
+            run,
+            audit.as_deref_mut(),
+            ctx.opts,
+            num_items as i64,
+        )?);
+    }
+    if let Some(config) = ctx.opts.steps {
+        if ctx.full || !config.drop_last {
+            let index = simulation.steps.len() + 1;
+            let takes_count = ctx
+                .opts
+                .loss
+                .as_ref()
+                .is_some_and(|l| l.args.contains(&LossArg::NumItemsInBatch));
+            simulation
+                .steps
+                .push(steps::evaluate(index, &micro, config, takes_count));
+        } else {
+            simulation.dropped += batches.len();
+        }
+    }
+    Ok(())
+}
+
 fn process_batch(
     model: &TorchScriptLm,
     batch: &Batch,
@@ -571,12 +686,35 @@ fn process_batch(
     run: &mut RunState,
     audit: Option<&mut LossAudit>,
     opts: &CheckOptions,
-) -> Result<()> {
+    num_items: i64,
+) -> Result<MicroBatch> {
+    let line = batch.lines.first().copied().unwrap_or(0);
     if batch.seq_len < 2 {
         // One-token rows have no next-token position: nothing to run.
         totals.add_batch(&[], &[], batch.rows);
         run.keep_rows(batch, &[], opts);
-        return Ok(());
+        return Ok(MicroBatch {
+            line,
+            trained: 0,
+            masked_loss_sum: 0.0,
+            user: None,
+        });
+    }
+    if let Some(limit) = model.record().and_then(|r| r.length_limit) {
+        // Past it the forward indexes its position table out of range: on a GPU that is a
+        // device-side assert that poisons the CUDA context.
+        if batch.seq_len as i64 > limit {
+            anyhow::bail!(
+                "{}: the batch starting at {} has rows of {} tokens, but the model accepts at most {limit} (its record's length_limit); truncate the rows",
+                model.path(),
+                Pos {
+                    unit: run.unit,
+                    n: line
+                }
+                .named(),
+                batch.seq_len
+            );
+        }
     }
     let (tensors, logits, losses) = batch_losses(model, batch, &opts.model, run.unit)?;
     run.observe(batch, &losses);
@@ -589,15 +727,85 @@ fn process_batch(
             &logits,
             &batch.row_lengths(),
             opts.pad_id.unwrap_or(0),
-            model.record().and_then(|r| r.max_position_embeddings),
+            model.record().and_then(|r| r.position_limit()),
         )?;
     }
     let target_mask = batch.target_mask();
     let sums = totals.add_batch(&losses, &target_mask, batch.rows);
-    if let Some(audit) = audit {
-        audit.observe(model, batch, &tensors, &logits, &sums)?;
+    let user = match audit {
+        Some(audit) => {
+            let user = audit.observe(model, batch, &tensors, &logits, &sums, num_items)?;
+            Some(UserMicroBatch {
+                value: user.value,
+                weights: user.weights,
+                mask: target_mask,
+            })
+        }
+        None => None,
+    };
+    Ok(MicroBatch {
+        line,
+        trained: sums.trained,
+        masked_loss_sum: sums.masked_loss_sum,
+        user,
+    })
+}
+
+/// `accumulation-misweighted`: an error when the user's loss, run per micro-batch as a trainer
+/// runs it, misweights a step; information on what the common formulas would do otherwise.
+fn step_findings(steps: &StepReport, has_loss: bool) -> Vec<Finding> {
+    let describe = |f: &FormulaSummary| {
+        let sums = if (f.min_total_weight - 1.0).abs() > steps::MISWEIGHT_TOLERANCE
+            || (f.max_total_weight - 1.0).abs() > steps::MISWEIGHT_TOLERANCE
+        {
+            format!(
+                ", and a step's weights sum to {:.3}..{:.3} instead of 1",
+                f.min_total_weight, f.max_total_weight
+            )
+        } else {
+            String::new()
+        };
+        format!(
+            "in step {} one token weighs {:.2}× the global token mean's 1/N (total variation {:.3} from uniform){sums}",
+            f.worst_step, f.worst_max_relative_weight, f.worst_total_variation
+        )
+    };
+    let config = format!("--accum {} --world-size {}", steps.accum, steps.world_size);
+    if let Some(yours) = steps.formula(StepFormula::YourLoss) {
+        if yours.misweights() {
+            return vec![Finding::new(
+                Code::AccumulationMisweighted,
+                Severity::Error,
+                format!(
+                    "with {config}, your loss per micro-batch {}; see `maskaudit explain accumulation-misweighted`",
+                    describe(yours)
+                ),
+            )];
+        }
+        return vec![];
     }
-    Ok(())
+    let misweighting: Vec<String> = steps
+        .formulas
+        .iter()
+        .filter(|f| f.misweights())
+        .map(|f| format!("{}: {}", f.formula.name(), describe(f)))
+        .collect();
+    if misweighting.is_empty() {
+        return vec![];
+    }
+    let why = if has_loss {
+        "your loss takes no logits, so its per-token weights are unknown"
+    } else {
+        "no --loss says which formula your trainer uses"
+    };
+    vec![Finding::new(
+        Code::AccumulationMisweighted,
+        Severity::Info,
+        format!(
+            "with {config} ({why}), a trainer using {}",
+            misweighting.join("; ")
+        ),
+    )]
 }
 
 /// Findings about the data that need the batches; the rest come from [`crate::lint`].

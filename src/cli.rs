@@ -85,6 +85,16 @@ pub struct CheckArgs {
     #[command(flatten)]
     pub user_loss: UserLossArgs,
 
+    /// Simulate optimizer steps of K micro-batches (gradient accumulation) per rank
+    #[arg(long, value_name = "K", value_parser = clap::value_parser!(u32).range(1..), help_heading = "Training step")]
+    pub accum: Option<u32>,
+    /// Simulate W data-parallel ranks; micro-batch i of a step goes to rank i mod W
+    #[arg(long, value_name = "W", value_parser = clap::value_parser!(u32).range(1..), help_heading = "Training step")]
+    pub world_size: Option<u32>,
+    /// Leave out the last, partial step, as a trainer with drop_last does
+    #[arg(long, help_heading = "Training step")]
+    pub drop_last: bool,
+
     #[command(flatten)]
     pub severity: SeverityArgs,
 
@@ -151,6 +161,9 @@ pub struct UserLossArgs {
     /// Skip the padding and masked-logit invariance probes
     #[arg(long, help_heading = "Your loss")]
     pub no_probes: bool,
+    /// Write every row's per-target gradient weights (JSON lines) to this file
+    #[arg(long, value_name = "FILE", help_heading = "Your loss")]
+    pub weights_out: Option<PathBuf>,
 }
 
 impl UserLossArgs {
@@ -174,6 +187,7 @@ impl UserLossArgs {
             args_given: !self.loss_args.is_empty(),
             rtol: self.rtol,
             probes: !self.no_probes,
+            weights_out: self.weights_out.clone(),
         })
     }
 }
@@ -228,8 +242,9 @@ pub struct LintArgs {
 /// How rows are read and batched.
 #[derive(Debug, Args)]
 pub struct DataArgs {
-    /// Rows per batch, in file order; the last batch may be partial
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Data")]
+    /// Rows per batch (a micro-batch of the training step), in file order; the last batch
+    /// may be partial
+    #[arg(long, alias = "micro-batch", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Data")]
     pub batch_size: u32,
     /// Token id used to right-pad rows to the longest row of their batch (padding gets mask 0)
     #[arg(long, value_parser = clap::value_parser!(i64).range(0..), help_heading = "Data")]

@@ -47,6 +47,9 @@ fn long_form(code: Code) -> &'static str {
         Code::NonFiniteLoss => include_str!("explain/non-finite-loss.md"),
         Code::ModelNotPadInvariant => include_str!("explain/model-not-pad-invariant.md"),
         Code::ModelLengthUnverified => include_str!("explain/model-length-unverified.md"),
+        Code::GradientTrainsUntrained => include_str!("explain/gradient-trains-untrained.md"),
+        Code::AccumulationMisweighted => include_str!("explain/accumulation-misweighted.md"),
+        Code::GradientNotCrossEntropy => include_str!("explain/gradient-not-cross-entropy.md"),
     }
 }
 

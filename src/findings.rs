@@ -102,6 +102,12 @@ codes! {
         "The model's logits at real tokens change with the padding around them or with the batch's shape, so its losses cannot be trusted.";
     ModelLengthUnverified => "model-length-unverified",
         "Batches are longer than any length at which the exporter compared the trace with the eager model.";
+    GradientTrainsUntrained => "gradient-trains-untrained",
+        "Your loss's gradient reaches targets the mask excludes: padding or prompt tokens are trained.";
+    AccumulationMisweighted => "accumulation-misweighted",
+        "Across the micro-batches and ranks of an optimizer step, tokens get unequal weights or the step's weights do not sum to one.";
+    GradientNotCrossEntropy => "gradient-not-cross-entropy",
+        "Part of your loss's gradient is not next-token cross-entropy: label smoothing, an auxiliary term, other targets, or a leak through the logits.";
 }
 
 impl fmt::Display for Code {

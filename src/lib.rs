@@ -19,11 +19,13 @@ pub mod model;
 pub mod output;
 pub mod report;
 pub mod stats;
+pub mod steps;
 pub mod sys;
 pub mod token_rows;
 pub mod tokenizer;
 pub mod userloss;
 pub mod view;
+pub mod weights;
 
 /// mimalloc, for Rust and, through the `override` feature (which defines `malloc`, `free`,
 /// `posix_memalign`, … in the binary, ahead of glibc's), for libtorch too. With glibc's

@@ -15,6 +15,7 @@ use maskaudit::lint::LintOptions;
 use maskaudit::lint_command::{self, LintCommandOptions};
 use maskaudit::output::{self, markdown};
 use maskaudit::report::{Outcome, Verdict};
+use maskaudit::steps::StepConfig;
 use maskaudit::token_rows;
 use maskaudit::tokenizer::HfTokenizer;
 use maskaudit::view::{self, Ids, TokenText, ViewOptions};
@@ -73,6 +74,11 @@ fn check(args: CheckArgs) -> Result<ExitCode> {
         } else {
             0
         },
+        steps: (args.accum.is_some() || args.world_size.is_some()).then(|| StepConfig {
+            accum: args.accum.unwrap_or(1) as usize,
+            world_size: args.world_size.unwrap_or(1) as usize,
+            drop_last: args.drop_last,
+        }),
     };
     let progress = progress_bar(args.output.quiet);
     // The model's and the loss's own prints go to stderr, not into the report.

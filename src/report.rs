@@ -11,6 +11,7 @@ use crate::findings::{Code, Finding, Severity};
 use crate::lint::LintStats;
 use crate::model::consistency::Consistency;
 use crate::model::{ArgsSource, ForwardArg, OutputForm};
+use crate::steps::StepReport;
 use crate::token_rows::TokenRow;
 use crate::userloss::UserLossReport;
 
@@ -102,6 +103,8 @@ pub struct Report {
     pub contamination: Option<Contamination>,
     /// The audit of the user's loss; null without `--loss`/`--loss-method`.
     pub user_loss: Option<UserLossReport>,
+    /// The optimizer-step simulation; null without --accum/--world-size.
+    pub steps: Option<StepReport>,
     pub findings: Vec<Finding>,
     pub verdict: Verdict,
     /// The first `--html-rows` rows with their per-token losses, for the HTML report; not in

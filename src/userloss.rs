@@ -6,6 +6,8 @@
 //! ignore (extra padding, logits at untrained positions) and watch whether the value moves.
 
 use std::fmt;
+use std::fs::File;
+use std::io::{BufWriter, Write};
 use std::path::Path;
 
 use serde::Serialize;
@@ -18,8 +20,9 @@ use crate::diagnosis::{
     self, batch_hypotheses, BatchLosses, Conclusion, Diagnosis, Hypothesis, HypothesisSummary,
     ProbeResult,
 };
-use crate::findings::Finding;
+use crate::findings::{Code, Finding, Severity};
 use crate::model::{self, describe, torch_message, ModelError, TorchScriptLm};
+use crate::weights::{self, BatchGradient, GradientSummary};
 
 /// Batches the probes run on: the first ones with a trained target. Enough to catch a loss
 /// that moves, cheap on a large dataset.
@@ -35,10 +38,13 @@ pub enum LossArg {
     ShiftLogits,
     Targets,
     LossMask,
+    /// The trained targets of the whole optimizer step (all micro-batches and ranks), as a
+    /// 0-dim int64 tensor: what Hugging Face passes as `num_items_in_batch`.
+    NumItemsInBatch,
 }
 
 impl LossArg {
-    const ALL: [LossArg; 7] = [
+    const ALL: [LossArg; 8] = [
         LossArg::Logits,
         LossArg::InputIds,
         LossArg::Labels,
@@ -46,6 +52,7 @@ impl LossArg {
         LossArg::ShiftLogits,
         LossArg::Targets,
         LossArg::LossMask,
+        LossArg::NumItemsInBatch,
     ];
 
     pub fn name(self) -> &'static str {
@@ -57,6 +64,7 @@ impl LossArg {
             LossArg::ShiftLogits => "shift_logits",
             LossArg::Targets => "targets",
             LossArg::LossMask => "loss_mask",
+            LossArg::NumItemsInBatch => "num_items_in_batch",
         }
     }
 
@@ -150,45 +158,106 @@ impl UserLoss {
     /// Calls the loss and returns its scalar. The loss gets copies: one that writes into its
     /// inputs (zeroing the logits, say) cannot change what maskaudit computes from them.
     pub fn call(&self, model: &TorchScriptLm, t: &LossTensors) -> Result<f64, UserLossError> {
-        let described = |values: &[Tensor]| {
-            self.args
-                .iter()
-                .zip(values)
-                .map(|(a, v)| format!("{a} {:?} {:?}", v.size(), v.kind()))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        let threw = |message: String, values: &[Tensor]| UserLossError::Threw {
+        let values = self.copies(t)?;
+        let out = self.invoke(model, &values)?;
+        Ok(self.finite(&values, scalar(out))?.0)
+    }
+
+    /// [`UserLoss::call`], and the gradient of the loss with respect to the logits `[B,T,V]`
+    /// (None when the loss takes no logits or its value does not depend on them).
+    pub fn call_with_gradient(
+        &self,
+        model: &TorchScriptLm,
+        t: &LossTensors,
+    ) -> Result<(f64, Option<Tensor>), UserLossError> {
+        let torch = |e: tch::TchError| UserLossError::Threw {
             source_name: self.source_name(),
-            message,
-            args: described(values),
+            message: torch_message(&e.to_string()),
+            args: String::new(),
         };
-        let values: Vec<Tensor> = self
-            .args
+        let leaf = t
+            .logits
+            .f_detach()
+            .and_then(|l| l.f_copy_fresh())
+            .and_then(|l| l.f_set_requires_grad(true))
+            .map_err(torch)?;
+        tch::with_grad(|| {
+            // Not the leaf itself: a loss that writes into its logits may, as in PyTorch.
+            let logits = leaf.f_mul_scalar(1.0).map_err(torch)?;
+            let inputs = LossTensors {
+                logits,
+                ..t.copied().map_err(torch)?
+            };
+            let values: Vec<Tensor> = self.args.iter().map(|&a| inputs.get(a)).collect();
+            let out = self.invoke(model, &values)?;
+            let (value, tensor) = self.finite(&values, scalar(out))?;
+            let grad = match tensor {
+                Some(loss) if loss.requires_grad() => {
+                    let loss = loss.f_sum(loss.kind()).map_err(torch)?;
+                    Tensor::f_run_backward(&[&loss], &[&leaf], false, false)
+                        .map_err(torch)?
+                        .pop()
+                }
+                _ => None,
+            };
+            Ok((value, grad))
+        })
+    }
+
+    fn copies(&self, t: &LossTensors) -> Result<Vec<Tensor>, UserLossError> {
+        self.args
             .iter()
             .map(|&a| t.get(a).f_copy_fresh())
             .collect::<Result<_, _>>()
-            .map_err(|e| threw(torch_message(&e.to_string()), &[]))?;
+            .map_err(|e| UserLossError::Threw {
+                source_name: self.source_name(),
+                message: torch_message(&e.to_string()),
+                args: String::new(),
+            })
+    }
+
+    fn described(&self, values: &[Tensor]) -> String {
+        self.args
+            .iter()
+            .zip(values)
+            .map(|(a, v)| format!("{a} {:?} {:?}", v.size(), v.kind()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    fn invoke(&self, model: &TorchScriptLm, values: &[Tensor]) -> Result<IValue, UserLossError> {
         let inputs: Vec<IValue> = values
             .iter()
             .map(|v| IValue::Tensor(v.shallow_clone()))
             .collect();
-        let out = match &self.source {
+        match &self.source {
             Source::Module { module, .. } => module.forward_is(&inputs),
             Source::Method { name, .. } => model.module().method_is(name, &inputs),
         }
-        .map_err(|e| threw(torch_message(&e.to_string()), &values))?;
-        match scalar(out) {
-            Ok(Scalar::Real(x)) if x.is_finite() => Ok(x),
-            Ok(Scalar::Real(x)) => Err(UserLossError::NotFinite {
+        .map_err(|e| UserLossError::Threw {
+            source_name: self.source_name(),
+            message: torch_message(&e.to_string()),
+            args: self.described(values),
+        })
+    }
+
+    /// The loss's value, which must be a finite real number, and its tensor when it is one.
+    fn finite(
+        &self,
+        values: &[Tensor],
+        out: Result<(Scalar, Option<Tensor>), String>,
+    ) -> Result<(f64, Option<Tensor>), UserLossError> {
+        match out {
+            Ok((Scalar::Real(x), tensor)) if x.is_finite() => Ok((x, tensor)),
+            Ok((Scalar::Real(x), _)) => Err(UserLossError::NotFinite {
                 source_name: self.source_name(),
                 value: x.to_string(),
-                args: described(&values),
+                args: self.described(values),
             }),
-            Ok(Scalar::Complex) => Err(UserLossError::NotFinite {
+            Ok((Scalar::Complex, _)) => Err(UserLossError::NotFinite {
                 source_name: self.source_name(),
                 value: "a complex tensor".into(),
-                args: described(&values),
+                args: self.described(values),
             }),
             Err(found) => Err(UserLossError::NotScalar {
                 source_name: self.source_name(),
@@ -218,13 +287,13 @@ enum Scalar {
 }
 
 /// The scalar in a loss's output, or what came back instead.
-fn scalar(out: IValue) -> Result<Scalar, String> {
+fn scalar(out: IValue) -> Result<(Scalar, Option<Tensor>), String> {
     let tensor = match out {
         IValue::Tensor(t) => t,
-        IValue::Double(x) => return Ok(Scalar::Real(x)),
+        IValue::Double(x) => return Ok((Scalar::Real(x), None)),
         IValue::Tuple(items) | IValue::GenericList(items) => match items.into_iter().next() {
             Some(IValue::Tensor(t)) => t,
-            Some(IValue::Double(x)) => return Ok(Scalar::Real(x)),
+            Some(IValue::Double(x)) => return Ok((Scalar::Real(x), None)),
             Some(other) => {
                 return Err(format!(
                     "a tuple whose first element is {}",
@@ -256,14 +325,15 @@ fn scalar(out: IValue) -> Result<Scalar, String> {
         tensor.kind(),
         Kind::ComplexHalf | Kind::ComplexFloat | Kind::ComplexDouble
     ) {
-        return Ok(Scalar::Complex);
+        return Ok((Scalar::Complex, None));
     }
-    tensor
-        .f_to_kind(Kind::Double)
+    let value = tensor
+        .f_detach()
+        .and_then(|t| t.f_to_kind(Kind::Double))
         .and_then(|t| t.f_view([1]))
         .and_then(|t| t.f_double_value(&[0]))
-        .map(Scalar::Real)
-        .map_err(|e| torch_message(&e.to_string()))
+        .map_err(|e| torch_message(&e.to_string()))?;
+    Ok((Scalar::Real(value), Some(tensor)))
 }
 
 /// The named tensors of one batch, on the model's device.
@@ -273,6 +343,8 @@ pub struct LossTensors {
     attention_mask: Tensor,
     /// int64 0/1 `[B, T]`, aligned with input_ids.
     mask: Tensor,
+    /// Trained targets of the optimizer step this batch belongs to.
+    num_items: i64,
 }
 
 impl LossTensors {
@@ -281,13 +353,26 @@ impl LossTensors {
         input_ids: &Tensor,
         attention_mask: &Tensor,
         mask: &Tensor,
+        num_items: i64,
     ) -> Self {
         Self {
             logits: logits.shallow_clone(),
             input_ids: input_ids.shallow_clone(),
             attention_mask: attention_mask.shallow_clone(),
             mask: mask.shallow_clone(),
+            num_items,
         }
+    }
+
+    /// Fresh copies of the batch's integer tensors, the logits shared.
+    fn copied(&self) -> Result<Self, tch::TchError> {
+        Ok(Self {
+            logits: self.logits.shallow_clone(),
+            input_ids: self.input_ids.f_copy_fresh()?,
+            attention_mask: self.attention_mask.f_copy_fresh()?,
+            mask: self.mask.f_copy_fresh()?,
+            num_items: self.num_items,
+        })
     }
 
     fn positions(&self) -> i64 {
@@ -304,6 +389,9 @@ impl LossTensors {
             LossArg::ShiftLogits => self.logits.narrow(1, 0, t - 1),
             LossArg::Targets => self.input_ids.narrow(1, 1, t - 1),
             LossArg::LossMask => self.mask.narrow(1, 1, t - 1).to_kind(Kind::Float),
+            LossArg::NumItemsInBatch => {
+                Tensor::from(self.num_items).to_device(self.input_ids.device())
+            }
         }
     }
 
@@ -320,6 +408,7 @@ impl LossTensors {
             input_ids: Tensor::f_cat(&[&self.input_ids, &zeros.f_fill(pad_id)?], 1)?,
             attention_mask: Tensor::f_cat(&[&self.attention_mask, &zeros], 1)?,
             mask: Tensor::f_cat(&[&self.mask, &zeros], 1)?,
+            num_items: self.num_items,
         })
     }
 
@@ -343,6 +432,7 @@ impl LossTensors {
             input_ids: self.input_ids.shallow_clone(),
             attention_mask: self.attention_mask.shallow_clone(),
             mask: self.mask.shallow_clone(),
+            num_items: self.num_items,
         })
     }
 }
@@ -368,6 +458,8 @@ pub struct UserLossReport {
     pub verdict: String,
     pub hypotheses: Vec<HypothesisSummary>,
     pub probes: Probes,
+    /// The gradient weight map (added within schema version 1).
+    pub gradient: GradientSummary,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -385,6 +477,21 @@ pub struct LossAudit {
     probes: bool,
     probed: usize,
     pad_id: i64,
+    gradients: Vec<BatchGradient>,
+    weights_out: Option<WeightsOut>,
+}
+
+/// `--weights-out`: one JSON line per row with its per-target weights.
+struct WeightsOut {
+    path: String,
+    file: BufWriter<File>,
+}
+
+/// What the user's loss gave on one batch, for the step simulation.
+pub struct UserBatch {
+    pub value: f64,
+    /// Per-target weights `[B, T-1]` from the gradient, when there is one.
+    pub weights: Option<Vec<f64>>,
 }
 
 impl LossAudit {
@@ -399,7 +506,25 @@ impl LossAudit {
             probes,
             probed: 0,
             pad_id,
+            gradients: vec![],
+            weights_out: None,
         }
+    }
+
+    /// Writes every row's weights to `path` (created or truncated; refused if it exists and
+    /// is not a regular file).
+    pub fn write_weights_to(&mut self, path: &Path) -> anyhow::Result<()> {
+        let display = path.display().to_string();
+        if path.exists() && !path.is_file() {
+            anyhow::bail!("--weights-out {display}: not a regular file");
+        }
+        let file =
+            File::create(path).map_err(|e| anyhow::anyhow!("--weights-out {display}: {e}"))?;
+        self.weights_out = Some(WeightsOut {
+            path: display,
+            file: BufWriter::new(file),
+        });
+        Ok(())
     }
 
     /// Compares the user's loss on one batch; `next` holds the sums of the batch's next-token
@@ -411,13 +536,20 @@ impl LossAudit {
         tensors: &BatchTensors,
         logits: &Tensor,
         next: &BatchSums,
-    ) -> anyhow::Result<()> {
+        num_items: i64,
+    ) -> anyhow::Result<UserBatch> {
         let device = logits.device();
         let mask = Tensor::f_from_slice(&batch.mask)?
             .f_to_kind(Kind::Int64)?
             .f_view([batch.rows as i64, batch.seq_len as i64])?
             .f_to_device(device)?;
-        let inputs = LossTensors::new(logits, &tensors.input_ids, &tensors.attention_mask, &mask);
+        let inputs = LossTensors::new(
+            logits,
+            &tensors.input_ids,
+            &tensors.attention_mask,
+            &mask,
+            num_items,
+        );
         // Targets at t and at t+2: one log-softmax of the logits serves both.
         let shifted = model::shifted_token_losses_each(
             logits,
@@ -426,7 +558,22 @@ impl LossAudit {
             model::CHUNK_ELEMENTS,
         )?
         .ok_or_else(|| anyhow::anyhow!("non-finite logits"))?;
-        let user = self.loss.call(model, &inputs)?;
+        let (user, grad) = if self.loss.takes_logits() {
+            self.loss.call_with_gradient(model, &inputs)?
+        } else {
+            (self.loss.call(model, &inputs)?, None)
+        };
+        let weights = match grad {
+            Some(grad) => Some(self.weigh(batch, logits, &grad, &tensors.input_ids)?),
+            None => None,
+        };
+        // A loss given num_items_in_batch divides by the step's count, not the batch's: scaled
+        // back to the batch, the right one is a token mean like any other.
+        let compared = if self.loss.args.contains(&LossArg::NumItemsInBatch) && next.trained > 0 {
+            user * num_items as f64 / next.trained as f64
+        } else {
+            user
+        };
 
         let host = |losses: &Tensor| -> anyhow::Result<Vec<f32>> {
             Ok(Vec::try_from(
@@ -442,14 +589,49 @@ impl LossAudit {
             unshifted: (&unshifted, &batch.mask),
             double_shifted: (&double, &double_mask),
         });
-        self.diagnosis.observe(user, &hypotheses);
+        self.diagnosis.observe(compared, &hypotheses);
 
         let trained = hypotheses[Hypothesis::MaskedTokenMean.index()].is_some();
         if self.probes && trained && self.probed < PROBE_BATCHES {
             self.probed += 1;
             self.probe(model, &inputs, user, batch.seq_len as i64)?;
         }
-        Ok(())
+        Ok(UserBatch {
+            value: user,
+            weights,
+        })
+    }
+
+    /// The weight map of one batch: recovered, analysed, written out if asked.
+    fn weigh(
+        &mut self,
+        batch: &Batch,
+        logits: &Tensor,
+        grad: &Tensor,
+        input_ids: &Tensor,
+    ) -> anyhow::Result<Vec<f64>> {
+        let w = weights::recover(logits, grad, input_ids, model::CHUNK_ELEMENTS)?;
+        let mask = batch.target_mask();
+        let padding = batch.padding_target_mask();
+        let line = batch.lines.first().copied().unwrap_or(0);
+        self.gradients
+            .push(weights::analyse(&w, &mask, &padding, batch.rows, line));
+        if let Some(out) = &mut self.weights_out {
+            let per_row = batch.seq_len.saturating_sub(1);
+            for (r, &row_line) in batch.lines.iter().enumerate() {
+                let span = r * per_row..(r + 1) * per_row;
+                let record = serde_json::json!({
+                    "line": row_line,
+                    "mask": &mask[span.clone()],
+                    "padding": &padding[span.clone()],
+                    "weight": &w.weights[span.clone()],
+                    "residual": &w.residuals[span],
+                });
+                writeln!(out.file, "{record}")
+                    .map_err(|e| anyhow::anyhow!("--weights-out {}: {e}", out.path))?;
+            }
+        }
+        Ok(w.weights)
     }
 
     fn probe(
@@ -479,7 +661,15 @@ impl LossAudit {
     }
 
     /// The report and the findings. `sequence_gap`: the dataset's sequence mean vs token mean.
-    pub fn finish(mut self, sequence_gap: Option<f64>) -> (UserLossReport, Vec<Finding>) {
+    pub fn finish(
+        mut self,
+        sequence_gap: Option<f64>,
+    ) -> anyhow::Result<(UserLossReport, Vec<Finding>)> {
+        if let Some(mut out) = self.weights_out.take() {
+            out.file
+                .flush()
+                .map_err(|e| anyhow::anyhow!("--weights-out {}: {e}", out.path))?;
+        }
         let rtol = self.diagnosis.rtol();
         self.padding.finish(rtol);
         self.masked_logits.finish(rtol);
@@ -498,13 +688,22 @@ impl LossAudit {
             }
         }
         let conclusion = diagnosis::conclude(&self.diagnosis, &self.padding);
-        let findings = diagnosis::findings(
+        let note = if !self.loss.takes_logits() {
+            "the loss takes no logits: no gradient to weigh".to_string()
+        } else if self.gradients.is_empty() {
+            "the loss's value does not depend on the logits through autograd".to_string()
+        } else {
+            String::new()
+        };
+        let gradient = GradientSummary::of(std::mem::take(&mut self.gradients), note);
+        let mut findings = diagnosis::findings(
             &conclusion,
             &self.diagnosis,
             &self.padding,
             &self.masked_logits,
             sequence_gap,
         );
+        findings.extend(gradient_findings(&gradient));
         let (matched, candidates, error_of) = match &conclusion {
             Conclusion::Matched(h) => (Some(h.name()), vec![h.name()], Some(*h)),
             Conclusion::Ambiguous(hs) => (None, hs.iter().map(|h| h.name()).collect(), None),
@@ -527,9 +726,58 @@ impl LossAudit {
                 padding: self.padding,
                 masked_logits: self.masked_logits,
             },
+            gradient,
         };
-        (report, findings)
+        Ok((report, findings))
     }
+}
+
+/// Share of the gradient on untrained targets above which the loss trains them: a masked
+/// loss leaves exactly zero there.
+const UNTRAINED_SHARE: f64 = 1e-6;
+
+fn gradient_findings(g: &GradientSummary) -> Vec<Finding> {
+    let mut findings = vec![];
+    let worst = |f: fn(&BatchGradient) -> f64| {
+        g.batches
+            .iter()
+            .max_by(|a, b| f(a).total_cmp(&f(b)))
+            .map(|b| b.line)
+            .unwrap_or(0)
+    };
+    if g.max_untrained_share > UNTRAINED_SHARE {
+        findings.push(
+            Finding::new(
+                Code::GradientTrainsUntrained,
+                Severity::Error,
+                format!(
+                    "{:.1}% of your loss's gradient trains targets the mask excludes ({:.1}% padding), in the worst batch",
+                    g.max_untrained_share * 100.0,
+                    g.max_padding_share * 100.0
+                ),
+            )
+            .with_records(vec![worst(|b| b.untrained_share)]),
+        );
+    }
+    let leak = g
+        .batches
+        .iter()
+        .map(|b| b.last_position_share)
+        .fold(0.0, f64::max);
+    if g.max_residual > weights::RESIDUAL_TOLERANCE || leak > UNTRAINED_SHARE {
+        findings.push(
+            Finding::new(
+                Code::GradientNotCrossEntropy,
+                Severity::Warning,
+                format!(
+                    "part of your loss's gradient is not next-token cross-entropy (largest residual {:.2e}; {:.2e} of it at last positions, which predict nothing): label smoothing, a z-loss, other targets, or the logits entering the loss some other way",
+                    g.max_residual, leak
+                ),
+            )
+            .with_records(vec![worst(|b| b.max_residual)]),
+        );
+    }
+    findings
 }
 
 /// What the padding probe did, once it ran on at least one batch; `failure` is the note left by

@@ -38,6 +38,9 @@ pub struct ExportRecord {
     pub vocab_size: Option<i64>,
     #[serde(default)]
     pub max_position_embeddings: Option<i64>,
+    /// The longest input the eager model itself accepts (learned positions), when it has one.
+    #[serde(default)]
+    pub length_limit: Option<i64>,
     #[serde(default)]
     pub trace_length: Option<i64>,
     /// Sequence lengths at which the exporter compared the trace with the eager model.
@@ -50,6 +53,11 @@ pub struct ExportRecord {
 }
 
 impl ExportRecord {
+    /// The longest input the model accepts, as far as the record knows.
+    pub fn position_limit(&self) -> Option<i64> {
+        self.length_limit.or(self.max_position_embeddings)
+    }
+
     /// The longest length the exporter checked the trace at.
     pub fn longest_verified(&self) -> Option<i64> {
         self.verified_lengths.iter().copied().max()

@@ -7,7 +7,9 @@ use comfy_table::{Cell, CellAlignment, Table};
 
 use crate::findings::Finding;
 use crate::report::{Report, Verdict};
+use crate::steps::StepReport;
 use crate::userloss::UserLossReport;
+use crate::weights::GradientSummary;
 
 /// Each aggregate, with what it is and where it comes from.
 pub(crate) const AGGREGATES: &[(&str, &str)] = &[
@@ -159,6 +161,9 @@ pub fn write<W: Write>(out: &mut W, report: &Report) -> std::io::Result<()> {
     if let Some(user) = &report.user_loss {
         write_user_loss(out, user)?;
     }
+    if let Some(steps) = &report.steps {
+        write_steps(out, steps)?;
+    }
     write_findings(out, &report.findings)?;
     write_verdict(out, report.verdict)
 }
@@ -226,6 +231,89 @@ fn write_user_loss<W: Write>(out: &mut W, user: &UserLossReport) -> std::io::Res
         };
         writeln!(out, "probe {name}: {outcome}")?;
     }
+    write_gradient(out, &user.gradient)?;
+    writeln!(out)
+}
+
+/// The gradient weight map in three lines: what the weights follow, where they go, and what is
+/// not cross-entropy.
+fn write_gradient<W: Write>(out: &mut W, g: &GradientSummary) -> std::io::Result<()> {
+    if g.batches.is_empty() {
+        return writeln!(out, "gradient: not weighed: {}", g.note);
+    }
+    let follows = match (g.matched, g.scale) {
+        (Some(m), Some(c)) if (c - 1.0).abs() <= 1e-3 => format!("follow {m}"),
+        (Some(m), Some(c)) => format!("follow {m} scaled by {c:.4}"),
+        _ => "follow no single normalisation".into(),
+    };
+    writeln!(
+        out,
+        "gradient: per-token weights over {} batches {follows}; {} of the gradient trains untrained targets ({} padding) in the worst batch",
+        g.batches.len(),
+        percent(g.max_untrained_share),
+        percent(g.max_padding_share)
+    )?;
+    writeln!(
+        out,
+        "          largest residual (not next-token cross-entropy) {:.1e}",
+        g.max_residual
+    )
+}
+
+/// The training-step simulation: per formula, its worst step.
+fn write_steps<W: Write>(out: &mut W, steps: &StepReport) -> std::io::Result<()> {
+    let dropped = if steps.dropped_micro_batches > 0 {
+        format!(
+            "; {} micro-batches of the partial last step dropped",
+            steps.dropped_micro_batches
+        )
+    } else {
+        String::new()
+    };
+    writeln!(
+        out,
+        "training steps: {} steps of {} rank(s) × {} micro-batch(es) of {} rows{dropped}",
+        steps.steps.len(),
+        steps.world_size,
+        steps.accum,
+        steps.micro_batch_rows
+    )?;
+    let mut table = Table::new();
+    table.load_preset(UTF8_FULL_CONDENSED);
+    table.set_header(vec![
+        "formula",
+        "heaviest token vs 1/N",
+        "max/min",
+        "distance from uniform",
+        "weight sum",
+        "worst step",
+        "logged loss",
+    ]);
+    for f in &steps.formulas {
+        let right = |s: String| Cell::new(s).set_alignment(CellAlignment::Right);
+        table.add_row(vec![
+            Cell::new(f.formula.name()),
+            right(format!("{:.2}×", f.worst_max_relative_weight)),
+            right(
+                f.worst_max_min_ratio
+                    .map(|r| format!("{r:.2}"))
+                    .unwrap_or_else(|| "n/a".into()),
+            ),
+            right(format!("{:.4}", f.worst_total_variation)),
+            right(if (f.max_total_weight - f.min_total_weight).abs() < 5e-4 {
+                format!("{:.3}", f.min_total_weight)
+            } else {
+                format!("{:.3}..{:.3}", f.min_total_weight, f.max_total_weight)
+            }),
+            right(f.worst_step.to_string()),
+            right(
+                f.mean_logged_loss
+                    .map(|l| format!("{l:.6}"))
+                    .unwrap_or_else(|| "n/a".into()),
+            ),
+        ]);
+    }
+    writeln!(out, "{table}")?;
     writeln!(out)
 }
 

@@ -1,0 +1,418 @@
+//! The gradient weight map: what weight the user's loss really gives each token.
+//!
+//! Any loss built linearly from per-token cross-entropies, L = Σ w[b,t]·ℓ[b,t] + (other terms),
+//! has the gradient g = ∂L/∂z[b,t] = w[b,t]·d[b,t] + (other terms) at the logits z of position
+//! t, where d = softmax(z) − onehot(input_ids[t+1]) is the cross-entropy's own gradient. So
+//! w = ⟨g,d⟩/⟨d,d⟩ recovers each token's weight exactly, and the residual ‖g − w·d‖/‖g‖ is what
+//! is not next-token cross-entropy (label smoothing, a z-loss, wrong targets, a leak through
+//! the logits). A correct token mean gives w = 1/Σm on trained targets and 0 elsewhere; the
+//! founding bug gives every padding target a weight of its own. This identifies any linear
+//! reduction from one batch, including ones no formula in [`crate::diagnosis`] names.
+//!
+//! [`recover`] needs libtorch (the softmax of every position); the rest is pure.
+
+use serde::Serialize;
+use tch::{Kind, Tensor};
+
+/// Per-token weights and residuals of one batch, `[B, T-1]` row-major, aligned with the
+/// targets (position t predicts token t+1).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenWeights {
+    pub weights: Vec<f64>,
+    pub residuals: Vec<f64>,
+    /// ‖g‖ at the last position of each row, which predicts nothing: a correct loss leaves
+    /// it at 0. Summed over rows.
+    pub last_position_norm: f64,
+    /// Σ‖g‖ over every position, for scale.
+    pub total_norm: f64,
+}
+
+/// Recovers the weights from the logits `z` `[B,T,V]` and the loss's gradient `g` (same
+/// shape), `chunk` positions' worth of `[n, V]` at a time so memory stays bounded.
+pub fn recover(
+    logits: &Tensor,
+    grad: &Tensor,
+    input_ids: &Tensor,
+    chunk_elements: i64,
+) -> Result<TokenWeights, tch::TchError> {
+    let size = logits.size();
+    let (b, t, v) = (size[0], size[1], size[2]);
+    let positions = (t - 1).max(0);
+    let rows_per_chunk = (chunk_elements / v.max(1)).max(1);
+    let mut weights = Vec::with_capacity((b * positions) as usize);
+    let mut residuals = Vec::with_capacity((b * positions) as usize);
+    let mut last_position_norm = 0.0;
+    let mut total_norm = 0.0;
+    let ids = input_ids.f_to_device(logits.device())?;
+    for row in 0..b {
+        let z_row = logits.f_select(0, row)?;
+        let g_row = grad.f_select(0, row)?;
+        let ids_row = ids.f_select(0, row)?;
+        let mut start = 0;
+        while start < positions {
+            let n = rows_per_chunk.min(positions - start);
+            let z = z_row.f_narrow(0, start, n)?.f_to_kind(Kind::Double)?;
+            let g = g_row.f_narrow(0, start, n)?.f_to_kind(Kind::Double)?;
+            let target = ids_row.f_narrow(0, start + 1, n)?.f_unsqueeze(1)?;
+            let mut d = z.f_softmax(-1, Kind::Double)?;
+            let minus_one = Tensor::f_full([n, 1], -1.0, (Kind::Double, z.device()))?;
+            let _ = d.f_scatter_add_(1, &target, &minus_one)?;
+            let gd = g.f_mul(&d)?.f_sum_dim_intlist(-1, false, Kind::Double)?;
+            let dd = d.f_mul(&d)?.f_sum_dim_intlist(-1, false, Kind::Double)?;
+            let gg = g.f_mul(&g)?.f_sum_dim_intlist(-1, false, Kind::Double)?;
+            let gd = Vec::<f64>::try_from(gd)?;
+            let dd = Vec::<f64>::try_from(dd)?;
+            let gg = Vec::<f64>::try_from(gg)?;
+            for k in 0..n as usize {
+                // d = 0 only when the model is certain and right: no gradient to weigh.
+                let w = if dd[k] > 0.0 { gd[k] / dd[k] } else { 0.0 };
+                // ‖g − w·d‖² = ‖g‖² − 2w⟨g,d⟩ + w²‖d‖² = ‖g‖² − ⟨g,d⟩²/‖d‖².
+                let rest = (gg[k] - w * gd[k]).max(0.0);
+                weights.push(w);
+                residuals.push(if gg[k] > 0.0 {
+                    (rest / gg[k]).sqrt()
+                } else {
+                    0.0
+                });
+                total_norm += gg[k].sqrt();
+            }
+            start += n;
+        }
+        if t >= 1 {
+            let g_last = g_row.f_select(0, t - 1)?.f_to_kind(Kind::Double)?;
+            let norm = f64::try_from(g_last.f_norm()?)?;
+            last_position_norm += norm;
+            total_norm += norm;
+        }
+    }
+    Ok(TokenWeights {
+        weights,
+        residuals,
+        last_position_norm,
+        total_norm,
+    })
+}
+
+/// A reduction the weights may follow, by the weight it gives one token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Normalisation {
+    TokenMean,
+    AllPositionsMean,
+    MaskedSumOverAllPositions,
+    SequenceMean,
+    Sum,
+}
+
+impl Normalisation {
+    pub const ALL: [Normalisation; 5] = [
+        Normalisation::TokenMean,
+        Normalisation::AllPositionsMean,
+        Normalisation::MaskedSumOverAllPositions,
+        Normalisation::SequenceMean,
+        Normalisation::Sum,
+    ];
+
+    /// The names of [`crate::diagnosis`]'s formulas.
+    pub fn name(self) -> &'static str {
+        match self {
+            Normalisation::TokenMean => "masked_token_mean",
+            Normalisation::AllPositionsMean => "all_positions_mean",
+            Normalisation::MaskedSumOverAllPositions => "masked_sum_over_all_positions",
+            Normalisation::SequenceMean => "sequence_mean",
+            Normalisation::Sum => "masked_sum",
+        }
+    }
+
+    /// The analytic weights for a batch of `rows` rows with target mask `mask`.
+    pub fn weights(self, mask: &[u8], rows: usize) -> Vec<f64> {
+        let n = mask.len();
+        let trained = mask.iter().filter(|&&m| m != 0).count() as f64;
+        let m = |i: usize| f64::from(mask[i] != 0);
+        match self {
+            Normalisation::TokenMean => (0..n).map(|i| m(i) / trained.max(1.0)).collect(),
+            Normalisation::AllPositionsMean => vec![1.0 / n.max(1) as f64; n],
+            Normalisation::MaskedSumOverAllPositions => {
+                (0..n).map(|i| m(i) / n.max(1) as f64).collect()
+            }
+            Normalisation::SequenceMean => {
+                let per_row = n / rows.max(1);
+                let counts: Vec<f64> = (0..rows)
+                    .map(|r| (r * per_row..(r + 1) * per_row).map(m).sum())
+                    .collect();
+                let rows_trained = counts.iter().filter(|&&c| c > 0.0).count() as f64;
+                (0..n)
+                    .map(|i| {
+                        let c = counts[i / per_row.max(1)];
+                        if c > 0.0 {
+                            m(i) / (c * rows_trained)
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect()
+            }
+            Normalisation::Sum => (0..n).map(m).collect(),
+        }
+    }
+}
+
+/// Relative error below which recovered weights are taken to follow a normalisation: the
+/// recovery is exact up to the gradient's rounding (f32 logits).
+pub const MATCH_TOLERANCE: f64 = 1e-3;
+
+/// Residual above which a token's gradient is said not to be next-token cross-entropy.
+pub const RESIDUAL_TOLERANCE: f64 = 1e-3;
+
+/// What one batch's weights show.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BatchGradient {
+    /// First record of the batch.
+    pub line: usize,
+    /// Σ|w| over untrained targets / Σ|w|: the share of the gradient that trains what the
+    /// mask excludes.
+    pub untrained_share: f64,
+    /// The part of it on padding targets (attention 0).
+    pub padding_share: f64,
+    /// max w / min w over trained targets (1 for a token mean).
+    pub token_ratio: Option<f64>,
+    /// The largest max/min of w within one row's trained targets.
+    pub within_row_ratio: Option<f64>,
+    /// The normalisation the weights follow, up to `scale`; null when none does.
+    pub matched: Option<&'static str>,
+    /// w / (the normalisation's weight): 1 for the formula itself.
+    pub scale: Option<f64>,
+    /// Every normalisation the weights fit, with its scale (several when this batch cannot
+    /// tell them apart, e.g. equal rows make a sequence mean a token mean).
+    pub fits: Vec<Fit>,
+    /// The largest residual over positions with weight or gradient.
+    pub max_residual: f64,
+    /// ‖g‖ at last positions (which predict nothing) / Σ‖g‖.
+    pub last_position_share: f64,
+}
+
+/// Analyses one batch's weights. `mask` is the target mask, `padding` 1 where the target is
+/// padding (attention 0); both `[B, T-1]` like the weights.
+pub fn analyse(
+    w: &TokenWeights,
+    mask: &[u8],
+    padding: &[u8],
+    rows: usize,
+    line: usize,
+) -> BatchGradient {
+    let abs_total: f64 = w.weights.iter().map(|x| x.abs()).sum();
+    let share = |pick: &dyn Fn(usize) -> bool| {
+        if abs_total > 0.0 {
+            (0..w.weights.len())
+                .filter(|&i| pick(i))
+                .map(|i| w.weights[i].abs())
+                .sum::<f64>()
+                / abs_total
+        } else {
+            0.0
+        }
+    };
+    let untrained_share = share(&|i| mask[i] == 0);
+    let padding_share = share(&|i| mask[i] == 0 && padding[i] != 0);
+    let ratio = |idx: &mut dyn Iterator<Item = usize>| {
+        let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
+        for i in idx {
+            lo = lo.min(w.weights[i]);
+            hi = hi.max(w.weights[i]);
+        }
+        (hi >= lo && lo > 0.0).then(|| hi / lo)
+    };
+    let n = w.weights.len();
+    let token_ratio = ratio(&mut (0..n).filter(|&i| mask[i] != 0));
+    let per_row = n / rows.max(1);
+    let within_row_ratio = (0..rows)
+        .filter_map(|r| ratio(&mut (r * per_row..(r + 1) * per_row).filter(|&i| mask[i] != 0)))
+        .fold(None, |acc: Option<f64>, x| {
+            Some(acc.map_or(x, |a| a.max(x)))
+        });
+    let (matched, scale) = match_normalisation(&w.weights, mask, rows);
+    let fits = fits(&w.weights, mask, rows)
+        .into_iter()
+        .map(|(h, scale)| Fit {
+            formula: h.name(),
+            scale,
+        })
+        .collect();
+    let max_residual = w.residuals.iter().copied().fold(0.0, f64::max);
+    BatchGradient {
+        line,
+        untrained_share,
+        padding_share,
+        token_ratio,
+        within_row_ratio,
+        matched: matched.map(|m| m.name()),
+        scale,
+        fits,
+        max_residual,
+        last_position_share: if w.total_norm > 0.0 {
+            w.last_position_norm / w.total_norm
+        } else {
+            0.0
+        },
+    }
+}
+
+/// A normalisation the weights fit, and by what factor.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Fit {
+    pub formula: &'static str,
+    pub scale: f64,
+}
+
+/// The normalisation whose weights, scaled, fit `w` within [`MATCH_TOLERANCE`]; among those,
+/// the one whose scale is nearest 1 (a sum and a mean differ only in scale).
+pub fn match_normalisation(
+    w: &[f64],
+    mask: &[u8],
+    rows: usize,
+) -> (Option<Normalisation>, Option<f64>) {
+    let fits = fits(w, mask, rows);
+    let best = fits
+        .iter()
+        .min_by(|a, b| a.1.ln().abs().total_cmp(&b.1.ln().abs()));
+    (best.map(|b| b.0), best.map(|b| b.1))
+}
+
+/// Every normalisation that, scaled by a positive factor, fits `w` within
+/// [`MATCH_TOLERANCE`].
+pub fn fits(w: &[f64], mask: &[u8], rows: usize) -> Vec<(Normalisation, f64)> {
+    let norm_w: f64 = w.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let mut out = vec![];
+    if norm_w == 0.0 {
+        return out;
+    }
+    for h in Normalisation::ALL {
+        let hw = h.weights(mask, rows);
+        let hh: f64 = hw.iter().map(|x| x * x).sum();
+        if hh == 0.0 {
+            continue;
+        }
+        let c = w.iter().zip(&hw).map(|(a, b)| a * b).sum::<f64>() / hh;
+        let err = w
+            .iter()
+            .zip(&hw)
+            .map(|(a, b)| (a - c * b).powi(2))
+            .sum::<f64>()
+            .sqrt()
+            / norm_w;
+        if err <= MATCH_TOLERANCE && c > 0.0 {
+            out.push((h, c));
+        }
+    }
+    out
+}
+
+/// Over all the batches the weight map ran on.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct GradientSummary {
+    pub batches: Vec<BatchGradient>,
+    /// The normalisation every batch fits with the same scale (the scale nearest 1 when
+    /// several do), or null.
+    pub matched: Option<&'static str>,
+    pub scale: Option<f64>,
+    /// The largest untrained share of any batch.
+    pub max_untrained_share: f64,
+    pub max_padding_share: f64,
+    pub max_residual: f64,
+    /// Why there is no weight map, when there is none.
+    pub note: String,
+}
+
+impl GradientSummary {
+    pub fn of(batches: Vec<BatchGradient>, note: String) -> Self {
+        let same = |a: f64, b: f64| (a - b).abs() <= MATCH_TOLERANCE * a.abs().max(b.abs());
+        let common = batches.first().map_or(vec![], |first| {
+            first
+                .fits
+                .iter()
+                .filter(|f| {
+                    batches.iter().all(|b| {
+                        b.fits
+                            .iter()
+                            .any(|g| g.formula == f.formula && same(g.scale, f.scale))
+                    })
+                })
+                .copied()
+                .collect::<Vec<Fit>>()
+        });
+        let best = common
+            .iter()
+            .min_by(|a, b| a.scale.ln().abs().total_cmp(&b.scale.ln().abs()));
+        let max = |f: fn(&BatchGradient) -> f64| batches.iter().map(f).fold(0.0, f64::max);
+        Self {
+            matched: best.map(|f| f.formula),
+            scale: best.map(|f| f.scale),
+            max_untrained_share: max(|b| b.untrained_share),
+            max_padding_share: max(|b| b.padding_share),
+            max_residual: max(|b| b.max_residual),
+            batches,
+            note,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tw(weights: Vec<f64>) -> TokenWeights {
+        let n = weights.len();
+        TokenWeights {
+            weights,
+            residuals: vec![0.0; n],
+            last_position_norm: 0.0,
+            total_norm: 1.0,
+        }
+    }
+
+    #[test]
+    fn each_normalisation_is_recognised_from_its_own_weights() {
+        // Two rows of four targets; row 1 has one trained target, row 0 three.
+        let mask = [1, 1, 1, 0, 0, 1, 0, 0];
+        for h in Normalisation::ALL {
+            let (got, scale) = match_normalisation(&h.weights(&mask, 2), &mask, 2);
+            assert_eq!(got, Some(h), "{h:?}");
+            assert!((scale.unwrap() - 1.0).abs() < 1e-12);
+        }
+        let scaled: Vec<f64> = Normalisation::TokenMean
+            .weights(&mask, 2)
+            .iter()
+            .map(|w| 1.37 * w)
+            .collect();
+        let (got, scale) = match_normalisation(&scaled, &mask, 2);
+        assert_eq!(got, Some(Normalisation::TokenMean));
+        assert!((scale.unwrap() - 1.37).abs() < 1e-12);
+    }
+
+    #[test]
+    fn shares_and_ratios_follow_the_weights() {
+        let mask = [1, 1, 1, 0, 0, 1, 0, 0];
+        let padding = [0, 0, 0, 1, 0, 0, 1, 1];
+        // All positions: every target weighs 1/8, so 5/8 of the gradient is untrained.
+        let g = analyse(
+            &tw(Normalisation::AllPositionsMean.weights(&mask, 2)),
+            &mask,
+            &padding,
+            2,
+            1,
+        );
+        assert!((g.untrained_share - 5.0 / 8.0).abs() < 1e-12);
+        assert!((g.padding_share - 3.0 / 8.0).abs() < 1e-12);
+        assert_eq!(g.matched, Some("all_positions_mean"));
+        // Sequence mean: 1/6 in row 0, 1/2 in row 1: uniform within rows, 3× across.
+        let g = analyse(
+            &tw(Normalisation::SequenceMean.weights(&mask, 2)),
+            &mask,
+            &padding,
+            2,
+            1,
+        );
+        assert!((g.token_ratio.unwrap() - 3.0).abs() < 1e-12);
+        assert!((g.within_row_ratio.unwrap() - 1.0).abs() < 1e-12);
+        assert_eq!(g.untrained_share, 0.0);
+    }
+}
