@@ -216,9 +216,10 @@ impl Report {
     /// The checks this run made, named by the finding codes each can emit: the lint checks
     /// (EOS checks with `--eos-id`), the contamination and trained-position checks, the
     /// non-finite check, the model probe when it ran, the length check when the model has an
-    /// exporter record, the user-loss formulas and probes when a loss was given; plus any code
-    /// that was found. `no-padding` is the other outcome of `padding-contamination`, so it is
-    /// listed only when found.
+    /// exporter record, the user-loss formulas and probes when a loss was given, the gradient
+    /// checks when its weights were recovered, the accumulation check with `--accum` or
+    /// `--world-size`; plus any code that was found. `no-padding` is the other outcome of
+    /// `padding-contamination`, so it is listed only when found.
     pub fn checks(&self) -> Vec<Code> {
         let mut checks = lint_checks(self.data.pad_id, self.statistics.eos.map(|e| e.id), false);
         checks.extend([
@@ -248,6 +249,12 @@ impl Report {
             if user.probes.masked_logits.ran {
                 checks.push(Code::MaskedLogitsLeak);
             }
+            if !user.gradient.batches.is_empty() {
+                checks.extend([Code::GradientTrainsUntrained, Code::GradientNotCrossEntropy]);
+            }
+        }
+        if self.steps.is_some() {
+            checks.push(Code::AccumulationMisweighted);
         }
         with_found(checks, &self.findings)
     }

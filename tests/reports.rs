@@ -135,7 +135,7 @@ fn junit_validates_and_fails_one_test_case_per_error_code() {
     assert_valid_junit(&xml_path);
     let xml = std::fs::read_to_string(&xml_path).unwrap();
     let errors = error_codes(&report);
-    assert_eq!(errors, 3, "the fixture loss fails three ways: {report:?}");
+    assert_eq!(errors, 4, "the fixture loss fails four ways: {report:?}");
     assert_eq!(attribute(&xml, "testsuite", "failures"), errors.to_string());
     assert_eq!(xml.matches("<failure ").count(), errors);
     assert_eq!(attribute(&xml, "testsuite", "name"), "maskaudit check");
@@ -143,6 +143,9 @@ fn junit_validates_and_fails_one_test_case_per_error_code() {
     assert!(xml.contains("<testcase name=\"padding-contamination\""));
     assert!(xml.contains("<system-out>warning[padding-contamination]"));
     assert!(xml.contains("<testcase name=\"off-by-one-shift\" classname=\"maskaudit.check\" file=\"fixtures/ragged.jsonl\"/>"));
+    // The gradient checks ran (the loss takes logits); no --accum: no accumulation check.
+    assert!(xml.contains("<testcase name=\"gradient-not-cross-entropy\""));
+    assert!(!xml.contains("accumulation-misweighted"));
     let tests: usize = attribute(&xml, "testsuite", "tests").parse().unwrap();
     assert_eq!(tests, xml.matches("<testcase ").count());
 

@@ -7,7 +7,8 @@
 //! its id, piece, loss and mask. Classes: `trained` / `untrained` (a target after the shift,
 //! or not; `first` for a row's first token, which no position predicts), `pad` for trailing
 //! padding, and `pad in-loss` (red) for padding that is trained or, with a loss, that the
-//! user's loss takes in (it matched `all_positions_mean`, or the padding probe failed).
+//! user's loss takes in (it matched `all_positions_mean`, the padding probe failed, or part of
+//! its gradient reaches padding).
 //! Under `check` a token's background shades with the loss predicting it, from white (0) to
 //! orange (the largest loss shown). Rows are `<tr class="token-row">`.
 //!
@@ -301,7 +302,9 @@ pub fn check(report: &Report, text: &dyn TokenText) -> String {
     );
     findings(&mut out, &d.path, d.records, &report.findings);
     let padding_in_loss = report.user_loss.as_ref().is_some_and(|u| {
-        u.matched == Some("all_positions_mean") || u.probes.padding.passed == Some(false)
+        u.matched == Some("all_positions_mean")
+            || u.probes.padding.passed == Some(false)
+            || u.gradient.max_padding_share > 0.0
     });
     token_view(
         &mut out,
