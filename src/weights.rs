@@ -392,7 +392,7 @@ mod tests {
     fn shares_and_ratios_follow_the_weights() {
         let mask = [1, 1, 1, 0, 0, 1, 0, 0];
         let padding = [0, 0, 0, 1, 0, 0, 1, 1];
-        // All positions: every target weighs 1/8, so 5/8 of the gradient is untrained.
+        // All positions: every target weighs 1/8, so 4/8 of the gradient is untrained.
         let g = analyse(
             &tw(Normalisation::AllPositionsMean.weights(&mask, 2)),
             &mask,
@@ -400,7 +400,7 @@ mod tests {
             2,
             1,
         );
-        assert!((g.untrained_share - 5.0 / 8.0).abs() < 1e-12);
+        assert!((g.untrained_share - 4.0 / 8.0).abs() < 1e-12);
         assert!((g.padding_share - 3.0 / 8.0).abs() < 1e-12);
         assert_eq!(g.matched, Some("all_positions_mean"));
         // Sequence mean: 1/6 in row 0, 1/2 in row 1: uniform within rows, 3× across.

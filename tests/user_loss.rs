@@ -353,9 +353,13 @@ fn probes_can_be_skipped_and_severities_overridden() {
     assert_eq!(out.code, 1);
     assert!(!json.user_loss.probes.padding.ran);
     assert!(!json.user_loss.probes.masked_logits.ran);
+    // The probes' findings are gone; the gradient weight map is no probe and still runs.
     assert_eq!(
         codes(&json),
-        vec![("loss-includes-padding".to_string(), "error".to_string())]
+        vec![
+            ("loss-includes-padding".to_string(), "error".to_string()),
+            ("gradient-trains-untrained".to_string(), "error".to_string())
+        ]
     );
 
     let seq = fixture("losses/sequence_mean.pt");
