@@ -207,19 +207,31 @@ fn token_text(tokenizer: Option<&Path>) -> Result<Box<dyn TokenText>> {
 }
 
 /// maskaudit never writes to its inputs: an output path naming one is refused before the run.
+/// `--baseline` is an input too, except to `--write-baseline`, which may update it.
 fn refuse_to_overwrite(reports: &ReportArgs, inputs: &[PathBuf]) -> Result<()> {
-    let outputs = [&reports.junit, &reports.html, &reports.write_baseline];
-    for output in outputs.into_iter().flatten() {
-        let Ok(target) = std::fs::canonicalize(output) else {
-            continue;
-        };
-        for input in inputs {
-            if std::fs::canonicalize(input).is_ok_and(|i| i == target) {
-                anyhow::bail!(
-                    "{}: is an input of this run (refusing to overwrite it); choose another output file",
-                    output.display()
-                );
-            }
+    let same = |a: &Path, b: &Path| {
+        std::fs::canonicalize(a)
+            .ok()
+            .zip(std::fs::canonicalize(b).ok())
+            .is_some_and(|(a, b)| a == b)
+    };
+    let outputs = [
+        (&reports.junit, true),
+        (&reports.html, true),
+        (&reports.write_baseline, false),
+    ];
+    for (output, baseline_is_input) in outputs {
+        let Some(output) = output else { continue };
+        let baseline = reports.baseline.iter().filter(|_| baseline_is_input);
+        if inputs
+            .iter()
+            .chain(baseline)
+            .any(|input| same(output, input))
+        {
+            anyhow::bail!(
+                "{}: is an input of this run (refusing to overwrite it); choose another output file",
+                output.display()
+            );
         }
     }
     Ok(())

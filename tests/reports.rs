@@ -374,6 +374,18 @@ fn a_baseline_accepts_known_findings_and_new_ones_still_fail() {
         &lint(&["--junit", &data]),
         "is an input of this run (refusing to overwrite it)",
     );
+    assert_usage_error(
+        &lint(&["--baseline", &baseline, "--html", &baseline]),
+        "is an input of this run (refusing to overwrite it)",
+    );
+    // --write-baseline may update the baseline it reads.
+    let out = lint(&["--baseline", &baseline, "--write-baseline", &baseline]);
+    assert_eq!(out.code, 1, "the new finding still fails: {out:?}");
+    let rewritten = std::fs::read_to_string(&baseline).unwrap();
+    assert!(
+        rewritten.contains("unexpected-negative-label"),
+        "{rewritten}"
+    );
 }
 
 /// Runs Chromium headless on `args`, with its own profile, waiting at most two minutes (a
