@@ -16,7 +16,7 @@ VENV ?= $(CACHE_DIR)/venv-torch-$(TORCH_VERSION)
 PYTHON ?= python3
 CARGO ?= cargo
 
-.PHONY: all setup build demo test fixtures export hf-models bench check-fmt clippy
+.PHONY: all setup build demo test test-tools fixtures export hf-models bench check-fmt clippy
 
 all: build
 
@@ -72,7 +72,7 @@ hf-models: setup
 	  nice $(VENV_PYTHON) tests/export/build_models.py; \
 	fi
 
-test: setup hf-models
+test: setup hf-models test-tools
 	$(CARGO) test --locked
 
 # A Hugging Face model directory to TorchScript, verified against eager (README.md,
@@ -84,6 +84,24 @@ export:
 	fi
 	@$(MAKE) --no-print-directory build
 	$(VENV_PYTHON) tools/maskaudit-export.py "$(MODEL)" "$(OUT)" $(if $(DTYPE),--dtype $(DTYPE)) $(EXPORT_ARGS)
+
+# tests/reports.rs needs xmllint (the JUnit report against tests/junit/junit.xsd) and Chromium
+# (the HTML report in a real browser). apt-get installs the missing ones, as root only; without
+# them the JUnit test fails saying so, and the browser test is skipped saying so.
+TEST_TOOLS := xmllint:libxml2-utils chromium:chromium
+test-tools:
+	@missing=""; \
+	for tool in $(TEST_TOOLS); do \
+	  command -v "$${tool%%:*}" >/dev/null || missing="$$missing $${tool#*:}"; \
+	done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing$$missing for tests/reports.rs (apt-get, once)"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; } \
+	    || echo "apt-get could not install$$missing: tests/reports.rs will say what is missing"; \
+	else \
+	  echo "missing$$missing (not root: install them with apt-get install$$missing): tests/reports.rs will say what is missing"; \
+	fi
 
 # Regenerates the committed fixtures with the set-up's PyTorch.
 fixtures: setup

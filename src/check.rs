@@ -26,6 +26,7 @@ use crate::steps::{
     self, FormulaSummary, MicroBatch, Step, StepConfig, StepFormula, StepReport, UserMicroBatch,
 };
 use crate::sys;
+use crate::token_rows::{self, TokenRow};
 use crate::userloss::{LossArg, LossAudit, UserLoss};
 
 /// Relative contamination above which, with no `--max-contamination`, the finding is a warning.
@@ -48,6 +49,9 @@ pub struct CheckOptions {
     pub forward_args: Option<Vec<ForwardArg>>,
     /// The trace-consistency probe on the first batch (off with `--no-model-probe`).
     pub model_probe: bool,
+    /// Rows whose per-token losses the report keeps for the HTML view (`--html-rows`; 0
+    /// without `--html`).
+    pub token_rows: usize,
     /// `--accum`/`--world-size`: simulate optimizer steps over the batches.
     pub steps: Option<StepConfig>,
 }
@@ -239,6 +243,7 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
             padding_positions: run.padding_targets,
             untrained_token_positions: totals.positions - totals.trained - run.padding_targets,
             mask_source: statistics.mask_source.clone(),
+            records: unit,
         },
         statistics,
         losses,
@@ -247,6 +252,7 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
         steps,
         findings,
         verdict,
+        token_rows: run.token_rows,
     })
 }
 
@@ -488,6 +494,8 @@ struct RunState {
     probe: bool,
     consistency: Consistency,
     unit: Unit,
+    /// The first rows with their per-token losses, for the HTML report.
+    token_rows: Vec<TokenRow>,
 }
 
 impl RunState {
@@ -500,6 +508,22 @@ impl RunState {
             longest_batch: 0,
             probe,
             consistency: Consistency::default(),
+            token_rows: vec![],
+        }
+    }
+
+    /// Keeps the batch's rows, with their losses, while fewer than `limit` are kept.
+    fn keep_rows(&mut self, batch: &Batch, losses: &[f32], opts: &CheckOptions) {
+        let room = opts.token_rows.saturating_sub(self.token_rows.len());
+        if room > 0 {
+            self.token_rows.extend(token_rows::from_batch(
+                batch,
+                losses,
+                self.unit,
+                opts.pad_id,
+                opts.eos_id,
+                room,
+            ));
         }
     }
 
@@ -668,6 +692,7 @@ fn process_batch(
     if batch.seq_len < 2 {
         // One-token rows have no next-token position: nothing to run.
         totals.add_batch(&[], &[], batch.rows);
+        run.keep_rows(batch, &[], opts);
         return Ok(MicroBatch {
             line,
             trained: 0,
@@ -693,6 +718,7 @@ fn process_batch(
     }
     let (tensors, logits, losses) = batch_losses(model, batch, &opts.model, run.unit)?;
     run.observe(batch, &losses);
+    run.keep_rows(batch, &losses, opts);
     if run.probe && !run.consistency.ran {
         run.consistency = consistency::probe(
             model,

@@ -40,6 +40,8 @@ pub enum Command {
 pub enum Format {
     Table,
     Json,
+    /// GitHub-flavoured Markdown, the same as the GitHub Actions job summary
+    Markdown,
 }
 
 /// When the token view uses colour.
@@ -98,6 +100,40 @@ pub struct CheckArgs {
 
     #[command(flatten)]
     pub output: OutputArgs,
+
+    #[command(flatten)]
+    pub reports: ReportArgs,
+
+    /// Decode the HTML report's tokens through this Hugging Face tokenizer.json
+    #[arg(long, value_name = "FILE", requires = "html", help_heading = "Reports")]
+    pub tokenizer: Option<PathBuf>,
+}
+
+/// Reports beside the output, for CI and for people (both commands).
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// Write the findings as JUnit XML (one test case per check) to FILE
+    #[arg(long, value_name = "FILE", help_heading = "Reports")]
+    pub junit: Option<PathBuf>,
+    /// Write a self-contained HTML report, with a per-token view of the first rows, to FILE
+    #[arg(long, value_name = "FILE", help_heading = "Reports")]
+    pub html: Option<PathBuf>,
+    /// Rows in the HTML report's token view
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 20,
+        requires = "html",
+        help_heading = "Reports"
+    )]
+    pub html_rows: usize,
+    /// Accept the findings listed in FILE (code and data path): they stay in the report,
+    /// downgraded and marked baselined, and no longer fail the run
+    #[arg(long, value_name = "FILE", help_heading = "Reports")]
+    pub baseline: Option<PathBuf>,
+    /// Write this run's findings to FILE as a baseline (JSON) for --baseline
+    #[arg(long, value_name = "FILE", help_heading = "Reports")]
+    pub write_baseline: Option<PathBuf>,
 }
 
 /// The user's own loss, to be audited.
@@ -158,6 +194,7 @@ impl UserLossArgs {
 
 /// `maskaudit lint`: `check`'s data options, without a model.
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("token_view").args(["show", "html"]).multiple(true)))]
 pub struct LintArgs {
     /// Pre-tokenized dataset: JSONL, .jsonl.gz or Parquet; `-` reads JSONL on standard input
     pub data: PathBuf,
@@ -183,11 +220,11 @@ pub struct LintArgs {
     /// Print the first N rows as strips of tokens, trained targets highlighted (table format)
     #[arg(long, value_name = "N", help_heading = "Token view")]
     pub show: Option<usize>,
-    /// Decode the token view through this Hugging Face tokenizer.json
+    /// Decode the token view (--show, --html) through this Hugging Face tokenizer.json
     #[arg(
         long,
         value_name = "FILE",
-        requires = "show",
+        requires = "token_view",
         help_heading = "Token view"
     )]
     pub tokenizer: Option<PathBuf>,
@@ -197,6 +234,9 @@ pub struct LintArgs {
 
     #[command(flatten)]
     pub output: OutputArgs,
+
+    #[command(flatten)]
+    pub reports: ReportArgs,
 }
 
 /// How rows are read and batched.

@@ -139,6 +139,10 @@ pub struct Finding {
     /// rows), at most [`Finding::MAX_RECORDS`]; absent from the JSON when empty.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub records: Vec<usize>,
+    /// Accepted by `--baseline`: downgraded to information, never failing; present in the
+    /// JSON (as `true`) only then.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub baselined: bool,
 }
 
 impl Finding {
@@ -151,6 +155,7 @@ impl Finding {
             severity,
             message: message.into(),
             records: vec![],
+            baselined: false,
         }
     }
 

@@ -5,6 +5,7 @@
 #![warn(clippy::print_stdout, clippy::print_stderr)]
 
 pub mod aggregate;
+pub mod baseline;
 pub mod batch;
 pub mod check;
 pub mod cli;
@@ -20,6 +21,7 @@ pub mod report;
 pub mod stats;
 pub mod steps;
 pub mod sys;
+pub mod token_rows;
 pub mod tokenizer;
 pub mod userloss;
 pub mod view;

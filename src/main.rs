@@ -1,19 +1,22 @@
 use std::io::{self, IsTerminal, Write};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use maskaudit::baseline::Baseline;
 use maskaudit::check::{self, CheckOptions};
-use maskaudit::cli::{CheckArgs, Cli, ColorWhen, Command, Format, LintArgs};
+use maskaudit::cli::{CheckArgs, Cli, ColorWhen, Command, Format, LintArgs, ReportArgs};
 use maskaudit::data::Pos;
 use maskaudit::findings::SeverityOverrides;
 use maskaudit::lint::LintOptions;
 use maskaudit::lint_command::{self, LintCommandOptions};
-use maskaudit::output;
-use maskaudit::report::Verdict;
+use maskaudit::output::{self, markdown};
+use maskaudit::report::{Outcome, Verdict};
 use maskaudit::steps::StepConfig;
+use maskaudit::token_rows;
 use maskaudit::tokenizer::HfTokenizer;
 use maskaudit::view::{self, Ids, TokenText, ViewOptions};
 
@@ -42,6 +45,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 fn check(args: CheckArgs) -> Result<ExitCode> {
+    let mut inputs = vec![args.model.clone(), args.data.clone()];
+    inputs.extend(args.user_loss.loss.clone());
+    inputs.extend(args.tokenizer.clone());
+    refuse_to_overwrite(&args.reports, &inputs)?;
+    let baseline = load_baseline(&args.reports)?;
+    // Load the tokenizer before the model: a bad path fails fast.
+    let text = token_text(args.tokenizer.as_deref())?;
     let opts = CheckOptions {
         model: args.model,
         data: args.data,
@@ -59,6 +69,11 @@ fn check(args: CheckArgs) -> Result<ExitCode> {
         loss: args.user_loss.options(),
         forward_args: (!args.forward_args.is_empty()).then(|| args.forward_args.clone()),
         model_probe: !args.no_model_probe,
+        token_rows: if args.reports.html.is_some() {
+            args.reports.html_rows
+        } else {
+            0
+        },
         steps: (args.accum.is_some() || args.world_size.is_some()).then(|| StepConfig {
             accum: args.accum.unwrap_or(1) as usize,
             world_size: args.world_size.unwrap_or(1) as usize,
@@ -70,27 +85,49 @@ fn check(args: CheckArgs) -> Result<ExitCode> {
     let redirect = maskaudit::sys::StdoutToStderr::new()?;
     let report = check::run(&opts, &progress);
     drop(redirect);
-    let report = report?;
+    let mut report = report?;
     progress.finish_and_clear();
+    if let Some(path) = &args.reports.write_baseline {
+        write_baseline(path, &report.findings, &report.data.path)?;
+    }
+    if let Some(baseline) = &baseline {
+        baseline.apply(&mut report.findings, &report.data.path);
+        report.verdict = Verdict::of(&report.findings);
+    }
 
     let mut stdout = io::stdout().lock();
     match args.output.format {
         Format::Table => output::table::write(&mut stdout, &report)?,
         Format::Json => output::json::write(&mut stdout, &report)?,
+        Format::Markdown => markdown::write(&mut stdout, &markdown::check(&report))?,
     }
     stdout.flush()?;
+    drop(stdout);
+    let outcome = report.outcome();
+    if let Some(path) = &args.reports.html {
+        write_file(path, "HTML report", |w| {
+            w.write_all(output::html::check(&report, text.as_ref()).as_bytes())
+        })?;
+    }
+    side_reports(&args.reports, &outcome, || markdown::check(&report))?;
     Ok(exit_code(report.verdict))
 }
 
 fn lint(args: LintArgs) -> Result<ExitCode> {
     let show = args.show.unwrap_or(0);
-    if show > 0 && args.output.format == Format::Json {
+    if show > 0 && args.output.format != Format::Table {
         anyhow::bail!("--show prints rows for people: use it with --format table");
     }
+    let mut inputs = vec![args.data.clone()];
+    inputs.extend(args.tokenizer.clone());
+    refuse_to_overwrite(&args.reports, &inputs)?;
+    let baseline = load_baseline(&args.reports)?;
     // Load the tokenizer before reading the data: a bad path fails fast.
-    let text: Box<dyn TokenText> = match &args.tokenizer {
-        Some(path) => Box::new(HfTokenizer::load(path)?),
-        None => Box::new(Ids),
+    let text = token_text(args.tokenizer.as_deref())?;
+    let html_rows = if args.reports.html.is_some() {
+        args.reports.html_rows
+    } else {
+        0
     };
     let opts = LintCommandOptions {
         data: args.data,
@@ -102,7 +139,7 @@ fn lint(args: LintArgs) -> Result<ExitCode> {
             batch_size: args.batch_size.map(|b| b as usize),
             unit: Default::default(),
         },
-        show,
+        show: show.max(html_rows),
         overrides: SeverityOverrides::new(
             &args.severity.deny,
             &args.severity.warn,
@@ -110,8 +147,16 @@ fn lint(args: LintArgs) -> Result<ExitCode> {
         ),
     };
     let progress = progress_bar(args.output.quiet);
-    let run = lint_command::run(&opts, &progress)?;
+    let mut run = lint_command::run(&opts, &progress)?;
     progress.finish_and_clear();
+    let report = &mut run.report;
+    if let Some(path) = &args.reports.write_baseline {
+        write_baseline(path, &report.findings, &report.data.path)?;
+    }
+    if let Some(baseline) = &baseline {
+        baseline.apply(&mut report.findings, &report.data.path);
+        report.verdict = Verdict::of(&report.findings);
+    }
 
     let mut stdout = io::stdout().lock();
     match args.output.format {
@@ -123,7 +168,7 @@ fn lint(args: LintArgs) -> Result<ExitCode> {
                 color: use_color(args.color),
             };
             let unit = run.report.data.records;
-            for row in &run.shown {
+            for row in run.shown.iter().take(show) {
                 let at = Pos { unit, n: row.line };
                 stdout
                     .write_all(view::render_row(row, at, text.as_ref(), &view_opts).as_bytes())?;
@@ -132,9 +177,123 @@ fn lint(args: LintArgs) -> Result<ExitCode> {
             output::lint_table::write(&mut stdout, &run.report)?
         }
         Format::Json => output::json::write(&mut stdout, &run.report)?,
+        Format::Markdown => markdown::write(&mut stdout, &markdown::lint(&run.report))?,
     }
     stdout.flush()?;
-    Ok(exit_code(run.report.verdict))
+    drop(stdout);
+    let report = &run.report;
+    if let Some(path) = &args.reports.html {
+        let unit = report.data.records;
+        let rows: Vec<_> = run
+            .shown
+            .iter()
+            .take(html_rows)
+            .map(|row| token_rows::from_row(row, unit, args.pad_id, args.eos_id, args.shifted))
+            .collect();
+        write_file(path, "HTML report", |w| {
+            w.write_all(output::html::lint(report, &rows, text.as_ref()).as_bytes())
+        })?;
+    }
+    side_reports(&args.reports, &report.outcome(), || markdown::lint(report))?;
+    Ok(exit_code(report.verdict))
+}
+
+/// Ids, or the pieces of a tokenizer.json.
+fn token_text(tokenizer: Option<&Path>) -> Result<Box<dyn TokenText>> {
+    Ok(match tokenizer {
+        Some(path) => Box::new(HfTokenizer::load(path)?),
+        None => Box::new(Ids),
+    })
+}
+
+/// maskaudit never writes to its inputs: an output path naming one is refused before the run.
+/// `--baseline` is an input too, except to `--write-baseline`, which may update it.
+fn refuse_to_overwrite(reports: &ReportArgs, inputs: &[PathBuf]) -> Result<()> {
+    let same = |a: &Path, b: &Path| {
+        std::fs::canonicalize(a)
+            .ok()
+            .zip(std::fs::canonicalize(b).ok())
+            .is_some_and(|(a, b)| a == b)
+    };
+    let outputs = [
+        (&reports.junit, true),
+        (&reports.html, true),
+        (&reports.write_baseline, false),
+    ];
+    for (output, baseline_is_input) in outputs {
+        let Some(output) = output else { continue };
+        let baseline = reports.baseline.iter().filter(|_| baseline_is_input);
+        if inputs
+            .iter()
+            .chain(baseline)
+            .any(|input| same(output, input))
+        {
+            anyhow::bail!(
+                "{}: is an input of this run (refusing to overwrite it); choose another output file",
+                output.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn load_baseline(reports: &ReportArgs) -> Result<Option<Baseline>> {
+    reports.baseline.as_deref().map(Baseline::load).transpose()
+}
+
+fn write_baseline(
+    path: &Path,
+    findings: &[maskaudit::findings::Finding],
+    data: &str,
+) -> Result<()> {
+    write_file(path, "baseline", |w| Baseline::of(findings, data).write(w))
+}
+
+/// Creates (or replaces) `path` and writes it through `write`.
+fn write_file(
+    path: &Path,
+    what: &str,
+    write: impl FnOnce(&mut io::BufWriter<std::fs::File>) -> io::Result<()>,
+) -> Result<()> {
+    let context = || format!("{}: cannot write the {what}", path.display());
+    let file = std::fs::File::create(path).with_context(context)?;
+    let mut out = io::BufWriter::new(file);
+    write(&mut out)
+        .and_then(|()| out.flush())
+        .with_context(context)
+}
+
+/// The JUnit file, and in GitHub Actions the annotations (on stderr) and the job summary
+/// (appended to the file `GITHUB_STEP_SUMMARY` names).
+fn side_reports(
+    reports: &ReportArgs,
+    outcome: &Outcome<'_>,
+    summary: impl FnOnce() -> String,
+) -> Result<()> {
+    if let Some(path) = &reports.junit {
+        write_file(path, "JUnit report", |w| output::junit::write(w, outcome))?;
+    }
+    if std::env::var_os("GITHUB_ACTIONS").is_some_and(|v| v == "true") {
+        let mut stderr = io::stderr().lock();
+        output::github::write(&mut stderr, outcome)?;
+    }
+    if let Some(path) = std::env::var_os("GITHUB_STEP_SUMMARY").filter(|p| !p.is_empty()) {
+        let path = PathBuf::from(path);
+        let text = markdown::capped(summary(), markdown::SUMMARY_LIMIT);
+        let context = || {
+            format!(
+                "{}: cannot append the job summary (GITHUB_STEP_SUMMARY)",
+                path.display()
+            )
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(context)?;
+        file.write_all(text.as_bytes()).with_context(context)?;
+    }
+    Ok(())
 }
 
 /// `--color auto` colours when standard output is a terminal and NO_COLOR is unset

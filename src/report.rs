@@ -7,11 +7,12 @@ use serde::Serialize;
 
 use crate::aggregate::{Aggregates, Contamination};
 use crate::data::{Format, Unit};
-use crate::findings::{Finding, Severity};
+use crate::findings::{Code, Finding, Severity};
 use crate::lint::LintStats;
 use crate::model::consistency::Consistency;
 use crate::model::{ArgsSource, ForwardArg, OutputForm};
 use crate::steps::StepReport;
+use crate::token_rows::TokenRow;
 use crate::userloss::UserLossReport;
 
 /// Bumped when a key changes meaning or disappears; new keys may appear within a version.
@@ -25,6 +26,13 @@ pub enum Verdict {
 }
 
 impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Pass => "pass",
+            Verdict::Fail => "fail",
+        }
+    }
+
     pub fn of(findings: &[Finding]) -> Self {
         if findings.iter().any(|f| f.severity == Severity::Error) {
             Verdict::Fail
@@ -79,6 +87,9 @@ pub struct DataSummary {
     pub untrained_token_positions: u64,
     /// `loss_mask`, `labels`, `attention_mask`, `all_tokens`, or `mixed`.
     pub mask_source: String,
+    /// What record numbers count (not in the JSON, which predates it).
+    #[serde(skip)]
+    pub records: Unit,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -96,6 +107,10 @@ pub struct Report {
     pub steps: Option<StepReport>,
     pub findings: Vec<Finding>,
     pub verdict: Verdict,
+    /// The first `--html-rows` rows with their per-token losses, for the HTML report; not in
+    /// the JSON.
+    #[serde(skip)]
+    pub token_rows: Vec<TokenRow>,
 }
 
 /// What `lint` read, and how.
@@ -121,4 +136,145 @@ pub struct LintReport {
     pub statistics: LintStats,
     pub findings: Vec<Finding>,
     pub verdict: Verdict,
+}
+
+/// The lint checks, as the finding codes they can emit with these options.
+fn lint_checks(pad_id: Option<i64>, eos_id: Option<i64>, shifted: bool) -> Vec<Code> {
+    let mut codes = vec![
+        Code::EmptySupervision,
+        if shifted {
+            Code::LabelsNotShifted
+        } else {
+            Code::LabelsPreShifted
+        },
+        Code::PackedBoundarySupervised,
+        Code::MaskLabelDisagree,
+        Code::PaddingTrained,
+        Code::UnexpectedNegativeLabel,
+        Code::MixedMaskSource,
+    ];
+    if eos_id.is_some() {
+        codes.extend([Code::EosMasked, Code::EosMissing]);
+    }
+    if pad_id.is_some() && eos_id.is_some() {
+        codes.push(Code::PadIsEos);
+    }
+    codes
+}
+
+/// `checks` plus the codes of `findings`, each once, in the order of [`Code::ALL`].
+fn with_found(mut checks: Vec<Code>, findings: &[Finding]) -> Vec<Code> {
+    checks.extend(findings.iter().map(|f| f.code));
+    Code::ALL
+        .iter()
+        .copied()
+        .filter(|c| checks.contains(c))
+        .collect()
+}
+
+/// The subcommand a report comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommandName {
+    Check,
+    Lint,
+}
+
+impl CommandName {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandName::Check => "check",
+            CommandName::Lint => "lint",
+        }
+    }
+}
+
+/// What the CI renderers (JUnit, GitHub annotations) need from either report.
+#[derive(Debug, Clone)]
+pub struct Outcome<'a> {
+    pub command: CommandName,
+    pub data_path: &'a str,
+    /// What the findings' record numbers count.
+    pub records: Unit,
+    pub findings: &'a [Finding],
+    /// The checks that ran, as finding codes (see [`Report::checks`]).
+    pub checks: Vec<Code>,
+    pub verdict: Verdict,
+}
+
+impl Report {
+    pub fn outcome(&self) -> Outcome<'_> {
+        Outcome {
+            command: CommandName::Check,
+            data_path: &self.data.path,
+            records: self.data.records,
+            findings: &self.findings,
+            checks: self.checks(),
+            verdict: self.verdict,
+        }
+    }
+
+    /// The checks this run made, named by the finding codes each can emit: the lint checks
+    /// (EOS checks with `--eos-id`), the contamination and trained-position checks, the
+    /// non-finite check, the model probe when it ran, the length check when the model has an
+    /// exporter record, the user-loss formulas and probes when a loss was given, the gradient
+    /// checks when its weights were recovered, the accumulation check with `--accum` or
+    /// `--world-size`; plus any code that was found. `no-padding` is the other outcome of
+    /// `padding-contamination`, so it is listed only when found.
+    pub fn checks(&self) -> Vec<Code> {
+        let mut checks = lint_checks(self.data.pad_id, self.statistics.eos.map(|e| e.id), false);
+        checks.extend([
+            Code::PaddingContamination,
+            Code::NoTrainedPositions,
+            Code::NonFiniteLoss,
+        ]);
+        if self.model.consistency.ran {
+            checks.push(Code::ModelNotPadInvariant);
+        }
+        if self.model.forward_args_source == ArgsSource::Record {
+            checks.push(Code::ModelLengthUnverified);
+        }
+        if let Some(user) = &self.user_loss {
+            checks.extend([
+                Code::LossIncludesPadding,
+                Code::PaddingInDenominator,
+                Code::SequenceWeightedMean,
+                Code::OffByOneShift,
+                Code::UnnormalizedSum,
+                Code::LossMismatch,
+                Code::LossAmbiguous,
+            ]);
+            if user.probes.padding.ran {
+                checks.push(Code::PaddingVariance);
+            }
+            if user.probes.masked_logits.ran {
+                checks.push(Code::MaskedLogitsLeak);
+            }
+            if !user.gradient.batches.is_empty() {
+                checks.extend([Code::GradientTrainsUntrained, Code::GradientNotCrossEntropy]);
+            }
+        }
+        if self.steps.is_some() {
+            checks.push(Code::AccumulationMisweighted);
+        }
+        with_found(checks, &self.findings)
+    }
+}
+
+impl LintReport {
+    pub fn outcome(&self) -> Outcome<'_> {
+        Outcome {
+            command: CommandName::Lint,
+            data_path: &self.data.path,
+            records: self.data.records,
+            findings: &self.findings,
+            checks: self.checks(),
+            verdict: self.verdict,
+        }
+    }
+
+    /// The lint checks this run made (see [`Report::checks`]), plus any code found.
+    pub fn checks(&self) -> Vec<Code> {
+        let d = &self.data;
+        with_found(lint_checks(d.pad_id, d.eos_id, d.shifted), &self.findings)
+    }
 }

@@ -12,7 +12,7 @@ use crate::userloss::UserLossReport;
 use crate::weights::GradientSummary;
 
 /// Each aggregate, with what it is and where it comes from.
-const AGGREGATES: &[(&str, &str)] = &[
+pub(crate) const AGGREGATES: &[(&str, &str)] = &[
     (
         "masked_token_mean",
         "Σℓm/Σm over trained targets: the correct loss",
@@ -35,7 +35,7 @@ const AGGREGATES: &[(&str, &str)] = &[
     ),
 ];
 
-fn value_of(report: &Report, name: &str) -> Option<f64> {
+pub(crate) fn value_of(report: &Report, name: &str) -> Option<f64> {
     let l = &report.losses;
     match name {
         "masked_token_mean" => l.masked_token_mean,
@@ -168,7 +168,7 @@ pub fn write<W: Write>(out: &mut W, report: &Report) -> std::io::Result<()> {
     write_verdict(out, report.verdict)
 }
 
-fn forward_display(args: &[crate::model::ForwardArg]) -> String {
+pub(crate) fn forward_display(args: &[crate::model::ForwardArg]) -> String {
     let names: Vec<&str> = args.iter().map(|a| a.name()).collect();
     format!("forward({})", names.join(", "))
 }
@@ -318,7 +318,7 @@ fn write_steps<W: Write>(out: &mut W, steps: &StepReport) -> std::io::Result<()>
 }
 
 /// A relative error as a percentage; below the default tolerance it is noise.
-fn percent(e: f64) -> String {
+pub(crate) fn percent(e: f64) -> String {
     if e < crate::diagnosis::DEFAULT_RTOL {
         "<0.01%".into()
     } else {

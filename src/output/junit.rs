@@ -1,0 +1,183 @@
+//! `--junit FILE`: the findings as JUnit XML, for CI test reports (GitLab
+//! `artifacts:reports:junit`, Jenkins `junit`, GitHub test-reporter actions).
+//!
+//! One `<testsuite>` for the command (`maskaudit check` or `maskaudit lint`) inside a
+//! `<testsuites>` root. One `<testcase>` per check that ran, named by the finding code it
+//! emits ([`crate::report::Report::checks`]): a check with an error finding fails (a
+//! `<failure>` whose `message` is the finding's and whose body adds the first records, as
+//! `file:line`); a warning or information finding, or a baselined one, passes with its
+//! message in `<system-out>`; a check that found nothing passes empty. So `failures` equals
+//! the number of error findings' codes, and a run fails its CI test report exactly when its
+//! exit status is 1. The schema it is validated against in the tests is
+//! `tests/junit/junit.xsd` (the Jenkins/Ant JUnit structure).
+//!
+//! Escaped by hand: five entities, and characters XML 1.0 cannot carry (control characters
+//! other than tab, newline and carriage return) become U+FFFD.
+
+use std::fmt::Write as _;
+use std::io::Write;
+
+use crate::data::{Pos, Unit};
+use crate::findings::{Finding, Severity};
+use crate::report::Outcome;
+
+/// Text escaped for an attribute value or element content.
+pub fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            // Attribute values normalise raw whitespace to spaces: keep it as references.
+            '\n' => out.push_str("&#10;"),
+            '\r' => out.push_str("&#13;"),
+            '\t' => out.push_str("&#9;"),
+            c if is_xml_char(c) => out.push(c),
+            _ => out.push('\u{fffd}'),
+        }
+    }
+    out
+}
+
+/// Element content: like [`escape`], but tab and newline stay as they are, for people reading
+/// the file.
+pub fn escape_text(text: &str) -> String {
+    escape(text).replace("&#10;", "\n").replace("&#9;", "\t")
+}
+
+/// XML 1.0's `Char` production.
+fn is_xml_char(c: char) -> bool {
+    matches!(c, '\u{9}' | '\u{a}' | '\u{d}' | '\u{20}'..='\u{d7ff}' | '\u{e000}'..='\u{fffd}' | '\u{10000}'..)
+}
+
+/// The findings' records as `path:7` (or `path:row 7`), for a failure's body.
+pub fn records_text(path: &str, records: Unit, finding: &Finding) -> String {
+    finding
+        .records
+        .iter()
+        .map(|&n| format!("{path}:{}", Pos { unit: records, n }))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+pub fn write<W: Write>(out: &mut W, outcome: &Outcome<'_>) -> std::io::Result<()> {
+    let command = outcome.command.as_str();
+    let suite = format!("maskaudit {command}");
+    let classname = format!("maskaudit.{command}");
+    let mut cases = String::new();
+    let mut failures = 0usize;
+    for &code in &outcome.checks {
+        let found: Vec<&Finding> = outcome.findings.iter().filter(|f| f.code == code).collect();
+        let _ = write!(
+            cases,
+            "    <testcase name=\"{}\" classname=\"{}\" file=\"{}\"",
+            escape(code.name()),
+            escape(&classname),
+            escape(outcome.data_path)
+        );
+        if found.is_empty() {
+            cases.push_str("/>\n");
+            continue;
+        }
+        cases.push_str(">\n");
+        let errors: Vec<&&Finding> = found
+            .iter()
+            .filter(|f| f.severity == Severity::Error)
+            .collect();
+        if !errors.is_empty() {
+            failures += 1;
+            let message = errors
+                .iter()
+                .map(|f| f.message.as_str())
+                .collect::<Vec<_>>()
+                .join("; ");
+            let mut body = String::new();
+            for f in &errors {
+                let _ = writeln!(body, "error[{}]: {}", f.code, f.message);
+                if !f.records.is_empty() {
+                    let _ = writeln!(
+                        body,
+                        "first records: {}",
+                        records_text(outcome.data_path, outcome.records, f)
+                    );
+                }
+            }
+            let _ = writeln!(
+                cases,
+                "      <failure type=\"{}\" message=\"{}\">{}</failure>",
+                escape(code.name()),
+                escape(&message),
+                escape_text(&body)
+            );
+        }
+        let others: Vec<&&Finding> = found
+            .iter()
+            .filter(|f| f.severity != Severity::Error)
+            .collect();
+        if !others.is_empty() {
+            let mut text = String::new();
+            for f in others {
+                let _ = writeln!(text, "{}[{}]: {}", f.severity, f.code, f.message);
+                if !f.records.is_empty() {
+                    let _ = writeln!(
+                        text,
+                        "first records: {}",
+                        records_text(outcome.data_path, outcome.records, f)
+                    );
+                }
+            }
+            let _ = writeln!(
+                cases,
+                "      <system-out>{}</system-out>",
+                escape_text(&text)
+            );
+        }
+        cases.push_str("    </testcase>\n");
+    }
+    let tests = outcome.checks.len();
+    writeln!(out, "<?xml version=\"1.0\" encoding=\"UTF-8\"?>")?;
+    writeln!(
+        out,
+        "<testsuites name=\"maskaudit\" tests=\"{tests}\" failures=\"{failures}\" errors=\"0\">"
+    )?;
+    writeln!(
+        out,
+        "  <testsuite name=\"{}\" tests=\"{tests}\" failures=\"{failures}\" errors=\"0\" skipped=\"0\" file=\"{}\">",
+        escape(&suite),
+        escape(outcome.data_path)
+    )?;
+    writeln!(out, "    <properties>")?;
+    for (name, value) in [
+        ("data", outcome.data_path),
+        ("verdict", outcome.verdict.as_str()),
+        ("maskaudit_version", env!("CARGO_PKG_VERSION")),
+    ] {
+        writeln!(
+            out,
+            "      <property name=\"{name}\" value=\"{}\"/>",
+            escape(value)
+        )?;
+    }
+    writeln!(out, "    </properties>")?;
+    out.write_all(cases.as_bytes())?;
+    writeln!(out, "  </testsuite>")?;
+    writeln!(out, "</testsuites>")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escape_covers_markup_quotes_whitespace_and_forbidden_characters() {
+        assert_eq!(
+            escape("a<b>&\"c' \n\t\r\u{1b}\u{7f}é"),
+            "a&lt;b&gt;&amp;&quot;c&apos; &#10;&#9;&#13;\u{fffd}\u{7f}é"
+        );
+        assert_eq!(escape("\u{fffe}"), "\u{fffd}");
+        assert_eq!(escape_text("a\n\tb\r&"), "a\n\tb&#13;&amp;");
+    }
+}

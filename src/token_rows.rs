@@ -1,0 +1,232 @@
+//! Per-token rows for the HTML report (`--html`): the first rows of a run, each token with
+//! whether it is a trained target, whether it is padding, and (for `check`) its loss.
+//!
+//! A token's loss is the cross-entropy of the logits one position before it, predicting it:
+//! token t carries ℓ[t-1] and m[t-1] (the row's first token is never a target). `lint` has
+//! no model, so its rows carry no losses. Pure code: `check` fills these while its batches
+//! run, bounded by `--html-rows`.
+
+use crate::batch::Batch;
+use crate::data::{Pos, Row, Unit};
+use crate::lint::{padding_start, targets};
+
+/// One token of a shown row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenCell {
+    pub id: i64,
+    /// Whether this token is a target after the shift (every token but the row's first,
+    /// under `--shifted` every token but the first whose previous label slot exists).
+    pub target: bool,
+    /// A trained target: its loss counts in the masked token mean.
+    pub trained: bool,
+    /// Trailing padding: attention 0, or the row's trailing run of `--pad-id` (less the
+    /// first when pad is EOS), padding added by batching included.
+    pub padding: bool,
+    /// The per-token loss predicting this token; `None` for the first token and under `lint`.
+    pub loss: Option<f32>,
+    /// Hook for the user's loss gradient: the weight this token's loss has in the user's
+    /// loss (∂loss/∂ℓ). Nothing computes it yet; the HTML shows a `weight` column and tooltip
+    /// entry as soon as it is `Some`.
+    pub loss_weight: Option<f32>,
+}
+
+/// A shown row: where it is in the file, and its tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenRow {
+    pub record: Pos,
+    pub tokens: Vec<TokenCell>,
+}
+
+/// The token view of a lint row, without losses (the same target rules as the terminal view).
+pub fn from_row(
+    row: &Row,
+    unit: Unit,
+    pad_id: Option<i64>,
+    eos_id: Option<i64>,
+    shifted: bool,
+) -> TokenRow {
+    let pad_start = padding_start(row, pad_id, eos_id);
+    let mut tokens: Vec<TokenCell> = row
+        .input_ids
+        .iter()
+        .enumerate()
+        .map(|(i, &id)| TokenCell {
+            id,
+            target: false,
+            trained: false,
+            padding: i >= pad_start,
+            loss: None,
+            loss_weight: None,
+        })
+        .collect();
+    for target in targets(row, shifted) {
+        if let Some(i) = target.token_index {
+            tokens[i].target = true;
+            tokens[i].trained = target.trained;
+        }
+    }
+    TokenRow {
+        record: Pos { unit, n: row.line },
+        tokens,
+    }
+}
+
+/// Where a batch row's trailing padding starts: after its last token with attention 1, or at
+/// the trailing run of `pad_id` (less its first token when the pad id is the EOS id), the
+/// earlier of the two, like [`crate::lint::padding_start`].
+fn batch_padding_start(
+    ids: &[i64],
+    attention: &[i64],
+    pad_id: Option<i64>,
+    eos_id: Option<i64>,
+) -> usize {
+    let by_attention = attention.iter().rposition(|&a| a != 0).map_or(0, |i| i + 1);
+    let by_id = pad_id.map_or(ids.len(), |pad| {
+        let run = ids.iter().rev().take_while(|&&t| t == pad).count();
+        let run = if Some(pad) == eos_id {
+            run.saturating_sub(1)
+        } else {
+            run
+        };
+        ids.len() - run
+    });
+    by_attention.min(by_id)
+}
+
+/// The rows of a `check` batch with their per-token losses (`losses` is `[rows, seq_len-1]`,
+/// empty when the batch has no next-token position), at most `limit` of them.
+pub fn from_batch(
+    batch: &Batch,
+    losses: &[f32],
+    unit: Unit,
+    pad_id: Option<i64>,
+    eos_id: Option<i64>,
+    limit: usize,
+) -> Vec<TokenRow> {
+    let t = batch.seq_len;
+    let positions = t.saturating_sub(1);
+    let target_mask = batch.target_mask();
+    (0..batch.rows.min(limit))
+        .map(|b| {
+            let ids = &batch.input_ids[b * t..(b + 1) * t];
+            let attention = &batch.attention_mask[b * t..(b + 1) * t];
+            let pad_start = batch_padding_start(ids, attention, pad_id, eos_id);
+            let tokens = ids
+                .iter()
+                .enumerate()
+                .map(|(i, &id)| {
+                    let slot = (i > 0).then(|| b * positions + i - 1);
+                    TokenCell {
+                        id,
+                        target: i > 0,
+                        trained: slot.is_some_and(|s| target_mask.get(s) == Some(&1)),
+                        padding: i >= pad_start,
+                        loss: slot.and_then(|s| losses.get(s).copied()),
+                        loss_weight: None,
+                    }
+                })
+                .collect();
+            TokenRow {
+                record: Pos {
+                    unit,
+                    n: batch.lines[b],
+                },
+                tokens,
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::Batcher;
+    use crate::data::{parse_row, FieldNames};
+
+    fn row(json: &str, line: usize) -> Row {
+        parse_row(json, "t", line, &FieldNames::default()).unwrap()
+    }
+
+    #[test]
+    fn lint_rows_mark_targets_training_and_padding() {
+        let r = from_row(
+            &row(
+                r#"{"input_ids":[1,5,6,0,0],"labels":[-100,-100,6,0,-100]}"#,
+                3,
+            ),
+            Unit::Line,
+            Some(0),
+            None,
+            false,
+        );
+        assert_eq!(r.record, Pos::line(3));
+        let flags: Vec<(bool, bool, bool)> = r
+            .tokens
+            .iter()
+            .map(|c| (c.target, c.trained, c.padding))
+            .collect();
+        assert_eq!(
+            flags,
+            vec![
+                (false, false, false),
+                (true, false, false),
+                (true, true, false),
+                (true, true, true),
+                (true, false, true)
+            ]
+        );
+        assert!(r.tokens.iter().all(|c| c.loss.is_none()));
+    }
+
+    #[test]
+    fn batch_rows_carry_the_loss_predicting_each_token() {
+        let mut batcher = Batcher::new(2, Some(0), "d.jsonl");
+        assert!(batcher
+            .push(row(r#"{"input_ids":[1,5,6]}"#, 1))
+            .unwrap()
+            .is_none());
+        let batch = batcher
+            .push(row(r#"{"input_ids":[1,7]}"#, 2))
+            .unwrap()
+            .expect("a batch of two rows");
+        // [2 rows, 2 positions]
+        let losses = [0.5, 0.25, 2.0, 9.0];
+        let rows = from_batch(&batch, &losses, Unit::Line, Some(0), None, 5);
+        assert_eq!(rows.len(), 2);
+        let first: Vec<Option<f32>> = rows[0].tokens.iter().map(|c| c.loss).collect();
+        assert_eq!(first, vec![None, Some(0.5), Some(0.25)]);
+        let second = &rows[1].tokens;
+        assert_eq!(second[1].loss, Some(2.0));
+        // The batcher's padding: a target, untrained, padding, with the loss the model gave it.
+        assert_eq!(
+            (
+                second[2].target,
+                second[2].trained,
+                second[2].padding,
+                second[2].loss
+            ),
+            (true, false, true, Some(9.0))
+        );
+        assert_eq!(rows[1].record, Pos::line(2));
+        assert_eq!(
+            from_batch(&batch, &losses, Unit::Line, Some(0), None, 1).len(),
+            1
+        );
+    }
+
+    #[test]
+    fn padding_by_id_keeps_the_eos_when_pad_is_eos() {
+        assert_eq!(
+            batch_padding_start(&[1, 5, 2, 2, 2], &[1; 5], Some(2), Some(2)),
+            3
+        );
+        assert_eq!(
+            batch_padding_start(&[1, 5, 2, 2], &[1; 4], Some(2), None),
+            2
+        );
+        assert_eq!(
+            batch_padding_start(&[1, 5, 7, 0], &[1, 1, 0, 0], None, None),
+            2
+        );
+    }
+}
