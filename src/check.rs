@@ -513,12 +513,19 @@ impl RunState {
     }
 
     /// Keeps the batch's rows, with their losses, while fewer than `limit` are kept.
-    fn keep_rows(&mut self, batch: &Batch, losses: &[f32], opts: &CheckOptions) {
+    fn keep_rows(
+        &mut self,
+        batch: &Batch,
+        losses: &[f32],
+        weights: Option<&[f64]>,
+        opts: &CheckOptions,
+    ) {
         let room = opts.token_rows.saturating_sub(self.token_rows.len());
         if room > 0 {
             self.token_rows.extend(token_rows::from_batch(
                 batch,
                 losses,
+                weights,
                 self.unit,
                 opts.pad_id,
                 opts.eos_id,
@@ -692,7 +699,7 @@ fn process_batch(
     if batch.seq_len < 2 {
         // One-token rows have no next-token position: nothing to run.
         totals.add_batch(&[], &[], batch.rows);
-        run.keep_rows(batch, &[], opts);
+        run.keep_rows(batch, &[], None, opts);
         return Ok(MicroBatch {
             line,
             trained: 0,
@@ -718,7 +725,6 @@ fn process_batch(
     }
     let (tensors, logits, losses) = batch_losses(model, batch, &opts.model, run.unit)?;
     run.observe(batch, &losses);
-    run.keep_rows(batch, &losses, opts);
     if run.probe && !run.consistency.ran {
         run.consistency = consistency::probe(
             model,
@@ -735,13 +741,17 @@ fn process_batch(
     let user = match audit {
         Some(audit) => {
             let user = audit.observe(model, batch, &tensors, &logits, &sums, num_items)?;
+            run.keep_rows(batch, &losses, user.weights.as_deref(), opts);
             Some(UserMicroBatch {
                 value: user.value,
                 weights: user.weights,
                 mask: target_mask,
             })
         }
-        None => None,
+        None => {
+            run.keep_rows(batch, &losses, None, opts);
+            None
+        }
     };
     Ok(MicroBatch {
         line,

@@ -24,9 +24,8 @@ pub struct TokenCell {
     pub padding: bool,
     /// The per-token loss predicting this token; `None` for the first token and under `lint`.
     pub loss: Option<f32>,
-    /// Hook for the user's loss gradient: the weight this token's loss has in the user's
-    /// loss (∂loss/∂ℓ). Nothing computes it yet; the HTML shows a `weight` column and tooltip
-    /// entry as soon as it is `Some`.
+    /// The weight this token's cross-entropy has in the user's loss (∂loss/∂ℓ, from the
+    /// gradient weight map, `crate::weights`); `None` without a loss that takes logits.
     pub loss_weight: Option<f32>,
 }
 
@@ -94,10 +93,12 @@ fn batch_padding_start(
 }
 
 /// The rows of a `check` batch with their per-token losses (`losses` is `[rows, seq_len-1]`,
-/// empty when the batch has no next-token position), at most `limit` of them.
+/// empty when the batch has no next-token position) and, with a loss, their gradient weights
+/// (same shape), at most `limit` of them.
 pub fn from_batch(
     batch: &Batch,
     losses: &[f32],
+    weights: Option<&[f64]>,
     unit: Unit,
     pad_id: Option<i64>,
     eos_id: Option<i64>,
@@ -122,7 +123,9 @@ pub fn from_batch(
                         trained: slot.is_some_and(|s| target_mask.get(s) == Some(&1)),
                         padding: i >= pad_start,
                         loss: slot.and_then(|s| losses.get(s).copied()),
-                        loss_weight: None,
+                        loss_weight: slot
+                            .and_then(|s| weights.and_then(|w| w.get(s)))
+                            .map(|&w| w as f32),
                     }
                 })
                 .collect();
@@ -191,7 +194,7 @@ mod tests {
             .expect("a batch of two rows");
         // [2 rows, 2 positions]
         let losses = [0.5, 0.25, 2.0, 9.0];
-        let rows = from_batch(&batch, &losses, Unit::Line, Some(0), None, 5);
+        let rows = from_batch(&batch, &losses, None, Unit::Line, Some(0), None, 5);
         assert_eq!(rows.len(), 2);
         let first: Vec<Option<f32>> = rows[0].tokens.iter().map(|c| c.loss).collect();
         assert_eq!(first, vec![None, Some(0.5), Some(0.25)]);
@@ -209,7 +212,7 @@ mod tests {
         );
         assert_eq!(rows[1].record, Pos::line(2));
         assert_eq!(
-            from_batch(&batch, &losses, Unit::Line, Some(0), None, 1).len(),
+            from_batch(&batch, &losses, None, Unit::Line, Some(0), None, 1).len(),
             1
         );
     }

@@ -12,8 +12,8 @@
 //! Under `check` a token's background shades with the loss predicting it, from white (0) to
 //! orange (the largest loss shown). Rows are `<tr class="token-row">`.
 //!
-//! The per-token gradient weight of the user's loss is not computed yet: [`weight_text`] is the
-//! hook that shows [`TokenCell::loss_weight`] once something fills it.
+//! With a loss that takes logits, each token also shows the weight its cross-entropy has in the
+//! user's loss (the gradient weight map); an untrained token with weight is red.
 
 use std::fmt::Write as _;
 
@@ -70,7 +70,7 @@ table.tokens td { padding: 6px 0; border-top: 1px solid #eee; line-height: 2.1; 
 .tok.untrained { color: #8c959f; border: 1px dashed #c6ccd2; }
 .tok.trained { border-color: #1a7f37; }
 .tok.pad { font-style: italic; }
-.tok.pad.in-loss { color: #b00; border: 2px solid #e00; background-color: rgba(255,0,0,.18); font-weight: 600; }
+.tok.in-loss { color: #b00; border: 2px solid #e00; background-color: rgba(255,0,0,.18); font-weight: 600; }
 .weight { font-size: 10px; color: #0969da; vertical-align: sub; }
 "#;
 
@@ -162,11 +162,14 @@ fn user_loss(out: &mut String, user: &UserLossReport) {
     out.push_str("</ul>\n");
 }
 
-/// The hook for the per-token weight of the user's loss: what a token shows (and its hover
-/// text adds) once [`TokenCell::loss_weight`] is filled; nothing while it is `None`.
+/// The weight a token's cross-entropy has in the user's loss, as shown; nothing without one.
 pub fn weight_text(cell: &TokenCell) -> Option<String> {
-    cell.loss_weight.map(|w| format!("{w:.3}"))
+    cell.loss_weight.map(|w| format!("{w:.2e}"))
 }
+
+/// Weight below which an untrained token is taken to receive none (a masked loss leaves it at
+/// exactly 0; f32 gradients round around that).
+const NO_WEIGHT: f32 = 1e-9;
 
 /// How the token view marks padding and shades losses.
 pub struct TokenViewOptions {
@@ -185,7 +188,7 @@ fn token_view(out: &mut String, rows: &[TokenRow], text: &dyn TokenText, opts: &
         .any(|r| r.tokens.iter().any(|c| c.loss.is_some()));
     let _ = writeln!(out, "<h2>Tokens: the first {} rows</h2>", rows.len());
     out.push_str("<p class=\"legend\">");
-    out.push_str("<span class=\"tok trained\">trained</span><span class=\"tok untrained\">untrained</span><span class=\"tok untrained pad\">padding</span><span class=\"tok pad in-loss\">padding in the loss</span>");
+    out.push_str("<span class=\"tok trained\">trained</span><span class=\"tok untrained\">untrained</span><span class=\"tok untrained pad\">padding</span><span class=\"tok pad in-loss\">untrained, yet in the loss</span>");
     if has_losses {
         let _ = write!(
             out,
@@ -230,11 +233,14 @@ fn token(out: &mut String, cell: &TokenCell, piece: &str, max_loss: f32, opts: &
         (true, true) => "trained",
         (true, false) => "untrained",
     });
+    // An untrained token the user's loss gives weight to is trained after all: red.
+    let weighted =
+        cell.target && !cell.trained && cell.loss_weight.is_some_and(|w| w.abs() > NO_WEIGHT);
     if cell.padding {
         classes.push("pad");
-        if cell.trained || (opts.padding_in_loss && cell.target) {
-            classes.push("in-loss");
-        }
+    }
+    if (cell.padding && (cell.trained || (opts.padding_in_loss && cell.target))) || weighted {
+        classes.push("in-loss");
     }
     let shown = escape_control(piece);
     let mut title = format!("id {}\npiece {:?}", cell.id, piece);
@@ -415,7 +421,7 @@ mod tests {
     }
 
     #[test]
-    fn tokens_carry_classes_hover_text_and_the_weight_hook() {
+    fn tokens_carry_classes_hover_text_and_their_weight() {
         let rows = vec![TokenRow {
             record: Pos::line(4),
             tokens: vec![
@@ -452,8 +458,25 @@ mod tests {
                 padding_in_loss: false,
             },
         );
-        assert!(out.contains("<span class=\"weight\">0.250</span>"), "{out}");
+        assert!(
+            out.contains("<span class=\"weight\">2.50e-1</span>"),
+            "{out}"
+        );
         assert!(out.contains("class=\"tok untrained pad\""), "{out}");
+
+        // An untrained token that the loss weighs is red, padding or not.
+        weighted[0].tokens[2].loss_weight = Some(0.1);
+        weighted[0].tokens[2].padding = false;
+        let mut out = String::new();
+        token_view(
+            &mut out,
+            &weighted,
+            &Ids,
+            &TokenViewOptions {
+                padding_in_loss: false,
+            },
+        );
+        assert!(out.contains("class=\"tok untrained in-loss\""), "{out}");
     }
 
     #[test]
