@@ -59,6 +59,8 @@ fn check(args: CheckArgs) -> Result<ExitCode> {
         loss: args.user_loss.options(),
         forward_args: (!args.forward_args.is_empty()).then(|| args.forward_args.clone()),
         model_probe: !args.no_model_probe,
+        dtype: args.dtype,
+        tf32: args.tf32,
         steps: (args.accum.is_some() || args.world_size.is_some()).then(|| StepConfig {
             accum: args.accum.unwrap_or(1) as usize,
             world_size: args.world_size.unwrap_or(1) as usize,
