@@ -173,8 +173,14 @@ fn rows_past_a_recorded_length_limit_are_refused_before_the_forward() {
     let dir = models_dir();
     let tmp = TempDir::new("gpt2-long");
     let ids: Vec<String> = (0..70).map(|i| (5 + i % 100).to_string()).collect();
-    let data = tmp.write("long.jsonl", &format!("{{\"input_ids\":[{}]}}\n", ids.join(",")));
+    let data = tmp.write(
+        "long.jsonl",
+        &format!("{{\"input_ids\":[{}]}}\n", ids.join(",")),
+    );
     let model = dir.join("gpt2/model.pt").display().to_string();
     let out = maskaudit(&["check", "--device", "cpu", &model, &data]);
-    assert_usage_error(&out, "has rows of 70 tokens, but the model accepts at most 64");
+    assert_usage_error(
+        &out,
+        "has rows of 70 tokens, but the model accepts at most 64",
+    );
 }
