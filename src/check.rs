@@ -180,6 +180,16 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
     }
     overlap.finish(&model, &mut totals, &mut run)?;
     timing.mark("the other batches");
+    if timing.on && model.run_kind() == Kind::BFloat16 && device.is_cuda() {
+        eprintln!(
+            "maskaudit timing: bf16 logits upcast {}",
+            if model::bf16_upcast_in_kernel() {
+                "inside the log-softmax kernel"
+            } else {
+                "by a copy (the kernel refused half_to_float)"
+            }
+        );
+    }
     if !pending.is_empty() {
         let ctx = StepContext {
             model: &model,
@@ -426,7 +436,7 @@ impl BatchTensors {
         let upload = |v: &[i64]| -> Result<Tensor, tch::TchError> {
             let host = Tensor::f_from_slice(v)?.f_view(shape)?;
             if device.is_cuda() {
-                host.f_pin_memory(device)?
+                host.f_internal_pin_memory(device)?
                     .f_to_device_(device, Kind::Int64, true, false)
             } else {
                 host.f_to_device(device)

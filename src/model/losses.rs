@@ -12,8 +12,8 @@ pub const CHUNK_ELEMENTS: i64 = 1 << 24;
 ///
 /// Contiguous f32 logits on a CPU with AVX2 and FMA take [`fused_ce`], which reads each
 /// position's logits once and writes nothing but its loss; contiguous f32, bf16 and f16 logits
-/// on CUDA take [`flat_token_losses`] (a few large chunks, bf16 and f16 upcast inside the
-/// log-softmax kernel); everything else (half and double precision on the CPU, other CPUs)
+/// on CUDA take [`flat_token_losses`] (a few large chunks, upcast to f32 a chunk at a time);
+/// everything else (half and double precision on the CPU, other CPUs)
 /// takes libtorch's kernels, [`shifted_token_losses`].
 pub fn token_losses(
     logits: &Tensor,
@@ -60,13 +60,20 @@ pub const CUDA_MIN_POSITIONS: i64 = 1024;
 static BF16_TO_FLOAT_LOG_SOFTMAX: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(true);
 
+/// Whether bf16 logits are still upcast inside the log-softmax kernel (false once libtorch has
+/// refused it, and bf16 chunks are upcast by a copy first).
+pub fn bf16_upcast_in_kernel() -> bool {
+    BF16_TO_FLOAT_LOG_SOFTMAX.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Next-token cross-entropy of contiguous f32, bf16 or f16 logits, for a GPU: the logits are
 /// taken as one `[B·T, V]` matrix, split into chunks of whole positions, and each position's
 /// target is the next token of its row, or -100 (ignored, loss 0) at a row's last position.
 /// Per chunk: `aminmax` over the vocabulary (one read of the logits in their own dtype: the
-/// finiteness check), `_log_softmax` into one f32 buffer (bf16 and f16 logits upcast inside
-/// the kernel, `half_to_float`: read once in their dtype, written once in f32; where libtorch
-/// refuses that for bf16, `log_softmax(dtype=float32)`, which upcasts the chunk first), and
+/// finiteness check), `_log_softmax` into one f32 buffer (f16 logits upcast inside the kernel,
+/// `half_to_float`: read once in their dtype, written once in f32; bf16 logits are tried the
+/// same way, but libtorch 2.11 refuses `half_to_float` for bf16 on an H200 (seen 2026-12-01),
+/// so they take `log_softmax(dtype=float32)`, which upcasts the chunk by a copy first), and
 /// `nll_loss` into the losses. Nothing of size `[B, T, V]` is allocated beyond the logits
 /// themselves: the extra memory is the chunk's f32 buffer and, for bf16 without
 /// `half_to_float`, its f32 copy. The last position of a row is computed and dropped (1/T of
