@@ -3,6 +3,7 @@
 //! The dataset is read one row at a time and processed one batch at a time, so memory does
 //! not grow with the number of rows.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::thread;
@@ -150,7 +151,7 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
                 return Err(e);
             }
         };
-        if overlap.active && !(run.probe && !run.consistency.ran) {
+        if overlap.active && (!run.probe || run.consistency.ran) {
             overlap.push(&model, batch, &mut totals, &mut run, opts)?;
             progress.set_position(bytes_read);
             continue;
@@ -181,7 +182,9 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
     overlap.finish(&model, &mut totals, &mut run)?;
     timing.mark("the other batches");
     if timing.on && model.run_kind() == Kind::BFloat16 && device.is_cuda() {
-        eprintln!(
+        // A diagnostic on request: straight to stderr.
+        let _ = writeln!(
+            std::io::stderr(),
             "maskaudit timing: bf16 logits upcast {}",
             if model::bf16_upcast_in_kernel() {
                 "inside the log-softmax kernel"
@@ -316,7 +319,8 @@ impl Timing {
             tch::Cuda::synchronize(n as i64);
         }
         let now = std::time::Instant::now();
-        eprintln!(
+        let _ = writeln!(
+            std::io::stderr(),
             "maskaudit timing: {what}: {:.3} s",
             (now - self.last).as_secs_f64()
         );

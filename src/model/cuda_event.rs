@@ -15,12 +15,17 @@ use std::sync::OnceLock;
 type Event = *mut c_void;
 type Stream = *mut c_void;
 
+type SetDevice = unsafe extern "C" fn(c_int) -> c_int;
+type Create = unsafe extern "C" fn(*mut Event, u32) -> c_int;
+type Record = unsafe extern "C" fn(Event, Stream) -> c_int;
+type OnEvent = unsafe extern "C" fn(Event) -> c_int;
+
 struct Runtime {
-    set_device: unsafe extern "C" fn(c_int) -> c_int,
-    create: unsafe extern "C" fn(*mut Event, u32) -> c_int,
-    record: unsafe extern "C" fn(Event, Stream) -> c_int,
-    synchronize: unsafe extern "C" fn(Event) -> c_int,
-    destroy: unsafe extern "C" fn(Event) -> c_int,
+    set_device: SetDevice,
+    create: Create,
+    record: Record,
+    synchronize: OnEvent,
+    destroy: OnEvent,
 }
 
 /// `cudaEventDisableTiming`: the event only orders work.
@@ -40,15 +45,19 @@ fn runtime() -> Option<&'static Runtime> {
             // are the ones declared in `Runtime` (cuda_runtime_api.h).
             unsafe {
                 Some(Runtime {
-                    set_device: std::mem::transmute::<*mut c_void, _>(find(c"cudaSetDevice")?),
-                    create: std::mem::transmute::<*mut c_void, _>(find(
+                    set_device: std::mem::transmute::<*mut c_void, SetDevice>(find(
+                        c"cudaSetDevice",
+                    )?),
+                    create: std::mem::transmute::<*mut c_void, Create>(find(
                         c"cudaEventCreateWithFlags",
                     )?),
-                    record: std::mem::transmute::<*mut c_void, _>(find(c"cudaEventRecord")?),
-                    synchronize: std::mem::transmute::<*mut c_void, _>(find(
+                    record: std::mem::transmute::<*mut c_void, Record>(find(c"cudaEventRecord")?),
+                    synchronize: std::mem::transmute::<*mut c_void, OnEvent>(find(
                         c"cudaEventSynchronize",
                     )?),
-                    destroy: std::mem::transmute::<*mut c_void, _>(find(c"cudaEventDestroy")?),
+                    destroy: std::mem::transmute::<*mut c_void, OnEvent>(find(
+                        c"cudaEventDestroy",
+                    )?),
                 })
             }
         })
