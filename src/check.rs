@@ -824,6 +824,13 @@ fn process_batch(
     let sums = totals.add_batch(&losses, &target_mask, batch.rows);
     let user = match audit {
         Some(audit) => {
+            // The user's loss gets the logits in float32, as Hugging Face's loss functions upcast
+            // them: what is audited is the loss's formula, and bf16 or f16 arithmetic inside it
+            // would differ from maskaudit's float32 cross-entropy by more than --rtol.
+            let logits = match logits.kind() {
+                Kind::Half | Kind::BFloat16 => logits.f_to_kind(Kind::Float)?,
+                _ => logits.shallow_clone(),
+            };
             let user = audit.observe(model, batch, &tensors, &logits, &sums, num_items)?;
             Some(UserMicroBatch {
                 value: user.value,

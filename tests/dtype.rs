@@ -113,3 +113,17 @@ fn unknown_dtype_and_tf32_values_are_usage_errors() {
         assert!(out.stderr.contains(value), "{}", out.stderr);
     }
 }
+
+/// A user's loss audited with the model run in bf16 gets float32 logits (as Hugging Face's loss
+/// functions upcast them): the correct loss is still recognised, without precision noise
+/// turning into findings.
+#[test]
+fn a_correct_user_loss_passes_in_bfloat16() {
+    let loss = fixture("losses/correct_labels.pt");
+    let (report, out) = check(&["--dtype", "bfloat16", "--loss", &loss]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(report["model"]["run_dtype"], "bfloat16");
+    assert_eq!(report["verdict"], "pass", "{}", out.stdout);
+    let verdict = report["user_loss"]["verdict"].as_str().unwrap();
+    assert!(verdict.contains("which is correct"), "{verdict}");
+}
