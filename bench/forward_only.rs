@@ -10,8 +10,12 @@
 //!
 //! ```sh
 //! cargo build --release --example forward_only
-//! target/release/examples/forward_only MODEL DATA BATCH_SIZE PAD_ID [cpu|cuda]
+//! target/release/examples/forward_only MODEL DATA BATCH_SIZE PAD_ID [cpu|cuda] [DTYPE] [TF32]
 //! ```
+//! DTYPE and TF32 are `check`'s `--dtype` (auto, float32, bfloat16, float16) and `--tf32`
+//! (on, off), applied the same way. On CUDA the batches are held in pinned host memory and
+//! uploaded with non-blocking copies, so nothing waits for the device until the end: the
+//! floor is the forward passes back to back.
 //! Prints one JSON line: `{"prepare_s": …, "forward_s": …, "batches": …, "tokens": …,
 //! "threads": …}`, `threads` being libtorch's intra-op threads (maskaudit's, too).
 
@@ -22,12 +26,16 @@ use anyhow::{Context, Result};
 use maskaudit::batch::Batcher;
 use maskaudit::check::BatchTensors;
 use maskaudit::data::{FieldNames, RowSource};
-use maskaudit::model::{DeviceChoice, LanguageModel, TorchScriptLm};
+use maskaudit::model::{
+    apply_tf32, DeviceChoice, DtypeChoice, LanguageModel, LoadOptions, Tf32, TorchScriptLm,
+};
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     if args.len() < 5 {
-        anyhow::bail!("usage: forward_only MODEL DATA BATCH_SIZE PAD_ID [cpu|cuda]");
+        anyhow::bail!(
+            "usage: forward_only MODEL DATA BATCH_SIZE PAD_ID [cpu|cuda] [DTYPE] [on|off]"
+        );
     }
     let batch_size: usize = args[3].parse().context("BATCH_SIZE")?;
     let pad_id: i64 = args[4].parse().context("PAD_ID")?;
@@ -35,6 +43,18 @@ fn main() -> Result<()> {
         .get(5)
         .map(String::as_str)
         .unwrap_or("cpu")
+        .parse()
+        .map_err(anyhow::Error::msg)?;
+    let dtype: DtypeChoice = args
+        .get(6)
+        .map(String::as_str)
+        .unwrap_or("auto")
+        .parse()
+        .map_err(anyhow::Error::msg)?;
+    let tf32: Tf32 = args
+        .get(7)
+        .map(String::as_str)
+        .unwrap_or("on")
         .parse()
         .map_err(anyhow::Error::msg)?;
 
@@ -52,18 +72,36 @@ fn main() -> Result<()> {
         }
     }
     batches.extend(batcher.finish()?);
+    let pin = |t: tch::Tensor| {
+        if device.is_cuda() {
+            t.internal_pin_memory(device)
+        } else {
+            t
+        }
+    };
     let tensors = batches
         .iter()
-        .map(|b| BatchTensors::new(b, tch::Device::Cpu))
+        .map(|b| {
+            BatchTensors::new(b, tch::Device::Cpu).map(|t| BatchTensors {
+                input_ids: pin(t.input_ids),
+                attention_mask: pin(t.attention_mask),
+            })
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let prepare_s = start.elapsed().as_secs_f64();
 
-    let model = TorchScriptLm::load(Path::new(&args[1]), device, &Default::default())?;
+    let options = LoadOptions {
+        dtype: dtype.kind(),
+        ..Default::default()
+    };
+    let model = TorchScriptLm::load(Path::new(&args[1]), device, &options)?;
+    let tf32 = apply_tf32(tf32, device, model.run_kind());
     let start = Instant::now();
     for t in &tensors {
         // The upload is part of the floor: maskaudit has to make it too.
-        let ids = t.input_ids.to_device(device);
-        let mask = t.attention_mask.to_device(device);
+        let upload = |x: &tch::Tensor| x.to_device_(device, tch::Kind::Int64, true, false);
+        let ids = upload(&t.input_ids);
+        let mask = upload(&t.attention_mask);
         let logits = model.logits(&ids, &mask)?;
         drop(logits);
     }
@@ -78,6 +116,8 @@ fn main() -> Result<()> {
         "batches": batches.len(),
         "tokens": tokens,
         "threads": tch::get_num_threads(),
+        "run_dtype": model.run_dtype(),
+        "tf32": tf32,
     });
     println!("{report}");
     Ok(())

@@ -6,7 +6,11 @@ right-padded with --pad-id (padding gets mask 0), a row's mask from loss_mask, e
 labels != -100, else attention_mask, else every token; next-token cross-entropy with
 reduction='none'; the five aggregates in float64. Prints them as JSON.
 
-    peer.py MODEL DATA --batch-size 8 --pad-id 0 [--device cpu|cuda]
+    peer.py MODEL DATA --batch-size 8 --pad-id 0 [--device cpu|cuda] [--dtype bfloat16] [--tf32 on]
+
+--dtype converts the model (`model.to(dtype)`, as a user would for bf16 inference; default: as
+saved) and --tf32 on sets `torch.backends.cuda.matmul.allow_tf32` (PyTorch's default is off);
+the logits are upcast with `.float()` before the cross-entropy either way.
 """
 
 import time
@@ -54,11 +58,16 @@ def main():
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--pad-id", type=int, default=0)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--tf32", default="off")
     args = ap.parse_args()
     imported = time.perf_counter()
     device = torch.device(args.device)
 
     model = torch.jit.load(args.model, map_location=device).eval()
+    if args.dtype != "auto":
+        model = model.to(getattr(torch, args.dtype))
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32 == "on"
     takes_mask = len(model.forward.schema.arguments) == 3  # self, input_ids, attention_mask
 
     rows = positions = 0

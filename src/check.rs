@@ -3,6 +3,7 @@
 //! The dataset is read one row at a time and processed one batch at a time, so memory does
 //! not grow with the number of rows.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::thread;
@@ -18,8 +19,8 @@ use crate::findings::{Code, Finding, Severity, SeverityOverrides};
 use crate::lint::{LintOptions, LintState};
 use crate::model::consistency::{self, Consistency};
 use crate::model::{
-    self, device_name, ArgsSource, DeviceChoice, ForwardArg, LanguageModel, LoadOptions,
-    ModelError, TorchScriptLm,
+    self, device_name, ArgsSource, CudaEvent, DeviceChoice, DtypeChoice, ForwardArg, LanguageModel,
+    LoadOptions, ModelError, Tf32, TorchScriptLm,
 };
 use crate::report::{DataSummary, ModelInfo, Report, Verdict, SCHEMA_VERSION};
 use crate::steps::{
@@ -54,6 +55,10 @@ pub struct CheckOptions {
     pub token_rows: usize,
     /// `--accum`/`--world-size`: simulate optimizer steps over the batches.
     pub steps: Option<StepConfig>,
+    /// `--dtype`: the dtype the forward runs in.
+    pub dtype: DtypeChoice,
+    /// `--tf32`: TF32 for float32 matrix products on CUDA.
+    pub tf32: Tf32,
 }
 
 /// Where the user's loss is: the command line takes exactly one of the two.
@@ -79,6 +84,7 @@ pub struct LossOptions {
 }
 
 pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
+    let mut timing = Timing::from_env();
     model::configure_libtorch();
     let _no_grad = tch::no_grad_guard();
 
@@ -87,6 +93,7 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
         sys::cap_address_space();
     }
     let model = TorchScriptLm::load(&opts.model, device, &load_options(opts))?;
+    let tf32 = model::apply_tf32(opts.tf32, device, model.run_kind());
     if let Some(pad) = opts.pad_id.filter(|&p| p >= model.vocab_size()) {
         // Padding goes through the embedding like any token: same rule as the data's ids.
         anyhow::bail!(
@@ -134,8 +141,26 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
     let per_step = opts.steps.map_or(1, |c| c.micro_batches_per_step());
     let mut simulation = Simulation::default();
     let mut pending = Vec::with_capacity(per_step);
+    // On a GPU, a plain audit (no user loss, no step simulation) keeps one batch in flight:
+    // batch k+1 is queued on the device before batch k's losses are read (overlap).
+    let mut overlap = Overlap::new(device, opts);
+    timing.device = device;
+    timing.mark("start, model load and first calls");
     for item in batches {
-        let (batch, bytes_read) = item?;
+        let (batch, bytes_read) = match item {
+            Ok(item) => item,
+            Err(e) => {
+                // The batch in flight comes first in the file: its error first.
+                overlap.finish(&model, &mut totals, &mut run)?;
+                return Err(e);
+            }
+        };
+        if overlap.active && (!run.probe || run.consistency.ran) {
+            overlap.push(&model, batch, &mut totals, &mut run, opts)?;
+            progress.set_position(bytes_read);
+            continue;
+        }
+        let probing = run.probe && !run.consistency.ran;
         pending.push(batch);
         if pending.len() == per_step {
             let ctx = StepContext {
@@ -153,7 +178,24 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
             )?;
             pending.clear();
             progress.set_position(bytes_read);
+            if probing && run.consistency.ran {
+                timing.mark("first batch and consistency probe");
+            }
         }
+    }
+    overlap.finish(&model, &mut totals, &mut run)?;
+    timing.mark("the other batches");
+    if timing.on && model.run_kind() == Kind::BFloat16 && device.is_cuda() {
+        // A diagnostic on request: straight to stderr.
+        let _ = writeln!(
+            std::io::stderr(),
+            "maskaudit timing: bf16 logits upcast {}",
+            if model::bf16_upcast_in_kernel() {
+                "inside the log-softmax kernel"
+            } else {
+                "by a copy (the kernel refused half_to_float)"
+            }
+        );
     }
     if !pending.is_empty() {
         let ctx = StepContext {
@@ -227,6 +269,8 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
             forward_args_note: model.signature().note.clone(),
             output: model.output_form(),
             dtype: model.dtype().to_string(),
+            run_dtype: model.run_dtype().to_string(),
+            tf32,
             architecture: model.record().and_then(|r| r.architecture.clone()),
             max_position_embeddings: model.record().and_then(|r| r.max_position_embeddings),
             consistency: run.consistency.clone(),
@@ -254,6 +298,40 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
         verdict,
         token_rows: run.token_rows,
     })
+}
+
+/// `MASKAUDIT_TIMING=1`: the wall time of each phase of a run on stderr (for measuring; on a
+/// GPU the device is synchronised at each mark).
+struct Timing {
+    on: bool,
+    device: Device,
+    last: std::time::Instant,
+}
+
+impl Timing {
+    fn from_env() -> Self {
+        Self {
+            on: std::env::var_os("MASKAUDIT_TIMING").is_some_and(|v| v == "1"),
+            device: Device::Cpu,
+            last: std::time::Instant::now(),
+        }
+    }
+
+    fn mark(&mut self, what: &str) {
+        if !self.on {
+            return;
+        }
+        if let Device::Cuda(n) = self.device {
+            tch::Cuda::synchronize(n as i64);
+        }
+        let now = std::time::Instant::now();
+        let _ = writeln!(
+            std::io::stderr(),
+            "maskaudit timing: {what}: {:.3} s",
+            (now - self.last).as_secs_f64()
+        );
+        self.last = now;
+    }
 }
 
 /// Batches the reading thread may have ready ahead of the model.
@@ -359,10 +437,20 @@ pub struct BatchTensors {
 }
 
 impl BatchTensors {
+    /// On a GPU the rows are copied into pinned (page-locked) host memory and uploaded with a
+    /// non-blocking copy: queued behind the work already on the device, without the host
+    /// waiting for that work to finish, as a copy from pageable memory makes it wait.
+    /// libtorch's pinned-memory allocator keeps the host buffer until the copy has run.
     pub fn new(batch: &Batch, device: Device) -> Result<Self, tch::TchError> {
         let shape = [batch.rows as i64, batch.seq_len as i64];
         let upload = |v: &[i64]| -> Result<Tensor, tch::TchError> {
-            Tensor::f_from_slice(v)?.f_view(shape)?.f_to_device(device)
+            let host = Tensor::f_from_slice(v)?.f_view(shape)?;
+            if device.is_cuda() {
+                host.f_internal_pin_memory(device)?
+                    .f_to_device_(device, Kind::Int64, true, false)
+            } else {
+                host.f_to_device(device)
+            }
         };
         Ok(Self {
             input_ids: upload(&batch.input_ids)?,
@@ -460,6 +548,7 @@ fn load_options(opts: &CheckOptions) -> LoadOptions {
     if let Some(args) = &opts.forward_args {
         return LoadOptions {
             forward_args: Some((args.clone(), ArgsSource::Option)),
+            dtype: opts.dtype.kind(),
         };
     }
     let from_loss = opts.loss.as_ref().and_then(|l| {
@@ -479,6 +568,7 @@ fn load_options(opts: &CheckOptions) -> LoadOptions {
     });
     LoadOptions {
         forward_args: from_loss.map(|args| (args, ArgsSource::LossArgs)),
+        dtype: opts.dtype.kind(),
     }
 }
 
@@ -686,6 +776,23 @@ fn run_step(
     Ok(())
 }
 
+/// Rows past the record's `length_limit` are refused before the forward: past it the forward
+/// indexes its position table out of range, which on a GPU is a device-side assert that
+/// poisons the CUDA context.
+fn check_length_limit(model: &TorchScriptLm, batch: &Batch, unit: Unit, line: usize) -> Result<()> {
+    if let Some(limit) = model.record().and_then(|r| r.length_limit) {
+        if batch.seq_len as i64 > limit {
+            anyhow::bail!(
+                "{}: the batch starting at {} has rows of {} tokens, but the model accepts at most {limit} (its record's length_limit); truncate the rows",
+                model.path(),
+                Pos { unit, n: line }.named(),
+                batch.seq_len
+            );
+        }
+    }
+    Ok(())
+}
+
 fn process_batch(
     model: &TorchScriptLm,
     batch: &Batch,
@@ -707,25 +814,21 @@ fn process_batch(
             user: None,
         });
     }
-    if let Some(limit) = model.record().and_then(|r| r.length_limit) {
-        // Past it the forward indexes its position table out of range: on a GPU that is a
-        // device-side assert that poisons the CUDA context.
-        if batch.seq_len as i64 > limit {
-            anyhow::bail!(
-                "{}: the batch starting at {} has rows of {} tokens, but the model accepts at most {limit} (its record's length_limit); truncate the rows",
-                model.path(),
-                Pos {
-                    unit: run.unit,
-                    n: line
-                }
-                .named(),
-                batch.seq_len
-            );
-        }
-    }
+    check_length_limit(model, batch, run.unit, line)?;
     let (tensors, logits, losses) = batch_losses(model, batch, &opts.model, run.unit)?;
     run.observe(batch, &losses);
     if run.probe && !run.consistency.ran {
+        let recorded = model.record().and_then(|r| r.position_limit());
+        // Without a recorded position limit, padding columns may take a learned position
+        // table out of range: on the CPU the forward fails and the probe says so, but on a GPU
+        // that is a device-side assert that poisons the CUDA context for the rest of the run.
+        // So on a GPU the padded call needs the record; rows alone are checked either way.
+        let unknown_on_gpu = recorded.is_none() && model.device().is_cuda();
+        let limit = if unknown_on_gpu {
+            Some(batch.seq_len as i64)
+        } else {
+            recorded
+        };
         run.consistency = consistency::probe(
             model,
             &tensors.input_ids,
@@ -733,13 +836,33 @@ fn process_batch(
             &logits,
             &batch.row_lengths(),
             opts.pad_id.unwrap_or(0),
-            model.record().and_then(|r| r.position_limit()),
+            limit,
         )?;
+        if unknown_on_gpu {
+            run.consistency.note = run.consistency.note.replace(
+                "the batch is at the model's position limit: no padding appended",
+                "no padding appended: on a GPU, padding past the model's position table (unknown without a maskaudit-export record) would abort the run",
+            );
+        }
+        if model::allow_tf32_cublas() && model.run_kind() == Kind::Float {
+            // TF32 rounds the matrix products' inputs to float16's 10-bit mantissa.
+            run.consistency.tolerance = run
+                .consistency
+                .tolerance
+                .max(model::logit_tolerance(Kind::Half));
+        }
     }
     let target_mask = batch.target_mask();
     let sums = totals.add_batch(&losses, &target_mask, batch.rows);
     let user = match audit {
         Some(audit) => {
+            // The user's loss gets the logits in float32, as Hugging Face's loss functions upcast
+            // them: what is audited is the loss's formula, and bf16 or f16 arithmetic inside it
+            // would differ from maskaudit's float32 cross-entropy by more than --rtol.
+            let logits = match logits.kind() {
+                Kind::Half | Kind::BFloat16 => logits.f_to_kind(Kind::Float)?,
+                _ => logits.shallow_clone(),
+            };
             let user = audit.observe(model, batch, &tensors, &logits, &sums, num_items)?;
             run.keep_rows(batch, &losses, user.weights.as_deref(), opts);
             Some(UserMicroBatch {
@@ -759,6 +882,182 @@ fn process_batch(
         masked_loss_sum: sums.masked_loss_sum,
         user,
     })
+}
+
+/// One batch in flight on a GPU: its losses are computed and copied (non-blocking, into pinned
+/// host memory) on the device's queue, and an event marks the end of that copy. The host reads
+/// them only after it has queued the next batch, so the GPU goes from one batch's work to the
+/// next without waiting for the host to read losses, aggregate, take the next batch and upload
+/// it. Used for a plain audit on CUDA (no user loss, no step simulation, which need each batch's
+/// logits or results in turn), after the batch that ran the consistency probe; the environment
+/// variable `MASKAUDIT_OVERLAP=0` turns it off (for measuring it).
+struct Overlap {
+    active: bool,
+    device_index: usize,
+    in_flight: Option<InFlight>,
+}
+
+/// A batch whose losses are on their way to the host.
+struct InFlight {
+    batch: Batch,
+    /// f32 `[B·(T-1)]` and a bool scalar, in host memory once `done` has completed.
+    losses: Tensor,
+    finite: Tensor,
+    /// `None` when CUDA events are not at hand: reading `losses` then waits for the device.
+    done: Option<CudaEvent>,
+}
+
+impl Overlap {
+    fn new(device: Device, opts: &CheckOptions) -> Self {
+        let device_index = match device {
+            Device::Cuda(n) => Some(n),
+            _ => None,
+        };
+        let off = std::env::var_os("MASKAUDIT_OVERLAP").is_some_and(|v| v == "0");
+        Self {
+            active: device_index.is_some() && opts.loss.is_none() && opts.steps.is_none() && !off,
+            device_index: device_index.unwrap_or(0),
+            in_flight: None,
+        }
+    }
+
+    /// Queues `batch` on the device, then reads the batch queued before it.
+    fn push(
+        &mut self,
+        model: &TorchScriptLm,
+        batch: Batch,
+        totals: &mut LossTotals,
+        run: &mut RunState,
+        opts: &CheckOptions,
+    ) -> Result<()> {
+        let queued = self.queue(model, batch, run, opts);
+        // Errors in file order: the batch before this one first.
+        let previous = self.in_flight.take();
+        if let Some(previous) = previous {
+            self.read(previous, model, totals, run)?;
+        }
+        match queued? {
+            Queued::InFlight(next) => self.in_flight = Some(next),
+            Queued::Empty(batch) => {
+                totals.add_batch(&[], &[], batch.rows);
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the last batch in flight.
+    fn finish(
+        &mut self,
+        model: &TorchScriptLm,
+        totals: &mut LossTotals,
+        run: &mut RunState,
+    ) -> Result<()> {
+        match self.in_flight.take() {
+            Some(last) => self.read(last, model, totals, run),
+            None => Ok(()),
+        }
+    }
+
+    fn queue(
+        &self,
+        model: &TorchScriptLm,
+        batch: Batch,
+        run: &RunState,
+        opts: &CheckOptions,
+    ) -> Result<Queued> {
+        let line = batch.lines.first().copied().unwrap_or(0);
+        if batch.seq_len < 2 {
+            return Ok(Queued::Empty(batch));
+        }
+        check_length_limit(model, &batch, run.unit, line)?;
+        let path = model::path_string(&opts.model);
+        let tensors = BatchTensors::new(&batch, model.device())?;
+        let in_batch = |e: tch::TchError| ModelError::Forward {
+            path: path.clone(),
+            line,
+            message: model::torch_message(&e.to_string()),
+        };
+        let logits = model
+            .logits(&tensors.input_ids, &tensors.attention_mask)
+            .map_err(|e| match e {
+                ModelError::Torch(message) => ModelError::Forward {
+                    path: path.clone(),
+                    line,
+                    message,
+                },
+                other => other,
+            })?;
+        let (losses, finite) = if logits.is_contiguous()
+            && matches!(logits.kind(), Kind::Float | Kind::BFloat16 | Kind::Half)
+        {
+            let q = model::queue_flat_token_losses(
+                &logits,
+                &tensors.input_ids,
+                model::CUDA_CHUNK_ELEMENTS,
+            )
+            .map_err(in_batch)?;
+            (q.losses, q.finite)
+        } else {
+            // Other logits take the synchronous path; the finiteness is known already.
+            let losses = model::token_losses(&logits, &tensors.input_ids, model::CHUNK_ELEMENTS)
+                .map_err(in_batch)?
+                .ok_or(ModelError::NonFinite {
+                    path: path.clone(),
+                    line,
+                })?;
+            let finite = Tensor::f_from_slice(&[true]).map_err(in_batch)?;
+            (losses, finite)
+        };
+        drop(logits);
+        let to_host = |t: &Tensor| {
+            t.f_flatten(0, -1)
+                .and_then(|t| t.f_to_device_(Device::Cpu, t.kind(), true, false))
+                .map_err(in_batch)
+        };
+        let losses = to_host(&losses)?;
+        let finite = to_host(&finite)?;
+        let done = CudaEvent::record(self.device_index);
+        Ok(Queued::InFlight(InFlight {
+            batch,
+            losses,
+            finite,
+            done,
+        }))
+    }
+
+    fn read(
+        &self,
+        flight: InFlight,
+        model: &TorchScriptLm,
+        totals: &mut LossTotals,
+        run: &mut RunState,
+    ) -> Result<()> {
+        match &flight.done {
+            Some(event) => event.wait().map_err(anyhow::Error::msg)?,
+            None => tch::Cuda::synchronize(self.device_index as i64),
+        }
+        let losses = Vec::<f32>::try_from(&flight.losses)?;
+        if !bool::try_from(&flight.finite)? {
+            return Err(ModelError::NonFinite {
+                path: model.path().to_string(),
+                line: flight.batch.lines.first().copied().unwrap_or(0),
+            }
+            .into());
+        }
+        Self::account(&flight.batch, &losses, totals, run);
+        Ok(())
+    }
+
+    fn account(batch: &Batch, losses: &[f32], totals: &mut LossTotals, run: &mut RunState) {
+        run.observe(batch, losses);
+        totals.add_batch(losses, &batch.target_mask(), batch.rows);
+    }
+}
+
+enum Queued {
+    InFlight(InFlight),
+    /// One-token rows: no next-token position, nothing to run.
+    Empty(Batch),
 }
 
 /// `accumulation-misweighted`: an error when the user's loss, run per micro-batch as a trainer

@@ -8,7 +8,7 @@ use crate::check::{LossOptions, LossSource};
 use crate::data::FieldNames;
 use crate::diagnosis::DEFAULT_RTOL;
 use crate::findings::Code;
-use crate::model::{DeviceChoice, ForwardArg};
+use crate::model::{DeviceChoice, DtypeChoice, ForwardArg, Tf32};
 use crate::userloss::LossArg;
 
 #[derive(Debug, Parser)]
@@ -70,6 +70,14 @@ pub struct CheckArgs {
     /// attention_mask, position_ids, labels [default: probed, and an error when unclear]
     #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_forward_arg, help_heading = "Model")]
     pub forward_args: Vec<ForwardArg>,
+    /// The dtype the forward runs in: auto (the model's own: its export record's, else its
+    /// parameters'), float32, bfloat16 or float16; the losses and sums stay float32/float64
+    #[arg(long, default_value = "auto", value_parser = parse_dtype, help_heading = "Model")]
+    pub dtype: DtypeChoice,
+    /// TF32 for float32 matrix products on CUDA (tensor cores; inputs rounded to a 10-bit
+    /// mantissa, float32 accumulation): on or off; no effect on the CPU or in other dtypes
+    #[arg(long, default_value = "on", value_parser = parse_tf32, help_heading = "Model")]
+    pub tf32: Tf32,
     /// Skip the trace-consistency probe (padding appended, rows alone) on the first batch
     #[arg(long, help_heading = "Model")]
     pub no_model_probe: bool,
@@ -314,6 +322,14 @@ pub struct OutputArgs {
     /// No progress bar
     #[arg(long, short, help_heading = "Output")]
     pub quiet: bool,
+}
+
+fn parse_dtype(s: &str) -> Result<DtypeChoice, String> {
+    s.parse()
+}
+
+fn parse_tf32(s: &str) -> Result<Tf32, String> {
+    s.parse()
 }
 
 fn parse_device(s: &str) -> Result<DeviceChoice, String> {

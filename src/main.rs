@@ -74,6 +74,8 @@ fn check(args: CheckArgs) -> Result<ExitCode> {
         } else {
             0
         },
+        dtype: args.dtype,
+        tf32: args.tf32,
         steps: (args.accum.is_some() || args.world_size.is_some()).then(|| StepConfig {
             accum: args.accum.unwrap_or(1) as usize,
             world_size: args.world_size.unwrap_or(1) as usize,

@@ -61,6 +61,10 @@ pub struct ModelInfo {
     pub output: OutputForm,
     /// The parameters' dtype: `float32`, `bfloat16`, `float16`, …
     pub dtype: String,
+    /// The dtype the forward ran in: `dtype`, or what `--dtype` converted the model to.
+    pub run_dtype: String,
+    /// Whether float32 matrix products used TF32 (`--tf32`; only on CUDA, in float32).
+    pub tf32: bool,
     /// From the exporter's record; null without one.
     pub architecture: Option<String>,
     pub max_position_embeddings: Option<i64>,

@@ -11,8 +11,10 @@ pub const CHUNK_ELEMENTS: i64 = 1 << 24;
 /// Returns `Ok(None)` when a logit is NaN or infinite.
 ///
 /// Contiguous f32 logits on a CPU with AVX2 and FMA take [`fused_ce`], which reads each
-/// position's logits once and writes nothing but its loss; everything else (CUDA, half and
-/// double precision, other CPUs) takes libtorch's kernels, [`shifted_token_losses`].
+/// position's logits once and writes nothing but its loss; contiguous f32, bf16 and f16 logits
+/// on CUDA take [`flat_token_losses`] (a few large chunks, upcast to f32 a chunk at a time);
+/// everything else (half and double precision on the CPU, other CPUs)
+/// takes libtorch's kernels, [`shifted_token_losses`].
 pub fn token_losses(
     logits: &Tensor,
     input_ids: &Tensor,
@@ -33,7 +35,146 @@ pub fn token_losses(
             fused_ce::Outcome::NotApplicable => {}
         }
     }
+    if size.len() == 3
+        && size[1] >= 2
+        && logits.device().is_cuda()
+        && matches!(logits.kind(), Kind::Float | Kind::BFloat16 | Kind::Half)
+        && logits.is_contiguous()
+    {
+        return flat_token_losses(logits, input_ids, chunk_elements.max(CUDA_CHUNK_ELEMENTS));
+    }
     shifted_token_losses(logits, input_ids, 1, chunk_elements)
+}
+
+/// The chunk of [`flat_token_losses`] on a GPU: 2²⁶ logits, a 256 MiB f32 log-softmax buffer.
+/// On the GPU the cost of a chunk is its kernel launches as much as its bytes: with 2²⁴ and
+/// a 50k vocabulary a batch of 8 × 1024 took 32 chunks of four launches each.
+pub const CUDA_CHUNK_ELEMENTS: i64 = 1 << 26;
+
+/// The fewest positions in a GPU chunk of [`flat_token_losses`] (see there): with a 152k
+/// vocabulary a 622 MB f32 buffer.
+pub const CUDA_MIN_POSITIONS: i64 = 1024;
+
+/// Whether libtorch's `_log_softmax` takes bfloat16 input with a float32 output
+/// (`half_to_float`) on this device; cleared after the first refusal.
+static BF16_TO_FLOAT_LOG_SOFTMAX: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(true);
+
+/// Whether bf16 logits are still upcast inside the log-softmax kernel (false once libtorch has
+/// refused it, and bf16 chunks are upcast by a copy first).
+pub fn bf16_upcast_in_kernel() -> bool {
+    BF16_TO_FLOAT_LOG_SOFTMAX.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Next-token cross-entropy of contiguous f32, bf16 or f16 logits, for a GPU: the logits are
+/// taken as one `[B·T, V]` matrix, split into chunks of whole positions, and each position's
+/// target is the next token of its row, or -100 (ignored, loss 0) at a row's last position.
+/// Per chunk: `aminmax` over the vocabulary (one read of the logits in their own dtype: the
+/// finiteness check), `_log_softmax` into one f32 buffer (f16 logits upcast inside the kernel,
+/// `half_to_float`: read once in their dtype, written once in f32; bf16 logits are tried the
+/// same way, but libtorch 2.11 refuses `half_to_float` for bf16 on an H200 (seen 2026-12-01),
+/// so they take `log_softmax(dtype=float32)`, which upcasts the chunk by a copy first), and
+/// `nll_loss` into the losses. Nothing of size `[B, T, V]` is allocated beyond the logits
+/// themselves: the extra memory is the chunk's f32 buffer and, for bf16 without
+/// `half_to_float`, its f32 copy. The last position of a row is computed and dropped (1/T of
+/// the work); its logits are not part of the finiteness check, as on the other paths.
+pub fn flat_token_losses(
+    logits: &Tensor,
+    input_ids: &Tensor,
+    chunk_elements: i64,
+) -> Result<Option<Tensor>, tch::TchError> {
+    let queued = queue_flat_token_losses(logits, input_ids, chunk_elements)?;
+    if !bool::try_from(&queued.finite)? {
+        return Ok(None);
+    }
+    Ok(Some(queued.losses))
+}
+
+/// [`flat_token_losses`]' work, queued on the logits' device without waiting for it: the
+/// losses `[B, T-1]` (f32) and whether every logit the losses used is finite (a bool scalar),
+/// both still on the device.
+pub struct QueuedLosses {
+    pub losses: Tensor,
+    pub finite: Tensor,
+}
+
+/// Queues [`flat_token_losses`]' kernels; nothing here waits for the device.
+pub fn queue_flat_token_losses(
+    logits: &Tensor,
+    input_ids: &Tensor,
+    chunk_elements: i64,
+) -> Result<QueuedLosses, tch::TchError> {
+    use std::sync::atomic::Ordering;
+    let size = logits.size();
+    let (b, t, v) = (size[0], size[1], size[2]);
+    let device = logits.device();
+    let kind = logits.kind();
+    let n = b * t;
+    let flat = logits.f_view([n, v])?;
+    let targets = Tensor::f_cat(
+        &[
+            input_ids.f_narrow(1, 1, t - 1)?,
+            Tensor::f_full([b, 1], -100i64, (Kind::Int64, device))?,
+        ],
+        1,
+    )?
+    .f_view([n])?;
+    // libtorch's log-softmax runs one thread block per position when V > 1024: a chunk of
+    // fewer positions than a few waves of blocks leaves multiprocessors idle (110 positions of
+    // a 152k vocabulary on 132 of them), so a GPU chunk has at least CUDA_MIN_POSITIONS.
+    let min_rows = if device.is_cuda() {
+        CUDA_MIN_POSITIONS
+    } else {
+        1
+    };
+    let rows = (chunk_elements / v.max(1)).max(min_rows).clamp(1, n);
+    let scratch = Tensor::f_empty([rows, v], (Kind::Float, device))?;
+    let losses = Tensor::f_empty([n], (Kind::Float, device))?;
+    let lo = Tensor::f_empty([n], (kind, device))?;
+    let hi = Tensor::f_empty([n], (kind, device))?;
+    let mut start = 0;
+    while start < n {
+        let m = rows.min(n - start);
+        let x = flat.f_narrow(0, start, m)?;
+        let _ = x.f_aminmax_out(
+            &lo.f_narrow(0, start, m)?,
+            &hi.f_narrow(0, start, m)?,
+            1,
+            false,
+        )?;
+        let out = scratch.f_narrow(0, 0, m)?;
+        let log_probs = match kind {
+            Kind::Float => x.f_internal_log_softmax_out(&out, 1, false)?,
+            Kind::Half => x.f_internal_log_softmax_out(&out, 1, true)?,
+            _ if BF16_TO_FLOAT_LOG_SOFTMAX.load(Ordering::Relaxed) => {
+                match x.f_internal_log_softmax_out(&out, 1, true) {
+                    Ok(lp) => lp,
+                    Err(_) => {
+                        BF16_TO_FLOAT_LOG_SOFTMAX.store(false, Ordering::Relaxed);
+                        x.f_log_softmax_int_out(&out, 1, Kind::Float)?
+                    }
+                }
+            }
+            _ => x.f_log_softmax_int_out(&out, 1, Kind::Float)?,
+        };
+        let _ = log_probs.f_nll_loss_out::<Tensor>(
+            &losses.f_narrow(0, start, m)?,
+            &targets.f_narrow(0, start, m)?,
+            None,
+            tch::Reduction::None,
+            -100,
+        )?;
+        start += m;
+    }
+    let used = |x: &Tensor| x.f_view([b, t])?.f_narrow(1, 0, t - 1);
+    let finite = used(&lo)?
+        .f_isfinite()?
+        .f_logical_and(&used(&hi)?.f_isfinite()?)?
+        .f_all()?;
+    Ok(QueuedLosses {
+        losses: losses.f_view([b, t])?.f_narrow(1, 0, t - 1)?,
+        finite,
+    })
 }
 
 /// Cross-entropy of the logits at t against `input_ids[t+shift]`, `[B, T-shift]`, with
@@ -711,6 +852,37 @@ mod tests {
         let nan = logits.copy();
         let _ = nan.narrow(1, 3, 1).fill_(f64::NAN);
         assert!(fused_ce::log_sum_exp(&nan).is_none());
+    }
+
+    /// The GPU path (run here on the CPU, in f32) against the per-row path, whatever the
+    /// chunking; a NaN counts at a position that predicts, not at a row's last.
+    #[test]
+    fn flat_cross_entropy_matches_the_per_row_path() {
+        let _guard = tch::no_grad_guard();
+        tch::manual_seed(5);
+        let (b, t, v) = (3, 7, 11);
+        let logits = Tensor::randn([b, t, v], (Kind::Float, Device::Cpu)) * 3.0;
+        let ids = Tensor::randint(v, [b, t], (Kind::Int64, Device::Cpu));
+        let reference = shifted_token_losses(&logits, &ids, 1, 1 << 20)
+            .unwrap()
+            .unwrap();
+        for chunk in [1, 11, 22, 77, 1 << 20] {
+            let flat = flat_token_losses(&logits, &ids, chunk).unwrap().unwrap();
+            assert_eq!(flat.size(), vec![b, t - 1]);
+            assert_eq!(flat.kind(), Kind::Float);
+            assert!(
+                flat.allclose(&reference, 1e-6, 1e-6, false),
+                "chunk {chunk}"
+            );
+        }
+        let last = logits.copy();
+        let _ = last.select(1, t - 1).fill_(f64::NAN);
+        assert!(flat_token_losses(&last, &ids, 22).unwrap().is_some());
+        for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            let x = logits.copy();
+            let _ = x.select(0, 2).select(0, 3).narrow(0, 4, 1).fill_(bad);
+            assert!(flat_token_losses(&x, &ids, 22).unwrap().is_none(), "{bad}");
+        }
     }
 
     #[test]

@@ -71,13 +71,17 @@ impl From<tch::TchError> for ModelError {
 }
 
 pub mod consistency;
+mod cuda_event;
 mod device;
 mod losses;
+mod precision;
 pub mod record;
 mod torchscript;
 
+pub use cuda_event::CudaEvent;
 pub use device::*;
 pub use losses::*;
+pub use precision::*;
 pub use torchscript::*;
 
 /// Process-wide libtorch settings for a pass over a dataset; call before anything else touches

@@ -119,6 +119,8 @@ impl fmt::Display for Signature {
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
     pub forward_args: Option<(Vec<ForwardArg>, ArgsSource)>,
+    /// `--dtype`: the kind to convert the parameters to; `None` keeps the model's own.
+    pub dtype: Option<Kind>,
 }
 
 /// A TorchScript causal LM.
@@ -130,6 +132,8 @@ pub struct TorchScriptLm {
     signature: Signature,
     output_form: OutputForm,
     dtype: String,
+    /// The dtype the forward runs in: `dtype`, or what `--dtype` converted the module to.
+    run_kind: Kind,
     record: Option<ExportRecord>,
 }
 
@@ -148,6 +152,34 @@ fn open_module(path: &Path, device: Device) -> Result<CModule, ModelError> {
         })?;
     module.set_eval();
     Ok(module)
+}
+
+/// Converts the module's floating-point parameters and buffers to `kind` (`--dtype`).
+/// libtorch reports a failure by a panic in tch's wrapper; it becomes an error naming the file.
+fn convert_module(
+    module: &mut CModule,
+    device: Device,
+    kind: Kind,
+    path: &str,
+) -> Result<(), ModelError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        module.to(device, kind, false)
+    }))
+    .map_err(|panic| {
+        let message = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("libtorch failed");
+        ModelError::ForwardArgs {
+            path: path.to_string(),
+            message: format!(
+                "converting the model to {} (--dtype) failed: {}",
+                kind_name(kind),
+                torch_message(message)
+            ),
+        }
+    })
 }
 
 /// What the first call with a two-token input showed.
@@ -172,7 +204,20 @@ impl TorchScriptLm {
             FileKind::TorchScript(record) => record.map(|r| *r),
             FileKind::Unknown => None,
         };
-        let module = open_module(path, device)?;
+        let mut module = open_module(path, device)?;
+        // The model's own dtype, before any conversion: the record's, else the parameters'.
+        let own_dtype = record
+            .as_ref()
+            .and_then(|r| r.dtype.clone())
+            .or_else(|| parameter_dtype(&module));
+        let own_kind = own_dtype.as_deref().and_then(super::kind_of_name);
+        let converted = match opts.dtype {
+            Some(kind) if own_kind != Some(kind) => {
+                convert_module(&mut module, device, kind, &display)?;
+                Some(kind)
+            }
+            _ => None,
+        };
         let named = match (&record, &opts.forward_args) {
             (Some(r), _) => Some((
                 record_args(r, &display)?,
@@ -189,7 +234,7 @@ impl TorchScriptLm {
             }
             (None, None) => None,
         };
-        let (signature, first) = match named {
+        let found = (|| match named {
             Some((args, source, note)) => {
                 check_args(&args).map_err(|message| ModelError::ForwardArgs {
                     path: display.clone(),
@@ -214,9 +259,25 @@ impl TorchScriptLm {
                     source,
                     note: note.to_string(),
                 };
-                (signature, first)
+                Ok((signature, first))
             }
-            None => probe_signature(&module, device, &display)?,
+            None => probe_signature(&module, device, &display),
+        })();
+        let (signature, first) = match (found, converted) {
+            (Ok(found), _) => found,
+            (Err(e), None) => return Err(e),
+            // A trace can hard-code its dtype (a causal mask or rotary table built in float32).
+            (Err(e), Some(kind)) => {
+                return Err(ModelError::ForwardArgs {
+                    path: display.clone(),
+                    message: format!(
+                        "converted from {} to {} (--dtype), the model fails: {e}; export it in that dtype (maskaudit-export --dtype {}) or run it in its own (--dtype auto)",
+                        own_dtype.as_deref().unwrap_or("its dtype"),
+                        kind_name(kind),
+                        kind_name(kind)
+                    ),
+                })
+            }
         };
         if let Some(v) = record.as_ref().and_then(|r| r.vocab_size) {
             if v != first.vocab_size {
@@ -229,11 +290,15 @@ impl TorchScriptLm {
                 });
             }
         }
-        let dtype = record
-            .as_ref()
-            .and_then(|r| r.dtype.clone())
-            .or_else(|| parameter_dtype(&module))
-            .unwrap_or_else(|| kind_name(first.kind).to_string());
+        let dtype = own_dtype.unwrap_or_else(|| kind_name(first.kind).to_string());
+        let run_kind = converted
+            .or(own_kind)
+            .or_else(|| {
+                parameter_dtype(&module)
+                    .as_deref()
+                    .and_then(super::kind_of_name)
+            })
+            .unwrap_or(first.kind);
         Ok(Self {
             module,
             path: display,
@@ -242,6 +307,7 @@ impl TorchScriptLm {
             signature,
             output_form: first.output_form,
             dtype,
+            run_kind,
             record,
         })
     }
@@ -257,6 +323,16 @@ impl TorchScriptLm {
     /// The parameters' dtype (`float32`, `bfloat16`, …), as recorded or as found.
     pub fn dtype(&self) -> &str {
         &self.dtype
+    }
+
+    /// The dtype the forward runs in (`--dtype`, else the model's own).
+    pub fn run_kind(&self) -> Kind {
+        self.run_kind
+    }
+
+    /// [`Self::run_kind`] by PyTorch's name: `float32`, `bfloat16`, `float16`.
+    pub fn run_dtype(&self) -> &'static str {
+        kind_name(self.run_kind)
     }
 
     /// The exporter's record, when the file has one.
@@ -529,22 +605,66 @@ pub fn relative_difference(
     b: &Tensor,
     keep: Option<&Tensor>,
 ) -> Result<f64, tch::TchError> {
-    let (a, b) = match keep {
-        Some(keep) => (a.f_index(&[Some(keep)])?, b.f_index(&[Some(keep)])?),
-        None => (a.shallow_clone(), b.shallow_clone()),
-    };
-    if a.numel() == 0 {
-        return Ok(0.0);
-    }
-    let a = a.f_to_kind(Kind::Double)?;
-    let b = b.f_to_kind(Kind::Double)?;
-    let diff = f64::try_from(a.f_sub(&b)?.f_abs()?.f_max()?)?;
-    let scale = f64::try_from(a.f_abs()?.f_max()?)?.max(1e-6);
+    let (diff, scale) = difference_and_scale(a, b, keep)?;
+    let scale = scale.max(1e-6);
     Ok(if diff.is_finite() && scale.is_finite() {
         diff / scale
     } else {
         f64::INFINITY
     })
+}
+
+/// max |a − b| and max |a| for [`relative_difference`], a row (first dimension) at a time for
+/// `[B, T, V]` logits: the float64 copies it compares are then one row's, not the batch's
+/// (with a 152k vocabulary, 2.5 GB per row of 2048 positions, against B times that).
+fn difference_and_scale(
+    a: &Tensor,
+    b: &Tensor,
+    keep: Option<&Tensor>,
+) -> Result<(f64, f64), tch::TchError> {
+    if a.dim() == 3 && a.size()[0] > 1 {
+        let (mut diff, mut scale) = (0f64, 0f64);
+        for row in 0..a.size()[0] {
+            let keep_row = keep.map(|k| k.f_narrow(0, row, 1)).transpose()?;
+            let (d, s) = difference_and_scale_whole(
+                &a.f_narrow(0, row, 1)?,
+                &b.f_narrow(0, row, 1)?,
+                keep_row.as_ref(),
+            )?;
+            // NaN stays NaN (f64::max would drop it).
+            diff = if d.is_nan() || diff.is_nan() {
+                f64::NAN
+            } else {
+                diff.max(d)
+            };
+            scale = if s.is_nan() || scale.is_nan() {
+                f64::NAN
+            } else {
+                scale.max(s)
+            };
+        }
+        return Ok((diff, scale));
+    }
+    difference_and_scale_whole(a, b, keep)
+}
+
+fn difference_and_scale_whole(
+    a: &Tensor,
+    b: &Tensor,
+    keep: Option<&Tensor>,
+) -> Result<(f64, f64), tch::TchError> {
+    let (a, b) = match keep {
+        Some(keep) => (a.f_index(&[Some(keep)])?, b.f_index(&[Some(keep)])?),
+        None => (a.shallow_clone(), b.shallow_clone()),
+    };
+    if a.numel() == 0 {
+        return Ok((0.0, 0.0));
+    }
+    let a = a.f_to_kind(Kind::Double)?;
+    let b = b.f_to_kind(Kind::Double)?;
+    let diff = f64::try_from(a.f_sub(&b)?.f_abs()?.f_max()?)?;
+    let scale = f64::try_from(a.f_abs()?.f_max()?)?;
+    Ok((diff, scale))
 }
 
 /// The dtype of the module's first floating-point parameter.

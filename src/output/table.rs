@@ -87,10 +87,20 @@ pub fn write<W: Write>(out: &mut W, report: &Report) -> std::io::Result<()> {
         .as_deref()
         .map(|a| format!("{a}, "))
         .unwrap_or_default();
+    let dtype = if m.run_dtype == m.dtype {
+        m.dtype.clone()
+    } else {
+        format!("{} run in {}", m.dtype, m.run_dtype)
+    };
+    let dtype = if m.tf32 {
+        format!("{dtype} (TF32)")
+    } else {
+        dtype
+    };
     writeln!(
         out,
         "  model  {arch}{}, vocabulary {} on {}; {} returns logits as {}",
-        m.dtype,
+        dtype,
         m.vocab_size,
         m.device,
         forward_display(&m.forward_args),

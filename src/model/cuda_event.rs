@@ -1,0 +1,120 @@
+//! CUDA events, for waiting on part of the work queued on the GPU rather than all of it.
+//!
+//! tch has no binding for them, so the CUDA runtime's C functions are looked up, once, in the
+//! libraries already loaded: `libtorch_cuda.so` is opened with `RTLD_GLOBAL`
+//! ([`super::load_cuda_backend`]), which puts the CUDA runtime it links into the global scope.
+//! Where they are not found, [`CudaEvent::record`] returns `None` and the caller synchronises
+//! the whole device the ordinary way.
+//!
+//! Events are recorded on the legacy default stream (`0`), the stream libtorch queues all its
+//! work on unless told otherwise; so an event completes once everything queued before it has.
+
+use std::ffi::{c_int, c_void, CStr};
+use std::sync::OnceLock;
+
+type Event = *mut c_void;
+type Stream = *mut c_void;
+
+type SetDevice = unsafe extern "C" fn(c_int) -> c_int;
+type Create = unsafe extern "C" fn(*mut Event, u32) -> c_int;
+type Record = unsafe extern "C" fn(Event, Stream) -> c_int;
+type OnEvent = unsafe extern "C" fn(Event) -> c_int;
+
+struct Runtime {
+    set_device: SetDevice,
+    create: Create,
+    record: Record,
+    synchronize: OnEvent,
+    destroy: OnEvent,
+}
+
+/// `cudaEventDisableTiming`: the event only orders work.
+const DISABLE_TIMING: u32 = 2;
+
+#[cfg(unix)]
+fn runtime() -> Option<&'static Runtime> {
+    static RUNTIME: OnceLock<Option<Runtime>> = OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            let find = |name: &CStr| {
+                // SAFETY: a NUL-terminated name; RTLD_DEFAULT searches the global scope.
+                let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
+                (!p.is_null()).then_some(p)
+            };
+            // SAFETY: these are the CUDA runtime's functions of these names, whose C signatures
+            // are the ones declared in `Runtime` (cuda_runtime_api.h).
+            unsafe {
+                Some(Runtime {
+                    set_device: std::mem::transmute::<*mut c_void, SetDevice>(find(
+                        c"cudaSetDevice",
+                    )?),
+                    create: std::mem::transmute::<*mut c_void, Create>(find(
+                        c"cudaEventCreateWithFlags",
+                    )?),
+                    record: std::mem::transmute::<*mut c_void, Record>(find(c"cudaEventRecord")?),
+                    synchronize: std::mem::transmute::<*mut c_void, OnEvent>(find(
+                        c"cudaEventSynchronize",
+                    )?),
+                    destroy: std::mem::transmute::<*mut c_void, OnEvent>(find(
+                        c"cudaEventDestroy",
+                    )?),
+                })
+            }
+        })
+        .as_ref()
+}
+
+#[cfg(not(unix))]
+fn runtime() -> Option<&'static Runtime> {
+    None
+}
+
+/// An event recorded after the work queued so far on a GPU's default stream.
+pub struct CudaEvent {
+    event: Event,
+    runtime: &'static Runtime,
+}
+
+impl CudaEvent {
+    /// Records an event on device `index`'s default stream; `None` when the CUDA runtime's
+    /// functions are not at hand or a call fails.
+    pub fn record(index: usize) -> Option<Self> {
+        let runtime = runtime()?;
+        let mut event: Event = std::ptr::null_mut();
+        // SAFETY: plain CUDA runtime calls on a pointer we own; libtorch made the device's
+        // context. libtorch sets the current device around each of its calls and puts back the
+        // one it found, so setting it here changes nothing for libtorch.
+        unsafe {
+            if (runtime.set_device)(index as c_int) != 0
+                || (runtime.create)(&mut event, DISABLE_TIMING) != 0
+            {
+                return None;
+            }
+            let this = Self { event, runtime };
+            if (runtime.record)(event, std::ptr::null_mut()) != 0 {
+                return None;
+            }
+            Some(this)
+        }
+    }
+
+    /// Blocks until the work queued before the event has finished.
+    pub fn wait(&self) -> Result<(), String> {
+        // SAFETY: the event was created and recorded by `record`.
+        match unsafe { (self.runtime.synchronize)(self.event) } {
+            0 => Ok(()),
+            code => Err(format!(
+                "cudaEventSynchronize failed with CUDA error {code}"
+            )),
+        }
+    }
+}
+
+impl Drop for CudaEvent {
+    fn drop(&mut self) {
+        // SAFETY: created by `record`, destroyed once.
+        unsafe {
+            (self.runtime.destroy)(self.event);
+        }
+    }
+}
