@@ -203,7 +203,7 @@ fn a_length_dependent_trace_fails_the_consistency_probe() {
     let c = &json["model"]["consistency"];
     assert!(c["padding_difference"].as_f64().unwrap() <= c["tolerance"].as_f64().unwrap());
     assert!(c["row_difference"].as_f64().unwrap() <= c["tolerance"].as_f64().unwrap());
-    assert_eq!(c["rows_alone"], 4);
+    assert_eq!(c["rows_alone"], 2, "the longest row and the shortest");
 }
 
 #[test]

@@ -6,7 +6,8 @@
 //! that baked in the example's shape, a model that derives position ids from the attention
 //! mask, or rotary embeddings rescaled by length (dynamic RoPE) break this, and every loss
 //! maskaudit computes from such a model is wrong without a sign. The probe runs on the first
-//! batch only: one padded forward and one forward per row.
+//! batch's longest and shortest rows only: one padded forward of the two and one forward of
+//! each alone, a fraction of one batch's cost.
 
 use serde::Serialize;
 use tch::{Kind, Tensor};
@@ -17,7 +18,7 @@ use super::{logit_tolerance, relative_difference, torch_message, LanguageModel, 
 pub struct Consistency {
     /// False with `--no-model-probe`, or when no batch had two tokens.
     pub ran: bool,
-    /// Rows of the first batch that were run alone.
+    /// Rows of the first batch the probe ran on (padded, and alone): its longest and shortest.
     pub rows_alone: usize,
     /// The longest sequence the model was called with (the padded batch).
     pub longest_length: i64,
@@ -44,6 +45,19 @@ fn extra_columns(seq_len: i64) -> i64 {
     (seq_len / 2).max(8)
 }
 
+/// The rows the probe runs on: the longest and the shortest with a real token (one if they
+/// are the same row).
+fn probe_rows(lengths: &[i64]) -> Vec<usize> {
+    let real = || lengths.iter().enumerate().filter(|(_, &l)| l > 0);
+    let longest = real()
+        .max_by_key(|(i, &l)| (l, std::cmp::Reverse(*i)))
+        .map(|(i, _)| i);
+    let shortest = real().min_by_key(|(_, &l)| l).map(|(i, _)| i);
+    let mut rows: Vec<usize> = longest.into_iter().chain(shortest).collect();
+    rows.dedup();
+    rows
+}
+
 /// Runs the probe on one batch. `logits` are the batch's own; `lengths` each row's length up
 /// to its last real token; `max_len` caps the padded length (the model's position limit).
 pub fn probe<M: LanguageModel + ?Sized>(
@@ -55,8 +69,7 @@ pub fn probe<M: LanguageModel + ?Sized>(
     pad_id: i64,
     max_len: Option<i64>,
 ) -> Result<Consistency, ModelError> {
-    let size = input_ids.size();
-    let (b, t) = (size[0], size[1]);
+    let t = input_ids.size()[1];
     let mut out = Consistency {
         ran: true,
         longest_length: t,
@@ -64,22 +77,33 @@ pub fn probe<M: LanguageModel + ?Sized>(
         ..Default::default()
     };
     let mut notes = vec![];
+    // Two rows carry the probe, the longest and the shortest, so that it costs a fraction of
+    // one batch's forward (the compute benchmark's overhead target is 10% of the whole run).
+    let picked = probe_rows(lengths);
+    let index = Tensor::f_from_slice(&picked.iter().map(|&r| r as i64).collect::<Vec<_>>())?
+        .f_to_device(input_ids.device())?;
+    let input_ids = input_ids.f_index_select(0, &index)?;
+    let attention_mask = attention_mask.f_index_select(0, &index)?;
+    let logits = logits.f_index_select(0, &index)?;
+    let lengths: Vec<i64> = picked.iter().map(|&r| lengths[r]).collect();
+    let b = picked.len() as i64;
     let real = attention_mask.f_ne(0)?;
 
     let extra = match max_len {
         Some(max) => extra_columns(t).min(max - t),
         None => extra_columns(t),
     };
-    if extra > 0 {
+    if extra > 0 && b > 0 {
         let device = input_ids.device();
         let pad = Tensor::f_full([b, extra], pad_id, (Kind::Int64, device))?;
-        let ids = Tensor::f_cat(&[input_ids, &pad], 1)?;
-        let mask = Tensor::f_cat(&[attention_mask, &pad.f_zeros_like()?], 1)?;
+        let ids = Tensor::f_cat(&[&input_ids, &pad], 1)?;
+        let mask = Tensor::f_cat(&[&attention_mask, &pad.f_zeros_like()?], 1)?;
         match model.logits(&ids, &mask) {
             Ok(padded) => {
                 out.longest_length = t + extra;
                 let padded = padded.f_narrow(1, 0, t)?;
-                out.padding_difference = Some(relative_difference(logits, &padded, Some(&real))?);
+                out.padding_difference =
+                    Some(relative_difference(&logits, &padded, Some(&real))?);
             }
             // A position limit the file does not record: not the model's fault.
             Err(e) => notes.push(format!(
@@ -88,16 +112,13 @@ pub fn probe<M: LanguageModel + ?Sized>(
                 short(&e)
             )),
         }
-    } else {
+    } else if b > 0 {
         notes.push("the batch is at the model's position limit: no padding appended".into());
     }
 
     let mut worst: f64 = 0.0;
-    for (row, &len) in lengths.iter().enumerate() {
-        if len < 1 {
-            continue;
-        }
-        let row = row as i64;
+    for (k, &len) in lengths.iter().enumerate() {
+        let row = k as i64;
         let ids = input_ids.f_narrow(0, row, 1)?.f_narrow(1, 0, len)?;
         let mask = attention_mask.f_narrow(0, row, 1)?.f_narrow(1, 0, len)?;
         let keep = real.f_narrow(0, row, 1)?.f_narrow(1, 0, len)?;
@@ -108,8 +129,8 @@ pub fn probe<M: LanguageModel + ?Sized>(
             Err(e) => {
                 worst = f64::INFINITY;
                 notes.push(format!(
-                    "the forward failed on row {} alone ({len} tokens): {}",
-                    row + 1,
+                    "the forward failed on row {} of the batch alone ({len} tokens): {}",
+                    picked[k] + 1,
                     short(&e)
                 ));
             }
