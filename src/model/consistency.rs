@@ -5,9 +5,9 @@
 //! padding columns are appended, nor when a row runs alone instead of in its batch. A trace
 //! that baked in the example's shape, a model that derives position ids from the attention
 //! mask, or rotary embeddings rescaled by length (dynamic RoPE) break this, and every loss
-//! maskaudit computes from such a model is wrong without a sign. The probe runs on the first
-//! batch's longest and shortest rows only: one padded forward of the two and one forward of
-//! each alone, a fraction of one batch's cost.
+//! maskaudit computes from such a model is wrong without a sign. The probe makes two one-row
+//! calls on the first batch: its shortest row alone with padding appended, and its longest
+//! row alone, a fraction of one batch's cost.
 
 use serde::Serialize;
 use tch::{Kind, Tensor};
@@ -18,7 +18,7 @@ use super::{logit_tolerance, relative_difference, torch_message, LanguageModel, 
 pub struct Consistency {
     /// False with `--no-model-probe`, or when no batch had two tokens.
     pub ran: bool,
-    /// Rows of the first batch the probe ran on (padded, and alone): its longest and shortest.
+    /// Rows of the first batch the probe ran alone: the shortest (padded) and the longest.
     pub rows_alone: usize,
     /// The longest sequence the model was called with (the padded batch).
     pub longest_length: i64,
@@ -45,19 +45,6 @@ fn extra_columns(seq_len: i64) -> i64 {
     (seq_len / 2).max(8)
 }
 
-/// The rows the probe runs on: the longest and the shortest with a real token (one if they
-/// are the same row).
-fn probe_rows(lengths: &[i64]) -> Vec<usize> {
-    let real = || lengths.iter().enumerate().filter(|(_, &l)| l > 0);
-    let longest = real()
-        .max_by_key(|(i, &l)| (l, std::cmp::Reverse(*i)))
-        .map(|(i, _)| i);
-    let shortest = real().min_by_key(|(_, &l)| l).map(|(i, _)| i);
-    let mut rows: Vec<usize> = longest.into_iter().chain(shortest).collect();
-    rows.dedup();
-    rows
-}
-
 /// Runs the probe on one batch. `logits` are the batch's own; `lengths` each row's length up
 /// to its last real token; `max_len` caps the padded length (the model's position limit).
 pub fn probe<M: LanguageModel + ?Sized>(
@@ -77,69 +64,94 @@ pub fn probe<M: LanguageModel + ?Sized>(
         ..Default::default()
     };
     let mut notes = vec![];
-    // Two rows carry the probe, the longest and the shortest, so that it costs a fraction of
-    // one batch's forward (the compute benchmark's overhead target is 10% of the whole run).
-    let picked = probe_rows(lengths);
-    let index = Tensor::f_from_slice(&picked.iter().map(|&r| r as i64).collect::<Vec<_>>())?
-        .f_to_device(input_ids.device())?;
-    let input_ids = input_ids.f_index_select(0, &index)?;
-    let attention_mask = attention_mask.f_index_select(0, &index)?;
-    let logits = logits.f_index_select(0, &index)?;
-    let lengths: Vec<i64> = picked.iter().map(|&r| lengths[r]).collect();
-    let b = picked.len() as i64;
+    // Two calls of one row each, a fraction of one batch's forward: the shortest row alone
+    // with padding appended (a batch size, a length and padding it never had in the batch),
+    // and the longest row alone.
+    let (longest, shortest) = match (longest_row(lengths), shortest_row(lengths)) {
+        (Some(l), Some(s)) => (l, s),
+        _ => {
+            out.ran = false;
+            out.note = "no row with a real token".into();
+            return Ok(out);
+        }
+    };
     let real = attention_mask.f_ne(0)?;
+    let row = |t: &Tensor, r: usize, len: i64| -> Result<Tensor, tch::TchError> {
+        t.f_narrow(0, r as i64, 1)?.f_narrow(1, 0, len)
+    };
 
     let extra = match max_len {
         Some(max) => extra_columns(t).min(max - t),
         None => extra_columns(t),
     };
-    if extra > 0 && b > 0 {
+    let short_len = lengths[shortest];
+    if extra > 0 {
+        // Padded to the batch's length and beyond: the row's own padding, then `extra` more.
         let device = input_ids.device();
-        let pad = Tensor::f_full([b, extra], pad_id, (Kind::Int64, device))?;
-        let ids = Tensor::f_cat(&[&input_ids, &pad], 1)?;
-        let mask = Tensor::f_cat(&[&attention_mask, &pad.f_zeros_like()?], 1)?;
+        let pad = Tensor::f_full([1, extra], pad_id, (Kind::Int64, device))?;
+        let ids = Tensor::f_cat(&[&row(input_ids, shortest, t)?, &pad], 1)?;
+        let mask = Tensor::f_cat(
+            &[&row(attention_mask, shortest, t)?, &pad.f_zeros_like()?],
+            1,
+        )?;
         match model.logits(&ids, &mask) {
             Ok(padded) => {
                 out.longest_length = t + extra;
-                let padded = padded.f_narrow(1, 0, t)?;
-                out.padding_difference =
-                    Some(relative_difference(&logits, &padded, Some(&real))?);
+                let padded = padded.f_narrow(1, 0, short_len)?;
+                out.padding_difference = Some(relative_difference(
+                    &row(logits, shortest, short_len)?,
+                    &padded,
+                    Some(&row(&real, shortest, short_len)?),
+                )?);
             }
             // A position limit the file does not record: not the model's fault.
             Err(e) => notes.push(format!(
-                "the forward failed on the batch padded to {} positions, so padding invariance was not checked: {}",
+                "the forward failed on a row padded to {} positions, so padding invariance was not checked: {}",
                 t + extra,
                 short(&e)
             )),
         }
-    } else if b > 0 {
+    } else {
         notes.push("the batch is at the model's position limit: no padding appended".into());
     }
 
-    let mut worst: f64 = 0.0;
-    for (k, &len) in lengths.iter().enumerate() {
-        let row = k as i64;
-        let ids = input_ids.f_narrow(0, row, 1)?.f_narrow(1, 0, len)?;
-        let mask = attention_mask.f_narrow(0, row, 1)?.f_narrow(1, 0, len)?;
-        let keep = real.f_narrow(0, row, 1)?.f_narrow(1, 0, len)?;
-        let batched = logits.f_narrow(0, row, 1)?.f_narrow(1, 0, len)?;
-        match model.logits(&ids, &mask) {
-            Ok(alone) => worst = worst.max(relative_difference(&batched, &alone, Some(&keep))?),
-            // It ran in the batch, so a shorter, narrower call must run too.
-            Err(e) => {
-                worst = f64::INFINITY;
-                notes.push(format!(
-                    "the forward failed on row {} of the batch alone ({len} tokens): {}",
-                    picked[k] + 1,
-                    short(&e)
-                ));
-            }
+    let len = lengths[longest];
+    match model.logits(
+        &row(input_ids, longest, len)?,
+        &row(attention_mask, longest, len)?,
+    ) {
+        Ok(alone) => {
+            out.row_difference = Some(relative_difference(
+                &row(logits, longest, len)?,
+                &alone,
+                Some(&row(&real, longest, len)?),
+            )?)
         }
-        out.rows_alone += 1;
+        // It ran in the batch, so a shorter, narrower call must run too.
+        Err(e) => {
+            out.row_difference = Some(f64::INFINITY);
+            notes.push(format!(
+                "the forward failed on row {} of the batch alone ({len} tokens): {}",
+                longest + 1,
+                short(&e)
+            ));
+        }
     }
-    out.row_difference = Some(worst);
+    out.rows_alone = if longest == shortest { 1 } else { 2 };
     out.note = notes.join("; ");
     Ok(out)
+}
+
+fn longest_row(lengths: &[i64]) -> Option<usize> {
+    (0..lengths.len())
+        .filter(|&i| lengths[i] > 0)
+        .max_by_key(|&i| (lengths[i], std::cmp::Reverse(i)))
+}
+
+fn shortest_row(lengths: &[i64]) -> Option<usize> {
+    (0..lengths.len())
+        .filter(|&i| lengths[i] > 0)
+        .min_by_key(|&i| (lengths[i], i))
 }
 
 fn short(e: &ModelError) -> String {

@@ -653,17 +653,28 @@ fn difference_and_scale_whole(
     b: &Tensor,
     keep: Option<&Tensor>,
 ) -> Result<(f64, f64), tch::TchError> {
-    let (a, b) = match keep {
-        Some(keep) => (a.f_index(&[Some(keep)])?, b.f_index(&[Some(keep)])?),
-        None => (a.shallow_clone(), b.shallow_clone()),
-    };
     if a.numel() == 0 {
         return Ok((0.0, 0.0));
     }
-    let a = a.f_to_kind(Kind::Double)?;
-    let b = b.f_to_kind(Kind::Double)?;
-    let diff = f64::try_from(a.f_sub(&b)?.f_abs()?.f_max()?)?;
-    let scale = f64::try_from(a.f_abs()?.f_max()?)?;
+    // In f32 (half-precision logits are upcast): a difference of two f32 values rounds at
+    // 6e-8, far below any tolerance. Positions not kept are zeroed with masked_fill, which
+    // also drops a NaN there; no boolean indexing, which would copy.
+    let kind = if a.kind() == Kind::Double {
+        Kind::Double
+    } else {
+        Kind::Float
+    };
+    let a = a.f_to_kind(kind)?;
+    let mut diff = a.f_sub(&b.f_to_kind(kind)?)?;
+    let _ = diff.f_abs_()?;
+    let mut mag = a.f_abs()?;
+    if let Some(keep) = keep {
+        let drop = keep.f_logical_not()?.f_unsqueeze(-1)?;
+        let _ = diff.f_masked_fill_(&drop, 0.0)?;
+        let _ = mag.f_masked_fill_(&drop, 0.0)?;
+    }
+    let diff = f64::try_from(diff.f_max()?.f_to_kind(Kind::Double)?)?;
+    let scale = f64::try_from(mag.f_max()?.f_to_kind(Kind::Double)?)?;
     Ok((diff, scale))
 }
 
