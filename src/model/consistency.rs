@@ -39,11 +39,9 @@ impl Consistency {
     }
 }
 
-/// Padding columns appended: at least 8, or half the batch's length, so that a trace
-/// specialised to the example's length meets a length it never saw.
-fn extra_columns(seq_len: i64) -> i64 {
-    (seq_len / 2).max(8)
-}
+/// Padding columns appended past the batch's length: enough for a trace specialised to the
+/// example's length to meet one it never saw, and cheap.
+const EXTRA_COLUMNS: i64 = 8;
 
 /// Runs the probe on one batch. `logits` are the batch's own; `lengths` each row's length up
 /// to its last real token; `max_len` caps the padded length (the model's position limit).
@@ -81,8 +79,8 @@ pub fn probe<M: LanguageModel + ?Sized>(
     };
 
     let extra = match max_len {
-        Some(max) => extra_columns(t).min(max - t),
-        None => extra_columns(t),
+        Some(max) => EXTRA_COLUMNS.min(max - t),
+        None => EXTRA_COLUMNS,
     };
     let short_len = lengths[shortest];
     if extra > 0 {
