@@ -4,20 +4,29 @@
 //! columns costs little. Token columns are lists of any integer type (`list<int64>`,
 //! `list<int32>`, …; booleans read as 0/1); a null column value is an absent field, as JSON
 //! `null` is. The record API decodes row groups a batch at a time, so memory stays bounded.
+//!
+//! The parquet crate panics on some corrupt files; opening and every row fetch run under
+//! [`guard::catch`], and a reader that panicked reads no further.
 
 use std::fs::File;
 use std::path::Path;
 
-use parquet::file::reader::{FileReader, SerializedFileReader};
+use parquet::file::reader::{ChunkReader, FileReader, SerializedFileReader};
 use parquet::record::reader::RowIter;
 use parquet::record::Field;
 use parquet::schema::types::Type;
 
+use super::echo::echo;
+use super::guard;
 use super::{validate, DataError, FieldNames, Pos, RawRow, Row};
+
+/// Column names listed when the token column is missing.
+const LISTED_COLUMNS: usize = 20;
 
 pub struct ParquetReader {
     path: String,
-    rows: RowIter<'static>,
+    /// `None` after a panic.
+    rows: Option<RowIter<'static>>,
     fields: FieldNames,
     row_no: usize,
     total_rows: u64,
@@ -26,17 +35,62 @@ pub struct ParquetReader {
 
 impl ParquetReader {
     pub fn open(path: &Path, display: String, fields: FieldNames) -> Result<Self, DataError> {
-        let format_err = |message: String| DataError::Format {
-            path: display.clone(),
-            message,
-        };
         let file = File::open(path).map_err(|source| DataError::Open {
             path: display.clone(),
             source,
         })?;
         let file_len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        Self::from_chunks(display, file, file_len, fields)
+    }
+
+    /// A Parquet file held in memory.
+    pub fn from_bytes(
+        display: String,
+        bytes: Vec<u8>,
+        fields: FieldNames,
+    ) -> Result<Self, DataError> {
+        let len = bytes.len() as u64;
+        Self::from_chunks(display, bytes::Bytes::from(bytes), len, fields)
+    }
+
+    fn from_chunks<R: ChunkReader + 'static>(
+        display: String,
+        file: R,
+        file_len: u64,
+        fields: FieldNames,
+    ) -> Result<Self, DataError> {
+        let format_err = |message: String| DataError::Format {
+            path: display.clone(),
+            message,
+        };
+        let opened = guard::catch(|| Self::open_rows(file, &fields));
+        let (rows, total_rows) = match opened {
+            Ok(Ok(opened)) => opened,
+            Ok(Err(message)) => return Err(format_err(message)),
+            Err(panic) => {
+                return Err(format_err(format!(
+                    "not a readable Parquet file: the decoder failed on corrupt metadata ({})",
+                    echo(&panic)
+                )))
+            }
+        };
+        Ok(Self {
+            path: display,
+            rows: Some(rows),
+            fields,
+            row_no: 0,
+            total_rows,
+            file_len,
+        })
+    }
+
+    /// The row iterator over the columns a row is built from, and the number of rows.
+    fn open_rows<R: ChunkReader + 'static>(
+        file: R,
+        fields: &FieldNames,
+    ) -> Result<(RowIter<'static>, u64), String> {
         let reader = SerializedFileReader::new(file)
-            .map_err(|e| format_err(format!("not a readable Parquet file: {e}")))?;
+            .map_err(|e| format!("not a readable Parquet file: {}", echo(&e.to_string())))?;
         let metadata = reader.metadata().file_metadata();
         let schema = metadata.schema();
         let total_rows = u64::try_from(metadata.num_rows()).unwrap_or(0);
@@ -48,28 +102,29 @@ impl ParquetReader {
             .cloned()
             .collect();
         if !selected.iter().any(|f| f.name() == fields.input_ids) {
-            let columns: Vec<&str> = schema.get_fields().iter().map(|f| f.name()).collect();
-            return Err(format_err(format!(
+            let all = schema.get_fields();
+            let mut columns: Vec<String> = all
+                .iter()
+                .take(LISTED_COLUMNS)
+                .map(|f| echo(f.name()))
+                .collect();
+            if all.len() > LISTED_COLUMNS {
+                columns.push(format!("and {} more", all.len() - LISTED_COLUMNS));
+            }
+            return Err(format!(
                 "{}: no such column (columns: {}); --input-field names it",
                 fields.input_ids,
                 columns.join(", ")
-            )));
+            ));
         }
         let projection = Type::group_type_builder(schema.name())
             .with_fields(selected)
             .build()
-            .map_err(|e| format_err(format!("cannot select columns: {e}")))?;
+            .map_err(|e| format!("cannot select columns: {}", echo(&e.to_string())))?;
         let rows = RowIter::from_file_into(Box::new(reader))
             .project(Some(projection))
-            .map_err(|e| format_err(format!("cannot read columns: {e}")))?;
-        Ok(Self {
-            path: display,
-            rows,
-            fields,
-            row_no: 0,
-            total_rows,
-            file_len,
-        })
+            .map_err(|e| format!("cannot read columns: {}", echo(&e.to_string())))?;
+        Ok((rows, total_rows))
     }
 
     /// Estimated from the rows read: the record API does not expose byte offsets.
@@ -107,15 +162,30 @@ impl ParquetReader {
 impl Iterator for ParquetReader {
     type Item = Result<Row, DataError>;
     fn next(&mut self) -> Option<Self::Item> {
-        let next = self.rows.next()?;
+        let rows = self.rows.as_mut()?;
+        let next = guard::catch(|| rows.next());
+        let at = Pos::row(self.row_no + 1);
+        let next = match next {
+            Ok(next) => next?,
+            Err(panic) => {
+                self.rows = None;
+                return Some(Err(DataError::Record {
+                    path: self.path.clone(),
+                    at,
+                    message: format!(
+                        "cannot decode: the decoder failed on corrupt data ({})",
+                        echo(&panic)
+                    ),
+                }));
+            }
+        };
         self.row_no += 1;
-        let at = Pos::row(self.row_no);
         Some(match next {
             Ok(row) => self.convert(row, at),
             Err(e) => Err(DataError::Record {
                 path: self.path.clone(),
                 at,
-                message: format!("cannot decode: {e}"),
+                message: format!("cannot decode: {}", echo(&e.to_string())),
             }),
         })
     }
@@ -132,12 +202,18 @@ fn int_list(field: &Field) -> Result<Option<Vec<i64>>, String> {
             .map(|(i, e)| {
                 integer(e).ok_or_else(|| match e {
                     Field::Null => format!("null at index {i}: expected an integer"),
-                    other => format!("value {other} at index {i}: expected an integer"),
+                    other => format!(
+                        "value {} at index {i}: expected an integer",
+                        echo(&other.to_string())
+                    ),
                 })
             })
             .collect::<Result<Vec<i64>, String>>()
             .map(Some),
-        other => Err(format!("expected a list of integers, found {other}")),
+        other => Err(format!(
+            "expected a list of integers, found {}",
+            echo(&other.to_string())
+        )),
     }
 }
 
