@@ -34,6 +34,8 @@ pub struct CheckOptions {
     /// For the lint checks that run on the same rows.
     pub eos_id: Option<i64>,
     pub fields: FieldNames,
+    /// Longest JSONL line read (`--max-line-bytes`).
+    pub max_line_bytes: usize,
     pub overrides: SeverityOverrides,
     pub loss: Option<LossOptions>,
 }
@@ -84,7 +86,8 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
         }
         None => None,
     };
-    let reader = RowSource::open(&opts.data, opts.fields.clone())?;
+    let reader =
+        RowSource::open(&opts.data, opts.fields.clone())?.with_max_line_bytes(opts.max_line_bytes);
     if let Some(total) = reader.total_bytes() {
         progress.set_length(total);
     }
