@@ -231,3 +231,30 @@ fn integer(field: &Field) -> Option<i64> {
         _ => return None,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reader_that_panicked_reads_no_further() {
+        // Rows 1 to 6 decode; row 7 makes the parquet crate panic (tests/hostile.rs).
+        let path = Path::new("fixtures/hostile/parquet/index_out_of_bounds.parquet");
+        let mut reader = ParquetReader::open(path, "f.parquet".into(), FieldNames::default())
+            .expect("the metadata reads");
+        let mut good = 0;
+        let err = loop {
+            match reader.next().expect("an error before the end") {
+                Ok(_) => good += 1,
+                Err(e) => break e.to_string(),
+            }
+        };
+        assert_eq!(good, 6);
+        assert!(
+            err.starts_with("f.parquet:row 7: cannot decode: the decoder failed on corrupt data ("),
+            "{err}"
+        );
+        assert!(reader.next().is_none());
+        assert!(reader.next().is_none());
+    }
+}
