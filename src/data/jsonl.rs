@@ -129,6 +129,9 @@ enum Line {
     TooLong,
 }
 
+/// Line length from which the buffer is reserved up to the limit in one step.
+const RESERVE_WHOLE_LINE_FROM: usize = 1 << 20;
+
 /// `BufRead::read_line` that never holds more than `max` bytes (plus the newline): a file
 /// with no newline, or a decompression bomb, stops at the limit instead of filling memory.
 fn read_line_bounded(reader: &mut dyn BufRead, buf: &mut Vec<u8>, max: usize) -> io::Result<Line> {
@@ -153,6 +156,11 @@ fn read_line_bounded(reader: &mut dyn BufRead, buf: &mut Vec<u8>, max: usize) ->
         let content = take - usize::from(done);
         if buf.len() + content > max {
             return Ok(Line::TooLong);
+        }
+        if buf.len() + take > buf.capacity() && buf.capacity() >= RESERVE_WHOLE_LINE_FROM {
+            // Reserve up to the limit once: pages become resident only as they are written,
+            // and the line is not copied at each doubling (which held 1.5 times the limit).
+            let _ = buf.try_reserve_exact(max.saturating_add(1).saturating_sub(buf.len()));
         }
         buf.extend_from_slice(&chunk[..take]);
         reader.consume(take);
@@ -311,6 +319,25 @@ mod tests {
             Line::TooLong
         );
         assert!(buf.len() <= 100, "{}", buf.len());
+        // Long lines: the buffer is reserved once, up to the limit, never beyond it.
+        let max = 3 << 20;
+        let mut zeros = BufReader::with_capacity(1 << 16, io::repeat(0));
+        assert_eq!(
+            read_line_bounded(&mut zeros, &mut buf, max).unwrap(),
+            Line::TooLong
+        );
+        assert!(
+            buf.len() <= max && buf.capacity() <= max + 1,
+            "{}",
+            buf.capacity()
+        );
+        let mut line = vec![b'x'; (5 << 19) - 1];
+        line.push(b'\n');
+        let mut long = io::Cursor::new(line);
+        assert_eq!(
+            read_line_bounded(&mut long, &mut buf, max).unwrap(),
+            Line::Read(5 << 19)
+        );
         let mut last = io::Cursor::new(b"ab".to_vec());
         assert_eq!(
             read_line_bounded(&mut last, &mut buf, 3).unwrap(),
