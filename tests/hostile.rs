@@ -132,6 +132,20 @@ fn corrupt_parquet_is_an_error_not_a_panic() {
     }
 }
 
+/// A 6 kB file whose dictionary page declares 1.7 billion values: the parquet crate sized
+/// the dictionary by that count and filled 14 GB before failing. Refused before decoding.
+#[test]
+fn a_dictionary_larger_than_its_page_is_refused() {
+    let file = fixture("hostile/parquet/dictionary_count_oom.parquet");
+    let line = error_line(&maskaudit(&["lint", &file])).to_string();
+    assert!(
+        line.ends_with(&format!(
+            "{file}:row 16: cannot decode: Parquet error: corrupt dictionary page: 1778384896 values declared in 200 bytes"
+        )),
+        "{line}"
+    );
+}
+
 #[test]
 fn every_parquet_codec_reads() {
     let reference = maskaudit(&["lint", "--format", "json", &fixture("ragged.jsonl")]);

@@ -6,15 +6,22 @@
 //! `null` is. The record API decodes row groups a batch at a time, so memory stays bounded.
 //!
 //! The parquet crate panics on some corrupt files; opening and every row fetch run under
-//! [`guard::catch`], and a reader that panicked reads no further.
+//! [`guard::catch`], and a reader that panicked reads no further. It also trusts the counts
+//! in page headers: a 6 kB file whose dictionary page claimed 1.7 billion values made it
+//! fill 14 GB. The rows are read through [`CheckedFile`], which refuses such a page first.
 
 use std::fs::File;
 use std::path::Path;
 
-use parquet::file::reader::{ChunkReader, FileReader, SerializedFileReader};
+use parquet::basic::Type as Physical;
+use parquet::bloom_filter::Sbbf;
+use parquet::column::page::{Page, PageMetadata, PageReader};
+use parquet::errors::{ParquetError, Result as ParquetResult};
+use parquet::file::metadata::{ParquetMetaData, RowGroupMetaData};
+use parquet::file::reader::{ChunkReader, FileReader, RowGroupReader, SerializedFileReader};
 use parquet::record::reader::RowIter;
 use parquet::record::Field;
-use parquet::schema::types::Type;
+use parquet::schema::types::{ColumnDescriptor, Type};
 
 use super::echo::echo;
 use super::guard;
@@ -121,7 +128,7 @@ impl ParquetReader {
             .with_fields(selected)
             .build()
             .map_err(|e| format!("cannot select columns: {}", echo(&e.to_string())))?;
-        let rows = RowIter::from_file_into(Box::new(reader))
+        let rows = RowIter::from_file_into(Box::new(CheckedFile(reader)))
             .project(Some(projection))
             .map_err(|e| format!("cannot read columns: {}", echo(&e.to_string())))?;
         Ok((rows, total_rows))
@@ -188,6 +195,128 @@ impl Iterator for ParquetReader {
                 message: format!("cannot decode: {}", echo(&e.to_string())),
             }),
         })
+    }
+}
+
+/// A file reader whose pages are checked before they are decoded: everything else is the
+/// parquet crate's own.
+struct CheckedFile<R: ChunkReader>(SerializedFileReader<R>);
+
+impl<R: ChunkReader + 'static> FileReader for CheckedFile<R> {
+    fn metadata(&self) -> &ParquetMetaData {
+        self.0.metadata()
+    }
+
+    fn num_row_groups(&self) -> usize {
+        self.0.num_row_groups()
+    }
+
+    fn get_row_group(&self, i: usize) -> ParquetResult<Box<dyn RowGroupReader + '_>> {
+        Ok(Box::new(CheckedRowGroup(self.0.get_row_group(i)?)))
+    }
+
+    fn get_row_iter(&self, projection: Option<Type>) -> ParquetResult<RowIter<'_>> {
+        RowIter::from_file(projection, self)
+    }
+}
+
+struct CheckedRowGroup<'a>(Box<dyn RowGroupReader + 'a>);
+
+impl RowGroupReader for CheckedRowGroup<'_> {
+    fn metadata(&self) -> &RowGroupMetaData {
+        self.0.metadata()
+    }
+
+    fn num_columns(&self) -> usize {
+        self.0.num_columns()
+    }
+
+    fn get_column_page_reader(&self, i: usize) -> ParquetResult<Box<dyn PageReader>> {
+        let column = self.0.metadata().column(i).column_descr();
+        Ok(Box::new(CheckedPages {
+            pages: self.0.get_column_page_reader(i)?,
+            value_bits: min_value_bits(column),
+        }))
+    }
+
+    fn get_column_bloom_filter(&self, i: usize) -> Option<&Sbbf> {
+        self.0.get_column_bloom_filter(i)
+    }
+
+    fn get_row_iter(&self, projection: Option<Type>) -> ParquetResult<RowIter<'_>> {
+        RowIter::from_row_group(projection, self)
+    }
+}
+
+/// Fewest bits a PLAIN-encoded value of the column takes (dictionary pages are PLAIN).
+fn min_value_bits(column: &ColumnDescriptor) -> u64 {
+    match column.physical_type() {
+        Physical::BOOLEAN => 1,
+        // A byte array carries a 4-byte length.
+        Physical::INT32 | Physical::FLOAT | Physical::BYTE_ARRAY => 32,
+        Physical::INT64 | Physical::DOUBLE => 64,
+        Physical::INT96 => 96,
+        Physical::FIXED_LEN_BYTE_ARRAY => 8 * column.type_length().max(1) as u64,
+    }
+}
+
+/// The pages of one column chunk. The decoder sizes a dictionary by the count its page
+/// header gives, before reading the values, so a count its bytes cannot hold is refused.
+struct CheckedPages {
+    pages: Box<dyn PageReader>,
+    value_bits: u64,
+}
+
+impl CheckedPages {
+    fn check(&self, page: Option<Page>) -> ParquetResult<Option<Page>> {
+        if let Some(Page::DictionaryPage {
+            buf, num_values, ..
+        }) = &page
+        {
+            if u64::from(*num_values) * self.value_bits > 8 * buf.len() as u64 {
+                return Err(ParquetError::General(format!(
+                    "corrupt dictionary page: {num_values} values declared in {} bytes",
+                    buf.len()
+                )));
+            }
+        }
+        Ok(page)
+    }
+}
+
+impl Iterator for CheckedPages {
+    type Item = ParquetResult<Page>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.get_next_page().transpose()
+    }
+}
+
+impl PageReader for CheckedPages {
+    fn get_next_page(&mut self) -> ParquetResult<Option<Page>> {
+        let page = self.pages.get_next_page()?;
+        self.check(page)
+    }
+
+    fn peek_next_page(&mut self) -> ParquetResult<Option<PageMetadata>> {
+        self.pages.peek_next_page()
+    }
+
+    fn skip_next_page(&mut self) -> ParquetResult<()> {
+        self.pages.skip_next_page()
+    }
+
+    fn supports_deferred_dictionary(&self) -> bool {
+        self.pages.supports_deferred_dictionary()
+    }
+
+    fn take_deferred_dictionary(&mut self) -> ParquetResult<Option<Page>> {
+        let page = self.pages.take_deferred_dictionary()?;
+        self.check(page)
+    }
+
+    fn at_record_boundary(&mut self) -> ParquetResult<bool> {
+        self.pages.at_record_boundary()
     }
 }
 
