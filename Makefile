@@ -16,7 +16,7 @@ VENV ?= $(CACHE_DIR)/venv-torch-$(TORCH_VERSION)
 PYTHON ?= python3
 CARGO ?= cargo
 
-.PHONY: all setup build demo test test-tools fixtures export hf-models bench check-fmt clippy
+.PHONY: all setup build demo test test-tools fixtures export hf-models bench check-fmt clippy fuzz
 
 all: build
 
@@ -117,3 +117,22 @@ check-fmt:
 
 clippy: setup
 	$(CARGO) clippy --all-targets --locked -- -D warnings
+
+# Fuzzes the data readers (README.md, "Fuzzing"): each target of fuzz/ for FUZZ_RUNS inputs,
+# one target after the other, from the committed seeds; new inputs go to fuzz/work/, crashes
+# to fuzz/artifacts/. Needs the nightly toolchain; installs cargo-fuzz if missing. Not part of
+# `make test` or CI. parquet runs in fork mode, its timeouts logged but not fatal: the parquet
+# crate takes seconds on some footers (fixtures/hostile/README.md).
+FUZZ_RUNS ?= 10000000
+FUZZ_TARGETS ?= jsonl gzip parquet
+FUZZ_ARGS ?=
+fuzz:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	@for target in $(FUZZ_TARGETS); do \
+	  mkdir -p fuzz/work/$$target; \
+	  extra=""; \
+	  if [ $$target = parquet ]; then extra="-fork=1 -ignore_timeouts=1 -ignore_ooms=0"; fi; \
+	  echo "fuzzing $$target for $(FUZZ_RUNS) runs"; \
+	  $(CARGO) +nightly fuzz run -O -a $$target fuzz/work/$$target fuzz/seeds/$$target -- \
+	    -runs=$(FUZZ_RUNS) -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 $$extra $(FUZZ_ARGS); \
+	done

@@ -44,6 +44,8 @@ pub struct CheckOptions {
     /// For the lint checks that run on the same rows.
     pub eos_id: Option<i64>,
     pub fields: FieldNames,
+    /// Longest JSONL line read (`--max-line-bytes`).
+    pub max_line_bytes: usize,
     pub overrides: SeverityOverrides,
     pub loss: Option<LossOptions>,
     /// `--forward-args`: the forward's tensors, when the file has no exporter record.
@@ -101,6 +103,12 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
             model.vocab_size()
         );
     }
+    if let Some(eos) = opts.eos_id.filter(|&e| e >= model.vocab_size()) {
+        anyhow::bail!(
+            "--eos-id {eos} is outside the model's vocabulary (size {})",
+            model.vocab_size()
+        );
+    }
     let mut audit = match &opts.loss {
         Some(l) => {
             let loss = match &l.source {
@@ -115,7 +123,8 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
         }
         None => None,
     };
-    let reader = RowSource::open(&opts.data, opts.fields.clone())?;
+    let reader =
+        RowSource::open(&opts.data, opts.fields.clone())?.with_max_line_bytes(opts.max_line_bytes);
     if let Some(total) = reader.total_bytes() {
         progress.set_length(total);
     }
@@ -134,8 +143,7 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
         unit,
     });
 
-    let (batches, reading) =
-        read_ahead(reader, batcher, lint, vocab, opts.fields.input_ids.clone());
+    let (batches, reading) = read_ahead(reader, batcher, lint, vocab, opts.fields.clone());
     // Batches are taken a step at a time (W×K micro-batches; one without --accum and
     // --world-size) so that each knows its step's trained-target count before it runs.
     let per_step = opts.steps.map_or(1, |c| c.micro_batches_per_step());
@@ -225,7 +233,12 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
     let (statistics, lint_findings) = lint.finish();
     let mut findings = data_findings(&totals);
     findings.extend(run.findings(&model, &losses));
-    findings.extend(lint_findings);
+    // The lint checks report it too; this one counts the batches' positions.
+    findings.extend(
+        lint_findings
+            .into_iter()
+            .filter(|f| f.code != Code::NoTrainedPositions),
+    );
     findings.extend(contamination_finding(
         contamination,
         totals.padding_fraction(),
@@ -355,7 +368,7 @@ fn read_ahead(
     mut batcher: Batcher,
     lint: LintState,
     vocab: i64,
-    input_field: String,
+    fields: FieldNames,
 ) -> (
     mpsc::Receiver<Result<(Batch, u64)>>,
     thread::JoinHandle<ReadSummary>,
@@ -367,7 +380,7 @@ fn read_ahead(
             lint,
         };
         loop {
-            let next = next_batch(&mut reader, &mut batcher, &mut summary, vocab, &input_field);
+            let next = next_batch(&mut reader, &mut batcher, &mut summary, vocab, &fields);
             summary.bytes_read = reader.bytes_read();
             let (item, last) = match next {
                 Ok(Some(batch)) => (Ok((batch, summary.bytes_read)), false),
@@ -389,11 +402,11 @@ fn next_batch(
     batcher: &mut Batcher,
     summary: &mut ReadSummary,
     vocab: i64,
-    input_field: &str,
+    fields: &FieldNames,
 ) -> Result<Option<Batch>> {
     while let Some(row) = reader.next() {
         let row = row?;
-        check_vocabulary(&row, vocab, reader.path(), reader.unit(), input_field)?;
+        check_vocabulary(&row, vocab, reader.path(), reader.unit(), fields)?;
         summary.lint.observe(&row);
         if let Some(batch) = batcher.push(row)? {
             return Ok(Some(batch));
@@ -403,30 +416,33 @@ fn next_batch(
 }
 
 /// Token ids must be checked before they reach libtorch: an out-of-range id is an abort on
-/// the CPU and poisons the whole CUDA context on a GPU.
+/// the CPU and poisons the whole CUDA context on a GPU. Labels reach a user's loss as class
+/// indices, so they are checked too (negative ones are the lint checks' business).
 pub fn check_vocabulary(
     row: &Row,
     vocab: i64,
     path: &str,
     unit: Unit,
-    field: &str,
+    fields: &FieldNames,
 ) -> Result<(), DataError> {
-    match row
-        .input_ids
-        .iter()
-        .enumerate()
-        .find(|(_, &id)| id >= vocab)
-    {
-        Some((i, id)) => Err(DataError::Field {
-            path: path.to_string(),
-            at: Pos { unit, n: row.line },
-            field: field.to_string(),
-            message: format!(
-                "token id {id} at index {i} is outside the model's vocabulary (size {vocab})"
-            ),
-        }),
-        None => Ok(()),
+    let columns = [
+        (&fields.input_ids, Some(&row.input_ids)),
+        (&fields.labels, row.labels.as_ref()),
+    ];
+    for (field, ids) in columns {
+        let Some(ids) = ids else { continue };
+        if let Some((i, id)) = ids.iter().enumerate().find(|(_, &id)| id >= vocab) {
+            return Err(DataError::Field {
+                path: path.to_string(),
+                at: Pos { unit, n: row.line },
+                field: field.to_string(),
+                message: format!(
+                    "token id {id} at index {i} is outside the model's vocabulary (size {vocab})"
+                ),
+            });
+        }
     }
+    Ok(())
 }
 
 /// Batch tensors on the model's device.
@@ -1204,7 +1220,7 @@ mod tests {
         let data = b"{\"input_ids\":[1,2]}\n{\"input_ids\":[3]}\n{\"input_ids\":[4,5,6]}\n{\"input_ids\":[7,99]}\n{\"input_ids\":[8]}\n";
         let reader = RowSource::from_jsonl_bytes("d.jsonl", data.to_vec(), FieldNames::default());
         let batcher = Batcher::new(2, Some(0), "d.jsonl");
-        let (batches, reading) = read_ahead(reader, batcher, lint(), 50, "input_ids".into());
+        let (batches, reading) = read_ahead(reader, batcher, lint(), 50, FieldNames::default());
         let items: Vec<_> = batches.into_iter().collect();
         assert_eq!(items.len(), 2);
         let (first, _) = items[0].as_ref().unwrap();
@@ -1219,7 +1235,7 @@ mod tests {
 
         let reader = RowSource::from_jsonl_bytes("d.jsonl", data.to_vec(), FieldNames::default());
         let batcher = Batcher::new(2, Some(0), "d.jsonl");
-        let (batches, reading) = read_ahead(reader, batcher, lint(), 100, "input_ids".into());
+        let (batches, reading) = read_ahead(reader, batcher, lint(), 100, FieldNames::default());
         let rows: Vec<usize> = batches.into_iter().map(|b| b.unwrap().0.rows).collect();
         assert_eq!(rows, vec![2, 2, 1]);
         let summary = reading.join().unwrap();
@@ -1261,12 +1277,22 @@ mod tests {
 
     #[test]
     fn vocabulary_check_names_line_and_index() {
+        let fields = FieldNames::default();
         let row = Row::new(12, vec![1, 2, 48]);
-        let err = check_vocabulary(&row, 48, "d.jsonl", Unit::Line, "input_ids").unwrap_err();
+        let err = check_vocabulary(&row, 48, "d.jsonl", Unit::Line, &fields).unwrap_err();
         assert_eq!(
             err.to_string(),
             "d.jsonl:12: input_ids: token id 48 at index 2 is outside the model's vocabulary (size 48)"
         );
-        assert!(check_vocabulary(&row, 49, "d.jsonl", Unit::Line, "input_ids").is_ok());
+        assert!(check_vocabulary(&row, 49, "d.jsonl", Unit::Line, &fields).is_ok());
+        let mut row = Row::new(3, vec![1, 2, 3]);
+        row.labels = Some(vec![-100, 2, 49]);
+        let err = check_vocabulary(&row, 49, "d.jsonl", Unit::Line, &fields).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "d.jsonl:3: labels: token id 49 at index 2 is outside the model's vocabulary (size 49)"
+        );
+        row.labels = Some(vec![-100, 2, -100]);
+        assert!(check_vocabulary(&row, 49, "d.jsonl", Unit::Line, &fields).is_ok());
     }
 }

@@ -2,10 +2,10 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 
 use crate::check::{LossOptions, LossSource};
-use crate::data::FieldNames;
+use crate::data::{FieldNames, CU_SEQLENS_FIELD, DEFAULT_MAX_LINE_BYTES, SEQ_LENS_FIELD};
 use crate::diagnosis::DEFAULT_RTOL;
 use crate::findings::Code;
 use crate::model::{DeviceChoice, DtypeChoice, ForwardArg, Tf32};
@@ -83,11 +83,11 @@ pub struct CheckArgs {
     pub no_model_probe: bool,
 
     /// Fail (exit 1) when |all_positions_mean − masked_token_mean| / masked_token_mean exceeds this
-    #[arg(long, value_name = "RELATIVE", value_parser = parse_fraction, help_heading = "Checks")]
+    #[arg(long, value_name = "RELATIVE", allow_negative_numbers = true, value_parser = parse_fraction, help_heading = "Checks")]
     pub max_contamination: Option<f64>,
 
     /// EOS token id, for the eos-masked, eos-missing and pad-is-eos checks
-    #[arg(long, value_parser = clap::value_parser!(i64).range(0..), help_heading = "Checks")]
+    #[arg(long, allow_negative_numbers = true, value_parser = parse_token_id, help_heading = "Checks")]
     pub eos_id: Option<i64>,
 
     #[command(flatten)]
@@ -144,8 +144,10 @@ pub struct ReportArgs {
     pub write_baseline: Option<PathBuf>,
 }
 
-/// The user's own loss, to be audited.
+/// The user's own loss, to be audited. Its other options need one of `--loss` and
+/// `--loss-method`: without, they would be ignored.
 #[derive(Debug, Args)]
+#[command(group(ArgGroup::new("loss_source").args(["loss", "loss_method"])))]
 pub struct UserLossArgs {
     /// TorchScript loss module: forward(<--loss-args>) -> scalar tensor (or a tuple, loss first)
     #[arg(long, value_name = "FILE", help_heading = "Your loss")]
@@ -161,13 +163,14 @@ pub struct UserLossArgs {
     pub loss_method: Option<String>,
     /// Tensors passed to the loss, in order: logits, input_ids, labels, attention_mask,
     /// shift_logits, targets, loss_mask [default: logits,labels; input_ids,labels with --loss-method]
-    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_loss_arg, help_heading = "Your loss")]
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_loss_arg, requires = "loss_source", help_heading = "Your loss")]
     pub loss_args: Vec<LossArg>,
-    /// Relative tolerance for matching your loss to a formula (raise it for half precision)
-    #[arg(long, default_value_t = DEFAULT_RTOL, value_parser = parse_fraction, help_heading = "Your loss")]
+    /// Relative tolerance for matching your loss to a formula, in (0, 0.5) (raise it for half
+    /// precision)
+    #[arg(long, default_value_t = DEFAULT_RTOL, allow_negative_numbers = true, value_parser = parse_rtol, requires = "loss_source", help_heading = "Your loss")]
     pub rtol: f64,
     /// Skip the padding and masked-logit invariance probes
-    #[arg(long, help_heading = "Your loss")]
+    #[arg(long, requires = "loss_source", help_heading = "Your loss")]
     pub no_probes: bool,
     /// Write every row's per-target gradient weights (JSON lines) to this file
     #[arg(long, value_name = "FILE", help_heading = "Your loss")]
@@ -208,16 +211,18 @@ pub struct LintArgs {
     pub data: PathBuf,
 
     /// With it, statistics include the padding that batching rows in file order would add
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Data")]
+    #[arg(long, allow_negative_numbers = true, value_parser = parse_batch_size, help_heading = "Data")]
     pub batch_size: Option<u32>,
     /// Pad token id: a row's trailing run of it is padding when the row has no attention_mask
-    #[arg(long, value_parser = clap::value_parser!(i64).range(0..), help_heading = "Data")]
+    #[arg(long, allow_negative_numbers = true, value_parser = parse_token_id, help_heading = "Data")]
     pub pad_id: Option<i64>,
     #[command(flatten)]
     pub fields: FieldArgs,
+    #[command(flatten)]
+    pub limits: LimitArgs,
 
     /// EOS token id, for the eos-masked, eos-missing and pad-is-eos checks
-    #[arg(long, value_parser = clap::value_parser!(i64).range(0..), help_heading = "Checks")]
+    #[arg(long, allow_negative_numbers = true, value_parser = parse_token_id, help_heading = "Checks")]
     pub eos_id: Option<i64>,
     /// Labels and masks are already aligned with the targets (labels[t] == input_ids[t+1]) for a loss that does not shift
     #[arg(long, help_heading = "Checks")]
@@ -226,7 +231,7 @@ pub struct LintArgs {
     pub severity: SeverityArgs,
 
     /// Print the first N rows as strips of tokens, trained targets highlighted (table format)
-    #[arg(long, value_name = "N", help_heading = "Token view")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = parse_count, help_heading = "Token view")]
     pub show: Option<usize>,
     /// Decode the token view (--show, --html) through this Hugging Face tokenizer.json
     #[arg(
@@ -252,19 +257,32 @@ pub struct LintArgs {
 pub struct DataArgs {
     /// Rows per batch (a micro-batch of the training step), in file order; the last batch
     /// may be partial
-    #[arg(long, alias = "micro-batch", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Data")]
+    #[arg(long, alias = "micro-batch", default_value_t = 8, allow_negative_numbers = true, value_parser = parse_batch_size, help_heading = "Data")]
     pub batch_size: u32,
     /// Token id used to right-pad rows to the longest row of their batch (padding gets mask 0)
-    #[arg(long, value_parser = clap::value_parser!(i64).range(0..), help_heading = "Data")]
+    #[arg(long, allow_negative_numbers = true, value_parser = parse_token_id, help_heading = "Data")]
     pub pad_id: Option<i64>,
     #[command(flatten)]
     pub fields: FieldArgs,
+    #[command(flatten)]
+    pub limits: LimitArgs,
 }
 
 impl DataArgs {
-    pub fn fields(&self) -> FieldNames {
+    pub fn fields(&self) -> Result<FieldNames, String> {
         self.fields.names()
     }
+}
+
+/// Bounds on what one record of the input may cost.
+#[derive(Debug, Args)]
+pub struct LimitArgs {
+    /// Longest JSONL line read, in bytes. A line is held whole while it is parsed, so this
+    /// bounds memory; the default, 256 MiB, is ten times a row of a million tokens with
+    /// labels and masks, and stops a file with no newlines (the wrong file, a decompression
+    /// bomb) before it fills memory
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_LINE_BYTES, allow_negative_numbers = true, value_parser = parse_line_bytes, help_heading = "Data")]
+    pub max_line_bytes: usize,
 }
 
 /// Names of the fields rows are read from.
@@ -289,14 +307,35 @@ pub struct FieldArgs {
 }
 
 impl FieldArgs {
-    pub fn names(&self) -> FieldNames {
-        FieldNames {
+    /// The names, each naming a different column: a column read for two fields would fill
+    /// only the first, and the other would silently go missing.
+    pub fn names(&self) -> Result<FieldNames, String> {
+        let options = [
+            ("--input-field", &self.input_field),
+            ("--labels-field", &self.labels_field),
+            ("--mask-field", &self.mask_field),
+            ("--attention-mask-field", &self.attention_mask_field),
+            ("--position-ids-field", &self.position_ids_field),
+        ];
+        for (i, (option, name)) in options.iter().enumerate() {
+            if let Some((other, _)) = options[..i].iter().find(|(_, n)| n == name) {
+                return Err(format!(
+                    "{other} and {option} both name the column '{name}': each field needs a column of its own"
+                ));
+            }
+            if [SEQ_LENS_FIELD, CU_SEQLENS_FIELD].contains(&name.as_str()) {
+                return Err(format!(
+                    "{option} {name}: '{name}' is always read as the packed rows' {name} field; name another column"
+                ));
+            }
+        }
+        Ok(FieldNames {
             input_ids: self.input_field.clone(),
             labels: self.labels_field.clone(),
             loss_mask: self.mask_field.clone(),
             attention_mask: self.attention_mask_field.clone(),
             position_ids: self.position_ids_field.clone(),
-        }
+        })
     }
 }
 
@@ -348,11 +387,128 @@ fn parse_code(s: &str) -> Result<Code, String> {
     s.parse()
 }
 
+// Negative numbers reach these parsers (`allow_negative_numbers`) so that the message says
+// what range is valid instead of clap's "unexpected argument '-1'".
+
 fn parse_fraction(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
         _ => Err(format!(
             "'{s}' is not a non-negative number (0.05 means 5%)"
         )),
+    }
+}
+
+/// Exclusive at both ends: 0 fails a correct loss on rounding alone, and from 0.5 on a loss
+/// that is off by half, as the padding bugs audited here make it, would still match.
+fn parse_rtol(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x > 0.0 && x < 0.5 => Ok(x),
+        _ => Err(format!(
+            "'{s}' is not a relative tolerance in (0, 0.5), both ends excluded (1e-3 means 0.1%)"
+        )),
+    }
+}
+
+fn parse_token_id(s: &str) -> Result<i64, String> {
+    match s.parse::<i64>() {
+        Ok(id) if id >= 0 => Ok(id),
+        _ => Err(format!("'{s}' is not a token id: expected an integer ≥ 0")),
+    }
+}
+
+fn parse_batch_size(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!(
+            "'{s}' is not a batch size: expected a number of rows from 1 to {}",
+            u32::MAX
+        )),
+    }
+}
+
+fn parse_count(s: &str) -> Result<usize, String> {
+    s.parse::<usize>()
+        .map_err(|_| format!("'{s}' is not a count: expected an integer ≥ 0"))
+}
+
+fn parse_line_bytes(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!(
+            "'{s}' is not a size in bytes: expected an integer ≥ 1"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn number_parsers_state_their_range() {
+        assert_eq!(parse_rtol("1e-3"), Ok(1e-3));
+        for bad in ["0", "0.5", "1e300", "-1", "nan", "inf", "x"] {
+            assert!(parse_rtol(bad).unwrap_err().contains("(0, 0.5)"), "{bad}");
+        }
+        assert_eq!(parse_token_id("0"), Ok(0));
+        assert!(parse_token_id("-1").unwrap_err().contains("≥ 0"));
+        assert_eq!(parse_batch_size("4"), Ok(4));
+        assert!(parse_batch_size("0").unwrap_err().contains("from 1"));
+        assert!(parse_batch_size("-1").unwrap_err().contains("from 1"));
+        assert!(parse_line_bytes("0").is_err());
+        assert!(parse_count("-2").is_err());
+    }
+
+    fn fields(args: &[&str]) -> Result<FieldNames, String> {
+        let mut all = vec!["maskaudit", "lint", "d.jsonl"];
+        all.extend_from_slice(args);
+        match Cli::try_parse_from(all).unwrap().command {
+            Command::Lint(lint) => lint.fields.names(),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn a_column_mapped_to_two_fields_is_refused() {
+        assert!(fields(&[]).is_ok());
+        assert!(fields(&["--input-field", "tokens"]).is_ok());
+        assert_eq!(
+            fields(&["--labels-field", "input_ids"]).unwrap_err(),
+            "--input-field and --labels-field both name the column 'input_ids': each field needs a column of its own"
+        );
+        assert!(
+            fields(&["--mask-field", "m", "--attention-mask-field", "m"])
+                .unwrap_err()
+                .starts_with("--mask-field and --attention-mask-field")
+        );
+        assert!(fields(&["--position-ids-field", "seq_lens"])
+            .unwrap_err()
+            .starts_with("--position-ids-field seq_lens:"));
+    }
+
+    #[test]
+    fn loss_options_need_a_loss() {
+        for args in [
+            &["--loss-args", "logits,labels"][..],
+            &["--rtol", "0.01"],
+            &["--no-probes"],
+        ] {
+            let mut all = vec!["maskaudit", "check", "m.pt", "d.jsonl"];
+            all.extend_from_slice(args);
+            let err = Cli::try_parse_from(all).unwrap_err();
+            assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        }
+        let ok = [
+            "maskaudit",
+            "check",
+            "m.pt",
+            "d.jsonl",
+            "--loss-method",
+            "forward",
+            "--rtol",
+            "0.01",
+        ];
+        assert!(Cli::try_parse_from(ok).is_ok());
     }
 }

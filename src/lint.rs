@@ -513,6 +513,17 @@ impl LintState {
     fn findings(&self) -> Vec<Finding> {
         let mut out = vec![];
         let rows = self.rows;
+        // As `check` finds it: a loss over no target is 0/0, whatever the model.
+        if rows > 0 && self.trained_targets == 0 {
+            out.push(Finding::new(
+                Code::NoTrainedPositions,
+                Severity::Error,
+                format!(
+                    "none of the {} target positions in {rows} rows is trained: check the mask field",
+                    self.targets
+                ),
+            ));
+        }
         if self.empty.rows > 0 {
             out.push(
                 Finding::new(
@@ -754,6 +765,29 @@ mod tests {
     }
 
     #[test]
+    fn no_trained_target_at_all_is_an_error_as_in_check() {
+        let (stats, findings) = lint(
+            LintOptions::default(),
+            &[
+                r#"{"input_ids":[1,5,6],"labels":[1,-100,-100]}"#,
+                r#"{"input_ids":[7,8],"labels":[7,-100]}"#,
+            ],
+        );
+        assert_eq!(stats.trained_targets, 0);
+        assert_eq!(
+            codes(&findings),
+            vec![
+                (Code::NoTrainedPositions, Severity::Error),
+                (Code::EmptySupervision, Severity::Warning)
+            ]
+        );
+        assert_eq!(
+            findings[0].message,
+            "none of the 3 target positions in 2 rows is trained: check the mask field"
+        );
+    }
+
+    #[test]
     fn empty_supervision_counts_rows_after_the_shift() {
         let (stats, findings) = lint(
             LintOptions::default(),
@@ -972,7 +1006,8 @@ mod tests {
             unit: Unit::Row,
             ..LintOptions::default()
         };
-        let (_, findings) = lint(opts, &[r#"{"input_ids":[7]}"#]);
+        let (_, findings) = lint(opts, &[r#"{"input_ids":[7]}"#, r#"{"input_ids":[7,8]}"#]);
+        assert_eq!(findings[0].code, Code::EmptySupervision);
         assert!(findings[0].message.contains("first at row 1"));
     }
 }

@@ -17,6 +17,8 @@ use crate::report::{LintDataInfo, LintReport, Verdict, SCHEMA_VERSION};
 pub struct LintCommandOptions {
     pub data: PathBuf,
     pub fields: FieldNames,
+    /// Longest JSONL line read (`--max-line-bytes`).
+    pub max_line_bytes: usize,
     /// `unit` is set from the file that is opened.
     pub lint: LintOptions,
     /// Rows to keep for the token view.
@@ -31,7 +33,8 @@ pub struct LintRun {
 }
 
 pub fn run(opts: &LintCommandOptions, progress: &ProgressBar) -> Result<LintRun> {
-    let mut source = RowSource::open(&opts.data, opts.fields.clone())?;
+    let mut source =
+        RowSource::open(&opts.data, opts.fields.clone())?.with_max_line_bytes(opts.max_line_bytes);
     if let Some(total) = source.total_bytes() {
         progress.set_length(total);
     }

@@ -2,13 +2,15 @@ use std::io::{self, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, Context, Result};
+use clap::error::ErrorKind;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use maskaudit::baseline::Baseline;
 use maskaudit::check::{self, CheckOptions};
 use maskaudit::cli::{CheckArgs, Cli, ColorWhen, Command, Format, LintArgs, ReportArgs};
+use maskaudit::data::echo;
 use maskaudit::data::Pos;
 use maskaudit::findings::SeverityOverrides;
 use maskaudit::lint::LintOptions;
@@ -20,16 +22,55 @@ use maskaudit::token_rows;
 use maskaudit::tokenizer::HfTokenizer;
 use maskaudit::view::{self, Ids, TokenText, ViewOptions};
 
+/// Characters of an error line, past which its middle is cut: the values from the data in it
+/// are cut to [`echo::ECHO_CHARS`] where they are quoted; this catches anything else.
+const ERROR_LINE_CHARS: usize = 1000;
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     match run(cli) {
         Ok(code) => code,
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("maskaudit: error: {}", maskaudit::one_line(&e));
-            ExitCode::from(2)
-        }
+        Err(e) => error(&maskaudit::one_line(&e)),
     }
+}
+
+/// The one line every error is reported on, escaped and cut: it may quote the data.
+fn error(message: &str) -> ExitCode {
+    eprintln!(
+        "maskaudit: error: {}",
+        echo::clip(message, ERROR_LINE_CHARS)
+    );
+    ExitCode::from(2)
+}
+
+/// clap's usage errors on one line, like every other error; help and version as clap prints them.
+fn usage_error(e: clap::Error) -> ExitCode {
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        e.exit();
+    }
+    let rendered = e.render().to_string();
+    let mut line = String::new();
+    for part in rendered.lines().map(str::trim) {
+        if part.is_empty() || part.starts_with("For more information") {
+            continue;
+        }
+        let part = part.trim_start_matches("error: ");
+        let part = part.replacen("Usage: ", "usage: ", 1);
+        if !line.is_empty() {
+            line.push_str(if line.ends_with(':') { " " } else { "; " });
+        }
+        line.push_str(&part);
+    }
+    error(&line)
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
@@ -52,6 +93,7 @@ fn check(args: CheckArgs) -> Result<ExitCode> {
     let baseline = load_baseline(&args.reports)?;
     // Load the tokenizer before the model: a bad path fails fast.
     let text = token_text(args.tokenizer.as_deref())?;
+    let fields = args.data_opts.fields().map_err(|e| anyhow!(e))?;
     let opts = CheckOptions {
         model: args.model,
         data: args.data,
@@ -60,7 +102,8 @@ fn check(args: CheckArgs) -> Result<ExitCode> {
         pad_id: args.data_opts.pad_id,
         max_contamination: args.max_contamination,
         eos_id: args.eos_id,
-        fields: args.data_opts.fields(),
+        fields,
+        max_line_bytes: args.data_opts.limits.max_line_bytes,
         overrides: SeverityOverrides::new(
             &args.severity.deny,
             &args.severity.warn,
@@ -98,12 +141,12 @@ fn check(args: CheckArgs) -> Result<ExitCode> {
     }
 
     let mut stdout = io::stdout().lock();
-    match args.output.format {
-        Format::Table => output::table::write(&mut stdout, &report)?,
-        Format::Json => output::json::write(&mut stdout, &report)?,
-        Format::Markdown => markdown::write(&mut stdout, &markdown::check(&report))?,
+    let written = match args.output.format {
+        Format::Table => output::table::write(&mut stdout, &report),
+        Format::Json => output::json::write(&mut stdout, &report),
+        Format::Markdown => markdown::write(&mut stdout, &markdown::check(&report)),
     }
-    stdout.flush()?;
+    .and_then(|()| stdout.flush());
     drop(stdout);
     let outcome = report.outcome();
     if let Some(path) = &args.reports.html {
@@ -112,7 +155,7 @@ fn check(args: CheckArgs) -> Result<ExitCode> {
         })?;
     }
     side_reports(&args.reports, &outcome, || markdown::check(&report))?;
-    Ok(exit_code(report.verdict))
+    finish_output(written.map_err(Into::into), report.verdict)
 }
 
 fn lint(args: LintArgs) -> Result<ExitCode> {
@@ -133,7 +176,8 @@ fn lint(args: LintArgs) -> Result<ExitCode> {
     };
     let opts = LintCommandOptions {
         data: args.data,
-        fields: args.fields.names(),
+        fields: args.fields.names().map_err(|e| anyhow!(e))?,
+        max_line_bytes: args.limits.max_line_bytes,
         lint: LintOptions {
             pad_id: args.pad_id,
             eos_id: args.eos_id,
@@ -161,27 +205,30 @@ fn lint(args: LintArgs) -> Result<ExitCode> {
     }
 
     let mut stdout = io::stdout().lock();
-    match args.output.format {
-        Format::Table => {
-            let view_opts = ViewOptions {
-                pad_id: args.pad_id,
-                eos_id: args.eos_id,
-                shifted: args.shifted,
-                color: use_color(args.color),
-            };
-            let unit = run.report.data.records;
-            for row in run.shown.iter().take(show) {
-                let at = Pos { unit, n: row.line };
-                stdout
-                    .write_all(view::render_row(row, at, text.as_ref(), &view_opts).as_bytes())?;
-                writeln!(stdout)?;
+    let written = (|| -> Result<()> {
+        match args.output.format {
+            Format::Table => {
+                let view_opts = ViewOptions {
+                    pad_id: args.pad_id,
+                    eos_id: args.eos_id,
+                    shifted: args.shifted,
+                    color: use_color(args.color),
+                };
+                let unit = run.report.data.records;
+                for row in run.shown.iter().take(show) {
+                    let at = Pos { unit, n: row.line };
+                    stdout.write_all(
+                        view::render_row(row, at, text.as_ref(), &view_opts).as_bytes(),
+                    )?;
+                    writeln!(stdout)?;
+                }
+                output::lint_table::write(&mut stdout, &run.report)?
             }
-            output::lint_table::write(&mut stdout, &run.report)?
+            Format::Json => output::json::write(&mut stdout, &run.report)?,
+            Format::Markdown => markdown::write(&mut stdout, &markdown::lint(&run.report))?,
         }
-        Format::Json => output::json::write(&mut stdout, &run.report)?,
-        Format::Markdown => markdown::write(&mut stdout, &markdown::lint(&run.report))?,
-    }
-    stdout.flush()?;
+        Ok(stdout.flush()?)
+    })();
     drop(stdout);
     let report = &run.report;
     if let Some(path) = &args.reports.html {
@@ -197,7 +244,18 @@ fn lint(args: LintArgs) -> Result<ExitCode> {
         })?;
     }
     side_reports(&args.reports, &report.outcome(), || markdown::lint(report))?;
-    Ok(exit_code(report.verdict))
+    finish_output(written, report.verdict)
+}
+
+/// The verdict's exit status once the report is written. A reader that stopped early
+/// (`maskaudit lint d.jsonl | head`) closes the pipe: no error line, but a failed check
+/// still exits 1.
+fn finish_output(written: Result<()>, verdict: Verdict) -> Result<ExitCode> {
+    match written {
+        Ok(()) => Ok(exit_code(verdict)),
+        Err(e) if is_broken_pipe(&e) => Ok(exit_code(verdict)),
+        Err(e) => Err(e),
+    }
 }
 
 /// Ids, or the pieces of a tokenizer.json.

@@ -1,13 +1,578 @@
-//! Hostile input: models and losses that misbehave, data and arguments that are malformed.
-//! Every case ends in a clear exit code, never a panic, an abort or a silent pass. The odd
-//! models come from `fixtures/generate.py odd`.
+//! Hostile input through the real binary (issue 10): no panic, no abort, bounded memory, no
+//! silent pass. Each case asserts the exit status and the one line on standard error.
 
 mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
 
-const DATA: &str = "fixtures/padded_labels.jsonl";
+// ---- helpers, for every section ----
+
+/// The single line of an error (asserted to be exactly one, exit 2, no panic).
+fn error_line(out: &Output) -> &str {
+    assert_usage_error(out, "");
+    out.stderr.trim_end()
+}
+
+/// Runs maskaudit with a watchdog: a run that blocks fails the test instead of hanging it.
+fn maskaudit_watched(args: &[&str], limit: Duration) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_maskaudit"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("RUST_BACKTRACE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn maskaudit");
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > limit {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("maskaudit {args:?} still running after {limit:?}: it blocked");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    Output {
+        code: out.status.code().expect("exited, not killed by a signal"),
+        stdout: String::from_utf8(out.stdout).unwrap(),
+        stderr: String::from_utf8(out.stderr).unwrap(),
+    }
+}
+
+/// Runs maskaudit with standard output on a pipe whose reading end is already closed.
+fn maskaudit_into_closed_pipe(args: &[&str]) -> Output {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_maskaudit"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("RUST_BACKTRACE")
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run maskaudit");
+    Output {
+        code: out.status.code().expect("exited, not killed by a signal"),
+        stdout: String::new(),
+        stderr: String::from_utf8(out.stderr).unwrap(),
+    }
+}
+
+fn check_cpu(model: &str, data: &str, extra: &[&str]) -> Output {
+    let mut args = vec!["check", "--device", "cpu", "--format", "json", model, data];
+    args.extend_from_slice(extra);
+    maskaudit(&args)
+}
+
+fn finding_codes(stdout: &str) -> Vec<(String, String)> {
+    let json: serde_json::Value = serde_json::from_str(stdout).expect("JSON report");
+    json["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["code"].as_str().unwrap().to_string(),
+                f["severity"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn path_str(p: &Path) -> String {
+    p.display().to_string()
+}
+
+// ---- data and command line ----
+
+/// Parquet files on which the parquet crate panics (found by fuzz/parquet;
+/// fixtures/hostile/README.md): an error naming the file and row, exit 2, no backtrace.
+#[test]
+fn corrupt_parquet_is_an_error_not_a_panic() {
+    let cases = [
+        (
+            "dictionary_decoder_unset",
+            "row 16",
+            "Decoder for dict should have been set",
+        ),
+        (
+            "index_out_of_bounds",
+            "row 7",
+            "index out of bounds: the len is 32 but the index is 32",
+        ),
+        (
+            "list_type_assertion",
+            "row 1",
+            "Invalid list type GroupType",
+        ),
+        (
+            "negative_column_start",
+            "row 16",
+            "column start and length should not be negative",
+        ),
+    ];
+    for (name, row, panic) in cases {
+        let file = fixture(&format!("hostile/parquet/{name}.parquet"));
+        let lint = maskaudit(&["lint", &file]);
+        let check = check_cpu(&fixture("tiny_lm.pt"), &file, &["--pad-id", "0"]);
+        for out in [lint, check] {
+            let line = error_line(&out);
+            let want = format!("{file}:{row}: cannot decode: the decoder failed on corrupt data (");
+            assert!(line.contains(&want), "{line}");
+            assert!(line.contains(panic), "{line}");
+            assert!(!line.contains("RUST_BACKTRACE"), "{line}");
+        }
+    }
+}
+
+/// A 6 kB file whose dictionary page declares 1.7 billion values: the parquet crate sized
+/// the dictionary by that count and filled 14 GB before failing. Refused before decoding.
+#[test]
+fn a_dictionary_larger_than_its_page_is_refused() {
+    let file = fixture("hostile/parquet/dictionary_count_oom.parquet");
+    let line = error_line(&maskaudit(&["lint", &file])).to_string();
+    assert!(
+        line.ends_with(&format!(
+            "{file}:row 16: cannot decode: Parquet error: corrupt dictionary page: 1778384896 values declared in 200 bytes"
+        )),
+        "{line}"
+    );
+}
+
+/// A footer the parquet crate's Thrift reader loops on (fixtures/hostile/README.md): not fixed,
+/// so ignored for its time (18 s in a debug build), but it must end as an input error.
+#[test]
+#[ignore]
+fn a_footer_the_crate_loops_on_ends_as_an_input_error() {
+    let file = fixture("hostile/slow/thrift_skip_loop.parquet");
+    let out = maskaudit_watched(&["lint", &file], Duration::from_secs(300));
+    assert!(
+        error_line(&out).ends_with(
+            "thrift_skip_loop.parquet: not a readable Parquet file: EOF: Unexpected EOF"
+        ),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn every_parquet_codec_reads() {
+    let reference = maskaudit(&["lint", "--format", "json", &fixture("ragged.jsonl")]);
+    assert_eq!(reference.code, 0, "{reference:?}");
+    let want: serde_json::Value = serde_json::from_str(&reference.stdout).unwrap();
+    for codec in [
+        "uncompressed",
+        "snappy",
+        "gzip",
+        "lz4",
+        "lz4_raw",
+        "brotli",
+        "zstd",
+    ] {
+        let file = fixture(&format!("hostile/codecs/{codec}.parquet"));
+        let out = maskaudit(&["lint", "--format", "json", &file]);
+        assert_eq!((out.code, out.stderr.as_str()), (0, ""), "{codec}: {out:?}");
+        let got: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        assert_eq!(got["statistics"], want["statistics"], "{codec}");
+        assert_eq!(got["data"]["format"], "parquet");
+    }
+}
+
+/// Writes the codec fixtures: `cargo test --test hostile -- --ignored write_codec_fixtures`.
+#[test]
+#[ignore]
+fn write_codec_fixtures() {
+    use parquet::basic::{BrotliLevel, Compression, GzipLevel, ZstdLevel};
+    let rows = jsonl_rows(&fixture("ragged.jsonl"));
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/hostile/codecs");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, codec) in [
+        ("uncompressed", Compression::UNCOMPRESSED),
+        ("snappy", Compression::SNAPPY),
+        ("gzip", Compression::GZIP(GzipLevel::default())),
+        ("lz4", Compression::LZ4),
+        ("lz4_raw", Compression::LZ4_RAW),
+        ("brotli", Compression::BROTLI(BrotliLevel::default())),
+        ("zstd", Compression::ZSTD(ZstdLevel::default())),
+    ] {
+        write_parquet(&dir.join(format!("{name}.parquet")), &rows, false, codec, 3);
+    }
+}
+
+/// Writes the Parquet seeds of fuzz/parquet beside the codec files:
+/// `cargo test --test hostile -- --ignored write_fuzz_parquet_seeds`.
+#[test]
+#[ignore]
+fn write_fuzz_parquet_seeds() {
+    use parquet::basic::Compression;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/parquet");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, int32) in [
+        ("clean_sft", false),
+        ("clean_packed", true),
+        ("clean_torchtune", false),
+    ] {
+        let rows = jsonl_rows(&format!("fixtures/lint/{name}.jsonl"));
+        let file = dir.join(format!("{name}.parquet"));
+        write_parquet(&file, &rows, int32, Compression::UNCOMPRESSED, 2);
+    }
+    let rows = vec![
+        serde_json::json!({"input_ids": [1, 2, 3], "labels": [-100, null, 3]}),
+        serde_json::json!({"input_ids": [], "loss_mask": [1]}),
+        serde_json::json!({"labels": [1]}),
+    ];
+    write_parquet(
+        &dir.join("nulls.parquet"),
+        &rows,
+        false,
+        Compression::SNAPPY,
+        1,
+    );
+}
+
+#[test]
+fn a_line_longer_than_the_limit_stops_reading() {
+    // /dev/zero has no newline: without the limit this grew without end.
+    let out = maskaudit(&["lint", "/dev/zero", "--max-line-bytes", "1000"]);
+    assert_eq!(
+        error_line(&out),
+        "maskaudit: error: /dev/zero:1: line longer than 1000 bytes (--max-line-bytes): not JSONL, or raise the limit"
+    );
+    // A small gzip file of NULs that inflates far past the limit.
+    let dir = TempDir::new("hostile-long-lines");
+    let bomb = dir.path().join("zeros.jsonl.gz");
+    write_gzip(&bomb, &vec![0u8; 8 << 20]);
+    assert!(std::fs::metadata(&bomb).unwrap().len() < 64 << 10);
+    let bomb = path_str(&bomb);
+    let out = maskaudit(&["lint", &bomb, "--max-line-bytes", "65536"]);
+    assert!(
+        error_line(&out).ends_with("zeros.jsonl.gz:1: line longer than 65536 bytes (--max-line-bytes): not JSONL, or raise the limit"),
+        "{out:?}"
+    );
+    // check, on standard input, after a good line.
+    let input = format!("{{\"input_ids\":[1,2]}}\n{}\n", " ".repeat(5000)).into_bytes();
+    let out = maskaudit_stdin(
+        &[
+            "check",
+            "--device",
+            "cpu",
+            &fixture("tiny_lm.pt"),
+            "-",
+            "--max-line-bytes",
+            "4096",
+        ],
+        input.clone(),
+    );
+    assert!(
+        error_line(&out).contains("-:2: line longer than 4096 bytes"),
+        "{out:?}"
+    );
+    // Under the limit the same input reads (a blank line of spaces).
+    let out = maskaudit_stdin(&["lint", "-", "--max-line-bytes", "5000"], input);
+    assert_eq!(out.code, 0, "{out:?}");
+}
+
+#[test]
+fn a_named_pipe_is_refused_and_anonymous_pipes_read() {
+    let dir = TempDir::new("hostile-fifo");
+    let fifo = path_str(&dir.path().join("rows.fifo"));
+    let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(made.success());
+    // Opening it would wait for a writer that never comes.
+    let out = maskaudit_watched(&["lint", &fifo], Duration::from_secs(30));
+    let line = error_line(&out);
+    assert!(line.contains("rows.fifo: is a named pipe (FIFO)"), "{line}");
+    assert!(line.contains("standard input"), "{line}");
+
+    // Process substitution: /dev/fd/N is a link to pipe:[…].
+    let script = format!(
+        "exec '{}' lint <(cat fixtures/ragged.jsonl)",
+        env!("CARGO_BIN_EXE_maskaudit")
+    );
+    let out = Command::new("bash")
+        .args(["-c", &script])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("verdict: pass"));
+    // /dev/stdin on a pipe: two links to pipe:[…].
+    let rows = std::fs::read(fixture("ragged.jsonl")).unwrap();
+    let out = maskaudit_stdin(&["lint", "/dev/stdin"], rows);
+    assert_eq!(out.code, 0, "{out:?}");
+
+    let out = maskaudit(&["lint", "fixtures"]);
+    assert_eq!(
+        error_line(&out),
+        "maskaudit: error: fixtures: is a directory: DATA is a JSONL, .jsonl.gz or Parquet file"
+    );
+}
+
+#[test]
+fn values_from_the_data_are_cut_and_escaped() {
+    let dir = TempDir::new("hostile-messages");
+    // A megabyte string where ids were expected.
+    let long = dir.write(
+        "long.jsonl",
+        &format!("{{\"input_ids\":\"{}\"}}\n", "x".repeat(1 << 20)),
+    );
+    let line = error_line(&maskaudit(&["lint", &long])).to_string();
+    assert!(line.contains("long.jsonl:1: input_ids: expected an array of integers"));
+    assert!(line.contains("characters cut]"), "{line}");
+    assert!(line.len() < 600, "{} characters", line.len());
+
+    // Parquet strings reach the message: escape bytes are shown, not sent to the terminal.
+    let strings = dir.path().join("strings.parquet");
+    write_string_parquet(&strings, "input_ids", &["\u{1b}[2J\u{1b}[31mred\r"]);
+    let line = error_line(&maskaudit(&["lint", &path_str(&strings)])).to_string();
+    assert!(
+        line.contains("row 1: input_ids: expected a list of integers"),
+        "{line}"
+    );
+    assert!(line.contains("\\x1b[2J\\x1b[31mred\\r"), "{line}");
+    assert!(!line.contains('\u{1b}') && !line.contains('\r'), "{line:?}");
+    // A column name is data too.
+    let named = dir.path().join("named.parquet");
+    write_string_parquet(&named, "\u{1b}]0;title\u{7}", &["a"]);
+    let line = error_line(&maskaudit(&["lint", &path_str(&named)])).to_string();
+    assert!(line.contains("columns: \\x1b]0;title\\x07"), "{line:?}");
+
+    // The error printer cuts and escapes whatever reaches it: here the path, typed by the user.
+    let path = format!("{}/\u{1b}[31mrows.jsonl", "d".repeat(3000));
+    let line = error_line(&maskaudit(&["lint", &path])).to_string();
+    assert!(line.contains("characters cut]"), "{line}");
+    assert!(line.chars().count() < 1100, "{}", line.chars().count());
+    assert!(
+        line.contains("\\x1b[31mrows.jsonl") && !line.contains('\u{1b}'),
+        "{line}"
+    );
+}
+
+/// A Parquet file with one string column.
+fn write_string_parquet(path: &Path, column: &str, values: &[&str]) {
+    use parquet::basic::{LogicalType, Repetition, Type as Physical};
+    use parquet::data_type::{ByteArray, ByteArrayType};
+    use parquet::file::properties::WriterProperties;
+    use parquet::file::writer::SerializedFileWriter;
+    use parquet::schema::types::Type;
+    use std::sync::Arc;
+
+    let field = Type::primitive_type_builder(column, Physical::BYTE_ARRAY)
+        .with_repetition(Repetition::REQUIRED)
+        .with_logical_type(Some(LogicalType::String))
+        .build()
+        .unwrap();
+    let schema = Type::group_type_builder("schema")
+        .with_fields(vec![Arc::new(field)])
+        .build()
+        .unwrap();
+    let file = std::fs::File::create(path).unwrap();
+    let props = Arc::new(WriterProperties::builder().build());
+    let mut writer = SerializedFileWriter::new(file, Arc::new(schema), props).unwrap();
+    let mut group = writer.next_row_group().unwrap();
+    let mut col = group.next_column().unwrap().unwrap();
+    let values: Vec<ByteArray> = values.iter().map(|v| ByteArray::from(*v)).collect();
+    col.typed::<ByteArrayType>()
+        .write_batch(&values, None, None)
+        .unwrap();
+    col.close().unwrap();
+    group.close().unwrap();
+    writer.close().unwrap();
+}
+
+#[test]
+fn negative_numbers_are_refused_with_the_valid_range() {
+    let model = fixture("tiny_lm.pt");
+    let data = fixture("ragged.jsonl");
+    let cases = [
+        (
+            "--batch-size",
+            "-1",
+            "'-1' is not a batch size: expected a number of rows from 1",
+        ),
+        (
+            "--pad-id",
+            "-1",
+            "'-1' is not a token id: expected an integer ≥ 0",
+        ),
+        (
+            "--eos-id",
+            "-2",
+            "'-2' is not a token id: expected an integer ≥ 0",
+        ),
+        (
+            "--max-contamination",
+            "-0.1",
+            "'-0.1' is not a non-negative number",
+        ),
+        ("--max-line-bytes", "-5", "'-5' is not a size in bytes"),
+        (
+            "--rtol",
+            "-1",
+            "'-1' is not a relative tolerance in (0, 0.5)",
+        ),
+        ("--rtol", "0", "'0' is not a relative tolerance in (0, 0.5)"),
+        (
+            "--rtol",
+            "0.5",
+            "'0.5' is not a relative tolerance in (0, 0.5)",
+        ),
+        (
+            "--rtol",
+            "1e300",
+            "'1e300' is not a relative tolerance in (0, 0.5)",
+        ),
+    ];
+    for (option, value, expect) in cases {
+        let mut args = vec!["check", "--device", "cpu", &model, &data, option, value];
+        if option == "--rtol" {
+            args.extend_from_slice(&["--loss", "fixtures/losses/correct_labels.pt"]);
+        }
+        let out = maskaudit(&args);
+        let line = error_line(&out);
+        assert!(line.contains(expect), "{option} {value}: {line}");
+        assert!(line.contains(&format!("for '{option} ")), "{line}");
+        assert!(!line.contains("unexpected argument"), "{line}");
+    }
+    for option in ["--batch-size", "--pad-id", "--eos-id", "--show"] {
+        let line = error_line(&maskaudit(&["lint", &data, option, "-3"])).to_string();
+        assert!(line.contains("'-3' is not a"), "{option}: {line}");
+    }
+}
+
+#[test]
+fn options_that_would_be_ignored_are_errors() {
+    let model = fixture("tiny_lm.pt");
+    let data = fixture("ragged.jsonl");
+    for extra in [
+        &["--loss-args", "logits,labels"][..],
+        &["--rtol", "0.01"],
+        &["--no-probes"],
+    ] {
+        let mut args = vec!["check", "--device", "cpu", &model, &data];
+        args.extend_from_slice(extra);
+        let line = error_line(&maskaudit(&args)).to_string();
+        assert!(
+            line.contains(
+                "required arguments were not provided: <--loss <FILE>|--loss-method <NAME>>"
+            ),
+            "{extra:?}: {line}"
+        );
+    }
+    let line = error_line(&maskaudit(&["lint", &data, "--labels-field", "input_ids"])).to_string();
+    assert_eq!(
+        line,
+        "maskaudit: error: --input-field and --labels-field both name the column 'input_ids': each field needs a column of its own"
+    );
+    let out = maskaudit(&[
+        "check",
+        "--device",
+        "cpu",
+        &model,
+        &data,
+        "--mask-field",
+        "m",
+        "--position-ids-field",
+        "m",
+    ]);
+    assert!(
+        error_line(&out).contains("--mask-field and --position-ids-field both name the column 'm'")
+    );
+    let out = maskaudit(&["lint", &data, "--attention-mask-field", "cu_seqlens"]);
+    assert!(
+        error_line(&out).contains("--attention-mask-field cu_seqlens: 'cu_seqlens' is always read")
+    );
+}
+
+#[test]
+fn ids_beyond_the_vocabulary_are_input_errors() {
+    let model = fixture("tiny_lm.pt");
+    let data = fixture("ragged.jsonl");
+    let out = check_cpu(&model, &data, &["--pad-id", "0", "--eos-id", "48"]);
+    assert_eq!(
+        error_line(&out),
+        "maskaudit: error: --eos-id 48 is outside the model's vocabulary (size 48)"
+    );
+    let dir = TempDir::new("hostile-vocab");
+    let labels = dir.write(
+        "labels.jsonl",
+        "{\"input_ids\":[1,2,3],\"labels\":[-100,2,3]}\n{\"input_ids\":[1,2,3],\"labels\":[-100,2,48]}\n",
+    );
+    let out = check_cpu(&model, &labels, &[]);
+    assert!(
+        error_line(&out).ends_with("labels.jsonl:2: labels: token id 48 at index 2 is outside the model's vocabulary (size 48)"),
+        "{out:?}"
+    );
+    // The last id of the vocabulary is fine.
+    let ok = dir.write(
+        "ok.jsonl",
+        "{\"input_ids\":[1,2,3],\"labels\":[-100,2,47]}\n",
+    );
+    let out = check_cpu(&model, &ok, &["--eos-id", "47"]);
+    assert_ne!(out.code, 2, "{out:?}");
+}
+
+#[test]
+fn no_trained_target_fails_lint_as_it_fails_check() {
+    let dir = TempDir::new("hostile-untrained");
+    let data = dir.write(
+        "untrained.jsonl",
+        "{\"input_ids\":[1,2,3],\"labels\":[-100,-100,-100]}\n{\"input_ids\":[4,5],\"labels\":[4,-100]}\n",
+    );
+    let out = maskaudit(&["lint", "--format", "json", &data]);
+    assert_eq!(out.code, 1, "{out:?}");
+    let codes = finding_codes(&out.stdout);
+    assert!(
+        codes.contains(&("no-trained-positions".into(), "error".into())),
+        "{codes:?}"
+    );
+
+    let out = check_cpu(&fixture("tiny_lm.pt"), &data, &["--pad-id", "0"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    let codes = finding_codes(&out.stdout);
+    let count = codes
+        .iter()
+        .filter(|(c, _)| c == "no-trained-positions")
+        .count();
+    assert_eq!(count, 1, "reported once: {codes:?}");
+}
+
+#[test]
+fn a_closed_pipe_keeps_the_verdict() {
+    let failing = "fixtures/lint/padding_trained.jsonl";
+    let args = ["lint", failing, "--pad-id", "0"];
+    assert_eq!(maskaudit(&args).code, 1, "the file fails lint");
+    let out = maskaudit_into_closed_pipe(&args);
+    assert_eq!((out.code, out.stderr.as_str()), (1, ""), "{out:?}");
+
+    let passing = "fixtures/lint/clean_sft.jsonl";
+    let out = maskaudit_into_closed_pipe(&["lint", passing, "--format", "json"]);
+    assert_eq!((out.code, out.stderr.as_str()), (0, ""), "{out:?}");
+
+    let out = maskaudit_into_closed_pipe(&[
+        "check",
+        "--device",
+        "cpu",
+        &fixture("tiny_lm.pt"),
+        &fixture("ragged.jsonl"),
+        "--pad-id",
+        "0",
+        "--max-contamination",
+        "0.001",
+    ]);
+    assert_eq!((out.code, out.stderr.as_str()), (1, ""), "{out:?}");
+}
+
+// ---- models and losses (the odd models of `fixtures/generate.py odd`) ----
+
+const SFT_DATA: &str = "fixtures/padded_labels.jsonl";
 
 fn odd(name: &str) -> String {
     fixture(&format!("odd/{name}.pt"))
@@ -19,7 +584,15 @@ fn json_of(out: &Output) -> Value {
 }
 
 fn check(model: &str, extra: &[&str]) -> Output {
-    let mut args = vec!["check", "--device", "cpu", model, DATA, "--batch-size", "4"];
+    let mut args = vec![
+        "check",
+        "--device",
+        "cpu",
+        model,
+        SFT_DATA,
+        "--batch-size",
+        "4",
+    ];
     args.extend_from_slice(extra);
     maskaudit(&args)
 }
@@ -29,8 +602,6 @@ fn masked_token_mean(out: &Output) -> f64 {
         .as_f64()
         .unwrap_or_else(|| panic!("{out:?}"))
 }
-
-// ---- models and losses ----
 
 #[test]
 fn a_model_that_writes_into_its_inputs_cannot_change_the_targets() {

@@ -5,7 +5,11 @@ use std::io::{self, BufRead, BufReader, Read};
 
 use serde_json::value::RawValue;
 
+use super::echo::echo;
 use super::{validate, DataError, FieldNames, Pos, RawRow, Row};
+
+/// The longest line read by default (`--max-line-bytes`).
+pub const DEFAULT_MAX_LINE_BYTES: usize = 256 << 20;
 
 /// Streams rows from JSONL text (a file, standard input, or a decompressor).
 pub struct JsonlReader {
@@ -13,9 +17,12 @@ pub struct JsonlReader {
     reader: Box<dyn BufRead + Send>,
     fields: FieldNames,
     line_no: usize,
-    buf: String,
+    buf: Vec<u8>,
     bytes_read: u64,
     total_bytes: Option<u64>,
+    max_line_bytes: usize,
+    /// Set after an error: a line too long or unreadable leaves no place to resume from.
+    stopped: bool,
 }
 
 impl JsonlReader {
@@ -30,10 +37,17 @@ impl JsonlReader {
             reader,
             fields,
             line_no: 0,
-            buf: String::new(),
+            buf: Vec::new(),
             bytes_read: 0,
             total_bytes,
+            max_line_bytes: DEFAULT_MAX_LINE_BYTES,
+            stopped: false,
         }
+    }
+
+    /// Lines longer than this many bytes (newline excluded) are an error, read no further.
+    pub fn set_max_line_bytes(&mut self, max: usize) {
+        self.max_line_bytes = max;
     }
 
     pub fn path(&self) -> &str {
@@ -51,24 +65,48 @@ impl JsonlReader {
     }
 
     fn next_row(&mut self) -> Option<Result<Row, DataError>> {
+        if self.stopped {
+            return None;
+        }
         loop {
-            self.buf.clear();
             self.line_no += 1;
-            match self.reader.read_line(&mut self.buf) {
-                Ok(0) => return None,
-                Ok(n) => self.bytes_read += n as u64,
-                Err(source) => {
-                    return Some(Err(DataError::Read {
-                        path: self.path.clone(),
-                        at: Pos::line(self.line_no),
-                        source,
-                    }))
+            let at = Pos::line(self.line_no);
+            let read = read_line_bounded(self.reader.as_mut(), &mut self.buf, self.max_line_bytes);
+            let error = match read {
+                Ok(Line::End) => return None,
+                Ok(Line::Read(n)) => {
+                    self.bytes_read += n as u64;
+                    match std::str::from_utf8(&self.buf) {
+                        Ok(text) if text.trim().is_empty() => continue,
+                        Ok(text) => {
+                            return Some(parse_row(text, &self.path, self.line_no, &self.fields))
+                        }
+                        Err(e) => DataError::Record {
+                            path: self.path.clone(),
+                            at,
+                            message: format!(
+                                "not UTF-8 text (invalid byte at column {})",
+                                e.valid_up_to() + 1
+                            ),
+                        },
+                    }
                 }
-            }
-            if self.buf.trim().is_empty() {
-                continue;
-            }
-            return Some(parse_row(&self.buf, &self.path, self.line_no, &self.fields));
+                Ok(Line::TooLong) => DataError::Record {
+                    path: self.path.clone(),
+                    at,
+                    message: format!(
+                        "line longer than {} bytes (--max-line-bytes): not JSONL, or raise the limit",
+                        self.max_line_bytes
+                    ),
+                },
+                Err(source) => DataError::Read {
+                    path: self.path.clone(),
+                    at,
+                    source,
+                },
+            };
+            self.stopped = true;
+            return Some(Err(error));
         }
     }
 }
@@ -77,6 +115,58 @@ impl Iterator for JsonlReader {
     type Item = Result<Row, DataError>;
     fn next(&mut self) -> Option<Self::Item> {
         self.next_row()
+    }
+}
+
+/// What [`read_line_bounded`] found.
+#[derive(Debug, PartialEq, Eq)]
+enum Line {
+    /// A line of this many bytes, its newline included, is in the buffer.
+    Read(usize),
+    /// The end of the input.
+    End,
+    /// More than the limit before a newline; the buffer holds at most the limit.
+    TooLong,
+}
+
+/// Line length from which the buffer is reserved up to the limit in one step.
+const RESERVE_WHOLE_LINE_FROM: usize = 1 << 20;
+
+/// `BufRead::read_line` that never holds more than `max` bytes (plus the newline): a file
+/// with no newline, or a decompression bomb, stops at the limit instead of filling memory.
+fn read_line_bounded(reader: &mut dyn BufRead, buf: &mut Vec<u8>, max: usize) -> io::Result<Line> {
+    buf.clear();
+    loop {
+        let chunk = match reader.fill_buf() {
+            Ok(chunk) => chunk,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if chunk.is_empty() {
+            return Ok(if buf.is_empty() {
+                Line::End
+            } else {
+                Line::Read(buf.len())
+            });
+        }
+        let (take, done) = match chunk.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (chunk.len(), false),
+        };
+        let content = take - usize::from(done);
+        if buf.len() + content > max {
+            return Ok(Line::TooLong);
+        }
+        if buf.len() + take > buf.capacity() && buf.capacity() >= RESERVE_WHOLE_LINE_FROM {
+            // Reserve up to the limit once: pages become resident only as they are written,
+            // and the line is not copied at each doubling (which held 1.5 times the limit).
+            let _ = buf.try_reserve_exact(max.saturating_add(1).saturating_sub(buf.len()));
+        }
+        buf.extend_from_slice(&chunk[..take]);
+        reader.consume(take);
+        if done {
+            return Ok(Line::Read(buf.len()));
+        }
     }
 }
 
@@ -104,7 +194,7 @@ pub fn parse_row(
         serde_json::from_str(text).map_err(|e| DataError::Record {
             path: path.to_string(),
             at,
-            message: format!("not a JSON object: {}", strip_position(&e)),
+            message: format!("not a JSON object: {}", echo(&strip_position(&e))),
         })?;
     let mut raw = RawRow::default();
     for name in fields.all() {
@@ -122,7 +212,10 @@ pub fn parse_row(
                 path: path.to_string(),
                 at,
                 field: name.to_string(),
-                message: format!("expected an array of integers: {}", strip_position(&e)),
+                message: format!(
+                    "expected an array of integers: {}",
+                    echo(&strip_position(&e))
+                ),
             })?;
         *slot = Some(values);
     }
@@ -210,6 +303,88 @@ mod tests {
         assert_eq!(r.input_ids, vec![1, 2, 3]);
         assert_eq!(r.position_ids, Some(vec![0, 0, 1]));
         assert_eq!(r.seq_lens, Some(vec![1, 2]));
+    }
+
+    #[test]
+    fn lines_are_read_up_to_the_limit_only() {
+        let mut input = io::Cursor::new(b"abc\nabcd\nab".to_vec());
+        let mut buf = vec![];
+        let mut read = || read_line_bounded(&mut input, &mut buf, 3).unwrap();
+        assert_eq!(read(), Line::Read(4));
+        assert_eq!(read(), Line::TooLong);
+        // A line with no newline, longer than the limit, from a source that never ends.
+        let mut zeros = BufReader::with_capacity(7, io::repeat(0));
+        assert_eq!(
+            read_line_bounded(&mut zeros, &mut buf, 100).unwrap(),
+            Line::TooLong
+        );
+        assert!(buf.len() <= 100, "{}", buf.len());
+        // Long lines: the buffer is reserved once, up to the limit, never beyond it.
+        let max = 3 << 20;
+        let mut zeros = BufReader::with_capacity(1 << 16, io::repeat(0));
+        assert_eq!(
+            read_line_bounded(&mut zeros, &mut buf, max).unwrap(),
+            Line::TooLong
+        );
+        assert!(
+            buf.len() <= max && buf.capacity() <= max + 1,
+            "{}",
+            buf.capacity()
+        );
+        let mut line = vec![b'x'; (5 << 19) - 1];
+        line.push(b'\n');
+        let mut long = io::Cursor::new(line);
+        assert_eq!(
+            read_line_bounded(&mut long, &mut buf, max).unwrap(),
+            Line::Read(5 << 19)
+        );
+        let mut last = io::Cursor::new(b"ab".to_vec());
+        assert_eq!(
+            read_line_bounded(&mut last, &mut buf, 3).unwrap(),
+            Line::Read(2)
+        );
+        assert_eq!(
+            read_line_bounded(&mut last, &mut buf, 3).unwrap(),
+            Line::End
+        );
+    }
+
+    #[test]
+    fn a_long_line_is_an_error_naming_the_line_and_the_option() {
+        let bytes =
+            b"{\"input_ids\":[1]}\n{\"input_ids\":[1,2,3,4,5,6,7,8,9]}\n{\"input_ids\":[1]}\n";
+        let mut reader = reader_from_bytes("d.jsonl", bytes.to_vec(), FieldNames::default());
+        reader.set_max_line_bytes(20);
+        assert!(reader.next().unwrap().is_ok());
+        let err = reader.next().unwrap().unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "d.jsonl:2: line longer than 20 bytes (--max-line-bytes): not JSONL, or raise the limit"
+        );
+        assert!(reader.next().is_none(), "no rows after the error");
+    }
+
+    #[test]
+    fn invalid_utf8_names_the_line() {
+        let bytes = b"{\"input_ids\":[1]}\n{\"input_ids\":[1]\xff}\n".to_vec();
+        let err = reader_from_bytes("d.jsonl", bytes, FieldNames::default())
+            .nth(1)
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "d.jsonl:2: not UTF-8 text (invalid byte at column 17)"
+        );
+    }
+
+    #[test]
+    fn quoted_values_are_cut_and_escaped() {
+        let line = format!("{{\"input_ids\":\"\\u001b[31m{}\"}}", "x".repeat(100_000));
+        let err = parse(&line).unwrap_err().to_string();
+        // serde_json quotes the string with Rust's escapes; no raw ESC either way.
+        assert!(!err.contains('\x1b') && err.contains("[31m"), "{err}");
+        assert!(err.contains("characters cut"), "{err}");
+        assert!(err.len() < 400, "{}", err.len());
     }
 
     #[test]
