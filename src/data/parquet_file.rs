@@ -70,7 +70,14 @@ impl ParquetReader {
             path: display.clone(),
             message,
         };
-        let opened = guard::catch(|| Self::open_rows(file, &fields));
+        let opened = guard::stall_limited(
+            || {
+                format!(
+                    "{display}: not a readable Parquet file: the decoder stalls on its metadata"
+                )
+            },
+            || guard::catch(|| Self::open_rows(file, &fields)),
+        );
         let (rows, total_rows) = match opened {
             Ok(Ok(opened)) => opened,
             Ok(Err(message)) => return Err(format_err(message)),
@@ -170,8 +177,12 @@ impl Iterator for ParquetReader {
     type Item = Result<Row, DataError>;
     fn next(&mut self) -> Option<Self::Item> {
         let rows = self.rows.as_mut()?;
-        let next = guard::catch(|| rows.next());
         let at = Pos::row(self.row_no + 1);
+        let path = &self.path;
+        let next = guard::stall_limited(
+            || format!("{path}:{at}: cannot decode: the decoder stalls on corrupt data"),
+            || guard::catch(|| rows.next()),
+        );
         let next = match next {
             Ok(next) => next?,
             Err(panic) => {
