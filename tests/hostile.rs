@@ -133,6 +133,24 @@ fn corrupt_parquet_is_an_error_not_a_panic() {
     }
 }
 
+/// A 4.7 kB footer whose schema declares about 790 million children: the parquet crate asks
+/// for 6.3 GB for them (found by fuzz/parquet, as an out-of-memory under libFuzzer's malloc
+/// limit). The allocator maps it without touching it, so the file ends as an input error with
+/// the resident memory of any run.
+#[test]
+fn a_schema_declaring_millions_of_children_is_an_input_error() {
+    let file = fixture("hostile/parquet/schema_children_count.parquet");
+    let lint = maskaudit(&["lint", &file]);
+    let check = check_cpu(&fixture("tiny_lm.pt"), &file, &["--pad-id", "0"]);
+    for out in [lint, check] {
+        let line = error_line(&out);
+        assert!(
+            line.contains("schema_children_count.parquet: not a readable Parquet file"),
+            "{line}"
+        );
+    }
+}
+
 /// A 6 kB file whose dictionary page declares 1.7 billion values: the parquet crate sized
 /// the dictionary by that count and filled 14 GB before failing. Refused before decoding.
 #[test]
