@@ -339,14 +339,10 @@ pub mod fused_ce {
         let data =
             unsafe { std::slice::from_raw_parts(logits.data_ptr() as *const f32, b * t * v) };
 
-        let n = b * positions;
-        let mut losses = vec![0f32; n];
-        let threads = usize::try_from(tch::get_num_threads())
-            .unwrap_or(1)
-            .clamp(1, n);
-        let per_thread = n.div_ceil(threads);
+        let mut losses = vec![0f32; b * positions];
         let kernel = kernel();
-        let work = |first: usize, out: &mut [f32]| -> bool {
+        // A non-finite position marks its part, which still computes every other loss.
+        let finite = split(&mut losses, |first, out| {
             let mut finite = true;
             for (k, loss) in out.iter_mut().enumerate() {
                 let p = first + k;
@@ -357,18 +353,6 @@ pub mod fused_ce {
                     Some(l) => *loss = l,
                     None => finite = false,
                 }
-            }
-            finite
-        };
-        let finite = std::thread::scope(|scope| {
-            let mut parts = losses.chunks_mut(per_thread).enumerate();
-            let (_, mine) = parts.next().expect("n >= 1");
-            let others: Vec<_> = parts
-                .map(|(i, out)| scope.spawn(move || work(i * per_thread, out)))
-                .collect();
-            let mut finite = work(0, mine);
-            for handle in others {
-                finite &= handle.join().expect("cross-entropy thread panicked");
             }
             finite
         });
