@@ -19,7 +19,7 @@ use std::fmt::Write as _;
 
 use crate::findings::Finding;
 use crate::output::junit::records_text;
-use crate::output::table::{percent, value_of, AGGREGATES};
+use crate::output::table::{aggregate_rows, percent};
 use crate::report::{LintReport, Report, Verdict};
 use crate::token_rows::{TokenCell, TokenRow};
 use crate::userloss::UserLossReport;
@@ -319,26 +319,15 @@ pub fn check(report: &Report, text: &dyn TokenText) -> String {
         &TokenViewOptions { padding_in_loss },
     );
     out.push_str("<h2>Aggregates</h2>\n<table class=\"numbers aggregates\">\n<tr><th>aggregate</th><th>loss</th><th>vs masked</th><th>%</th><th>what it is</th></tr>\n");
-    let reference = report.losses.masked_token_mean;
-    for &(name, what) in AGGREGATES {
-        let value = value_of(report, name);
-        let (delta, pct) = match (value, reference) {
-            (Some(v), Some(r)) if name != "masked_token_mean" => (
-                format!("{:+.6}", v - r),
-                format!(
-                    "{:+.2}%",
-                    crate::aggregate::relative_difference(v, r) * 100.0
-                ),
-            ),
-            _ => (String::new(), String::new()),
-        };
+    for row in aggregate_rows(report) {
         let _ = writeln!(
             out,
-            "<tr><td><code>{name}</code></td><td class=\"num\">{}</td><td class=\"num\">{delta}</td><td class=\"num\">{pct}</td><td>{}</td></tr>",
-            value
-                .map(|v| format!("{v:.6}"))
-                .unwrap_or_else(|| "n/a".into()),
-            escape(what)
+            "<tr><td><code>{}</code></td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td>{}</td></tr>",
+            row.name,
+            row.value,
+            row.delta,
+            row.percent,
+            escape(row.what)
         );
     }
     out.push_str("</table>\n");

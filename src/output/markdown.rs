@@ -12,7 +12,7 @@ use std::io::Write;
 use crate::data::Unit;
 use crate::findings::Finding;
 use crate::output::junit::records_text;
-use crate::output::table::{percent, value_of, AGGREGATES};
+use crate::output::table::{aggregate_rows, percent};
 use crate::report::{LintReport, Report, Verdict};
 use crate::userloss::UserLossReport;
 
@@ -153,26 +153,15 @@ pub fn check(report: &Report) -> String {
     );
     let _ = writeln!(out, "| aggregate | loss | vs masked | % | what it is |");
     let _ = writeln!(out, "|---|---:|---:|---:|---|");
-    let reference = report.losses.masked_token_mean;
-    for &(name, what) in AGGREGATES {
-        let value = value_of(report, name);
-        let (delta, pct) = match (value, reference) {
-            (Some(v), Some(r)) if name != "masked_token_mean" => (
-                format!("{:+.6}", v - r),
-                format!(
-                    "{:+.2}%",
-                    crate::aggregate::relative_difference(v, r) * 100.0
-                ),
-            ),
-            _ => (String::new(), String::new()),
-        };
+    for row in aggregate_rows(report) {
         let _ = writeln!(
             out,
-            "| `{name}` | {} | {delta} | {pct} | {} |",
-            value
-                .map(|v| format!("{v:.6}"))
-                .unwrap_or_else(|| "n/a".into()),
-            cell(what)
+            "| `{}` | {} | {} | {} | {} |",
+            row.name,
+            row.value,
+            row.delta,
+            row.percent,
+            cell(row.what)
         );
     }
     out.push('\n');

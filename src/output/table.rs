@@ -35,6 +35,47 @@ pub(crate) const AGGREGATES: &[(&str, &str)] = &[
     ),
 ];
 
+/// One row of the aggregates table, as every renderer prints it.
+pub(crate) struct AggregateRow {
+    pub name: &'static str,
+    /// The loss with six decimals, or `n/a`.
+    pub value: String,
+    /// Against the masked token mean: `+0.123456` and `+12.34%`; empty for the mean itself.
+    pub delta: String,
+    pub percent: String,
+    pub what: &'static str,
+}
+
+/// The aggregates table's rows: the table, Markdown and HTML writers share them.
+pub(crate) fn aggregate_rows(report: &Report) -> Vec<AggregateRow> {
+    let reference = report.losses.masked_token_mean;
+    AGGREGATES
+        .iter()
+        .map(|&(name, what)| {
+            let value = value_of(report, name);
+            let (delta, percent) = match (value, reference) {
+                (Some(v), Some(r)) if name != "masked_token_mean" => (
+                    format!("{:+.6}", v - r),
+                    format!(
+                        "{:+.2}%",
+                        crate::aggregate::relative_difference(v, r) * 100.0
+                    ),
+                ),
+                _ => (String::new(), String::new()),
+            };
+            AggregateRow {
+                name,
+                value: value
+                    .map(|v| format!("{v:.6}"))
+                    .unwrap_or_else(|| "n/a".into()),
+                delta,
+                percent,
+                what,
+            }
+        })
+        .collect()
+}
+
 pub(crate) fn value_of(report: &Report, name: &str) -> Option<f64> {
     let l = &report.losses;
     match name {
@@ -137,33 +178,16 @@ pub fn write<W: Write>(out: &mut W, report: &Report) -> std::io::Result<()> {
     }
     writeln!(out)?;
 
-    let reference = report.losses.masked_token_mean;
     let mut table = Table::new();
     table.load_preset(UTF8_FULL_CONDENSED);
     table.set_header(vec!["aggregate", "loss", "vs masked", "%", "what it is"]);
-    for &(name, what) in AGGREGATES {
-        let value = value_of(report, name);
-        let (delta, pct) = match (value, reference) {
-            (Some(v), Some(r)) if name != "masked_token_mean" => (
-                format!("{:+.6}", v - r),
-                format!(
-                    "{:+.2}%",
-                    crate::aggregate::relative_difference(v, r) * 100.0
-                ),
-            ),
-            _ => (String::new(), String::new()),
-        };
+    for row in aggregate_rows(report) {
         table.add_row(vec![
-            Cell::new(name),
-            Cell::new(
-                value
-                    .map(|v| format!("{v:.6}"))
-                    .unwrap_or_else(|| "n/a".into()),
-            )
-            .set_alignment(CellAlignment::Right),
-            Cell::new(delta).set_alignment(CellAlignment::Right),
-            Cell::new(pct).set_alignment(CellAlignment::Right),
-            Cell::new(what),
+            Cell::new(row.name),
+            Cell::new(row.value).set_alignment(CellAlignment::Right),
+            Cell::new(row.delta).set_alignment(CellAlignment::Right),
+            Cell::new(row.percent).set_alignment(CellAlignment::Right),
+            Cell::new(row.what),
         ]);
     }
     writeln!(out, "{table}")?;
