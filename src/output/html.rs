@@ -19,7 +19,7 @@ use std::fmt::Write as _;
 
 use crate::findings::Finding;
 use crate::output::junit::records_text;
-use crate::output::table::{aggregate_rows, percent};
+use crate::output::table::{aggregate_rows, formula_rows, percent};
 use crate::report::{LintReport, Report, Verdict};
 use crate::token_rows::{TokenCell, TokenRow};
 use crate::userloss::UserLossReport;
@@ -130,21 +130,16 @@ fn user_loss(out: &mut String, user: &UserLossReport) {
         escape(&user.verdict)
     );
     out.push_str("<table class=\"numbers user-loss\">\n<tr><th>formula</th><th>value</th><th>your loss</th><th>difference</th><th>worst batch</th><th>match</th></tr>\n");
-    let na = || "n/a".to_string();
-    for h in &user.hypotheses {
-        let difference = match (user.value, h.value) {
-            (Some(u), Some(v)) if (u - v).abs() < 5e-7 => "0".into(),
-            (Some(u), Some(v)) => format!("{:+.6}", u - v),
-            _ => na(),
-        };
+    for row in formula_rows(user) {
         let _ = writeln!(
             out,
-            "<tr><td><code>{}</code></td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{difference}</td><td class=\"num\">{}</td><td>{}</td></tr>",
-            h.name,
-            h.value.map(|v| format!("{v:.6}")).unwrap_or_else(na),
-            user.value.map(|v| format!("{v:.6}")).unwrap_or_else(na),
-            h.max_relative_error.map(percent).unwrap_or_else(na),
-            if h.matches { "yes" } else { "" }
+            "<tr><td><code>{}</code></td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td>{}</td></tr>",
+            row.name,
+            row.value,
+            row.your_loss.as_deref().unwrap_or("n/a"),
+            row.difference,
+            row.worst_batch,
+            row.matches
         );
     }
     out.push_str("</table>\n<ul>\n");

@@ -12,7 +12,7 @@ use std::io::Write;
 use crate::data::Unit;
 use crate::findings::Finding;
 use crate::output::junit::records_text;
-use crate::output::table::{aggregate_rows, percent};
+use crate::output::table::{aggregate_rows, formula_rows, percent};
 use crate::report::{LintReport, Report, Verdict};
 use crate::userloss::UserLossReport;
 
@@ -90,21 +90,16 @@ fn user_loss(out: &mut String, user: &UserLossReport) {
         "| formula | value | your loss | difference | worst batch | match |"
     );
     let _ = writeln!(out, "|---|---:|---:|---:|---:|---|");
-    let na = || "n/a".to_string();
-    for h in &user.hypotheses {
-        let difference = match (user.value, h.value) {
-            (Some(u), Some(v)) if (u - v).abs() < 5e-7 => "0".into(),
-            (Some(u), Some(v)) => format!("{:+.6}", u - v),
-            _ => na(),
-        };
+    for row in formula_rows(user) {
         let _ = writeln!(
             out,
-            "| `{}` | {} | {} | {difference} | {} | {} |",
-            h.name,
-            h.value.map(|v| format!("{v:.6}")).unwrap_or_else(na),
-            user.value.map(|v| format!("{v:.6}")).unwrap_or_else(na),
-            h.max_relative_error.map(percent).unwrap_or_else(na),
-            if h.matches { "yes" } else { "" }
+            "| `{}` | {} | {} | {} | {} | {} |",
+            row.name,
+            row.value,
+            row.your_loss.as_deref().unwrap_or("n/a"),
+            row.difference,
+            row.worst_batch,
+            row.matches
         );
     }
     out.push('\n');

@@ -76,6 +76,38 @@ pub(crate) fn aggregate_rows(report: &Report) -> Vec<AggregateRow> {
         .collect()
 }
 
+/// One formula's row of the user-loss table, as every renderer prints it.
+pub(crate) struct FormulaRow {
+    pub name: &'static str,
+    pub value: String,
+    /// The user's loss; `None` when it has no value (each writer says so its own way).
+    pub your_loss: Option<String>,
+    pub difference: String,
+    pub worst_batch: String,
+    pub matches: &'static str,
+}
+
+/// The user-loss table's rows: the table, Markdown and HTML writers share them.
+pub(crate) fn formula_rows(user: &UserLossReport) -> Vec<FormulaRow> {
+    let na = || "n/a".to_string();
+    user.hypotheses
+        .iter()
+        .map(|h| FormulaRow {
+            name: h.name,
+            value: h.value.map(|v| format!("{v:.6}")).unwrap_or_else(na),
+            your_loss: user.value.map(|v| format!("{v:.6}")),
+            difference: match (user.value, h.value) {
+                // Rounds away the sign of a difference that prints as zero.
+                (Some(u), Some(v)) if (u - v).abs() < 5e-7 => "0".into(),
+                (Some(u), Some(v)) => format!("{:+.6}", u - v),
+                _ => na(),
+            },
+            worst_batch: h.max_relative_error.map(percent).unwrap_or_else(na),
+            matches: if h.matches { "yes" } else { "" },
+        })
+        .collect()
+}
+
 pub(crate) fn value_of(report: &Report, name: &str) -> Option<f64> {
     let l = &report.losses;
     match name {
@@ -226,24 +258,14 @@ fn write_user_loss<W: Write>(out: &mut W, user: &UserLossReport) -> std::io::Res
         "worst batch",
         "match",
     ]);
-    let user_value = user.value.map(|v| format!("{v:.6}")).unwrap_or_default();
-    let na = || "n/a".to_string();
-    for h in &user.hypotheses {
-        let difference = match (user.value, h.value) {
-            // Rounds away the sign of a difference that prints as zero.
-            (Some(u), Some(v)) if (u - v).abs() < 5e-7 => "0".into(),
-            (Some(u), Some(v)) => format!("{:+.6}", u - v),
-            _ => na(),
-        };
+    for row in formula_rows(user) {
         table.add_row(vec![
-            Cell::new(h.name),
-            Cell::new(h.value.map(|v| format!("{v:.6}")).unwrap_or_else(na))
-                .set_alignment(CellAlignment::Right),
-            Cell::new(&user_value).set_alignment(CellAlignment::Right),
-            Cell::new(difference).set_alignment(CellAlignment::Right),
-            Cell::new(h.max_relative_error.map(percent).unwrap_or_else(na))
-                .set_alignment(CellAlignment::Right),
-            Cell::new(if h.matches { "yes" } else { "" }),
+            Cell::new(row.name),
+            Cell::new(row.value).set_alignment(CellAlignment::Right),
+            Cell::new(row.your_loss.unwrap_or_default()).set_alignment(CellAlignment::Right),
+            Cell::new(row.difference).set_alignment(CellAlignment::Right),
+            Cell::new(row.worst_batch).set_alignment(CellAlignment::Right),
+            Cell::new(row.matches),
         ]);
     }
     writeln!(out, "{table}")?;
