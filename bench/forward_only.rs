@@ -23,9 +23,9 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use maskaudit::batch::Batcher;
-use maskaudit::check::BatchTensors;
+use maskaudit::data::batch::Batcher;
 use maskaudit::data::{FieldNames, RowSource};
+use maskaudit::loss::batch::BatchTensors;
 use maskaudit::model::{
     apply_tf32, DeviceChoice, DtypeChoice, LanguageModel, LoadOptions, Tf32, TorchScriptLm,
 };

@@ -4,28 +4,15 @@
 //! no libtorch; the model sits behind [`model::LanguageModel`].
 #![warn(clippy::print_stdout, clippy::print_stderr)]
 
-pub mod aggregate;
-pub mod baseline;
-pub mod batch;
-pub mod check;
 pub mod cli;
+pub mod commands;
 pub mod data;
-pub mod diagnosis;
-pub mod explain;
 pub mod findings;
 pub mod lint;
-pub mod lint_command;
+pub mod loss;
 pub mod model;
-pub mod output;
 pub mod report;
-pub mod stats;
-pub mod steps;
 pub mod sys;
-pub mod token_rows;
-pub mod tokenizer;
-pub mod userloss;
-pub mod view;
-pub mod weights;
 
 /// mimalloc, for Rust and, through the `override` feature (which defines `malloc`, `free`,
 /// `posix_memalign`, … in the binary, ahead of glibc's), for libtorch too. With glibc's

@@ -73,34 +73,22 @@ pub fn probe<M: LanguageModel + ?Sized>(
             return Ok(out);
         }
     };
-    let real = attention_mask.f_ne(0)?;
-    let row = |t: &Tensor, r: usize, len: i64| -> Result<Tensor, tch::TchError> {
-        t.f_narrow(0, r as i64, 1)?.f_narrow(1, 0, len)
+    let calls = Calls {
+        model,
+        input_ids,
+        attention_mask,
+        logits,
+        real: attention_mask.f_ne(0)?,
     };
-
     let extra = match max_len {
         Some(max) => EXTRA_COLUMNS.min(max - t),
         None => EXTRA_COLUMNS,
     };
-    let short_len = lengths[shortest];
     if extra > 0 {
-        // Padded to the batch's length and beyond: the row's own padding, then `extra` more.
-        let device = input_ids.device();
-        let pad = Tensor::f_full([1, extra], pad_id, (Kind::Int64, device))?;
-        let ids = Tensor::f_cat(&[&row(input_ids, shortest, t)?, &pad], 1)?;
-        let mask = Tensor::f_cat(
-            &[&row(attention_mask, shortest, t)?, &pad.f_zeros_like()?],
-            1,
-        )?;
-        match model.logits(&ids, &mask) {
-            Ok(padded) => {
+        match calls.padded(shortest, lengths[shortest], extra, pad_id)? {
+            Ok(difference) => {
                 out.longest_length = t + extra;
-                let padded = padded.f_narrow(1, 0, short_len)?;
-                out.padding_difference = Some(relative_difference(
-                    &row(logits, shortest, short_len)?,
-                    &padded,
-                    Some(&row(&real, shortest, short_len)?),
-                )?);
+                out.padding_difference = Some(difference);
             }
             // A position limit the file does not record: not the model's fault.
             Err(e) => notes.push(format!(
@@ -112,19 +100,9 @@ pub fn probe<M: LanguageModel + ?Sized>(
     } else {
         notes.push("the batch is at the model's position limit: no padding appended".into());
     }
-
     let len = lengths[longest];
-    match model.logits(
-        &row(input_ids, longest, len)?,
-        &row(attention_mask, longest, len)?,
-    ) {
-        Ok(alone) => {
-            out.row_difference = Some(relative_difference(
-                &row(logits, longest, len)?,
-                &alone,
-                Some(&row(&real, longest, len)?),
-            )?)
-        }
+    match calls.alone(longest, len)? {
+        Ok(difference) => out.row_difference = Some(difference),
         // It ran in the batch, so a shorter, narrower call must run too.
         Err(e) => {
             out.row_difference = Some(f64::INFINITY);
@@ -138,6 +116,62 @@ pub fn probe<M: LanguageModel + ?Sized>(
     out.rows_alone = if longest == shortest { 1 } else { 2 };
     out.note = notes.join("; ");
     Ok(out)
+}
+
+/// The probe's calls on rows of one batch, compared with the batch's own logits.
+struct Calls<'a, M: ?Sized> {
+    model: &'a M,
+    input_ids: &'a Tensor,
+    attention_mask: &'a Tensor,
+    logits: &'a Tensor,
+    /// Where the attention mask is not 0: the positions compared.
+    real: Tensor,
+}
+
+/// A call's difference from the batch, or the model's error (the outer `Result` is libtorch's).
+type Call = Result<Result<f64, ModelError>, ModelError>;
+
+impl<M: LanguageModel + ?Sized> Calls<'_, M> {
+    fn row(t: &Tensor, r: usize, len: i64) -> Result<Tensor, tch::TchError> {
+        t.f_narrow(0, r as i64, 1)?.f_narrow(1, 0, len)
+    }
+
+    /// Row `r` (`len` real tokens) padded to the batch's length and `extra` columns beyond:
+    /// its own padding, then more.
+    fn padded(&self, r: usize, len: i64, extra: i64, pad_id: i64) -> Call {
+        let t = self.input_ids.size()[1];
+        let device = self.input_ids.device();
+        let pad = Tensor::f_full([1, extra], pad_id, (Kind::Int64, device))?;
+        let ids = Tensor::f_cat(&[&Self::row(self.input_ids, r, t)?, &pad], 1)?;
+        let mask = Tensor::f_cat(
+            &[&Self::row(self.attention_mask, r, t)?, &pad.f_zeros_like()?],
+            1,
+        )?;
+        match self.model.logits(&ids, &mask) {
+            Ok(padded) => Ok(Ok(self.difference(r, len, &padded.f_narrow(1, 0, len)?)?)),
+            Err(e) => Ok(Err(e)),
+        }
+    }
+
+    /// Row `r`'s first `len` tokens alone.
+    fn alone(&self, r: usize, len: i64) -> Call {
+        match self.model.logits(
+            &Self::row(self.input_ids, r, len)?,
+            &Self::row(self.attention_mask, r, len)?,
+        ) {
+            Ok(alone) => Ok(Ok(self.difference(r, len, &alone)?)),
+            Err(e) => Ok(Err(e)),
+        }
+    }
+
+    /// How far `other` is from row `r`'s logits in the batch, over its real tokens.
+    fn difference(&self, r: usize, len: i64, other: &Tensor) -> Result<f64, tch::TchError> {
+        relative_difference(
+            &Self::row(self.logits, r, len)?,
+            other,
+            Some(&Self::row(&self.real, r, len)?),
+        )
+    }
 }
 
 fn longest_row(lengths: &[i64]) -> Option<usize> {

@@ -73,14 +73,12 @@ impl From<tch::TchError> for ModelError {
 pub mod consistency;
 mod cuda_event;
 mod device;
-mod losses;
 mod precision;
 pub mod record;
 mod torchscript;
 
 pub use cuda_event::CudaEvent;
 pub use device::*;
-pub use losses::*;
 pub use precision::*;
 pub use torchscript::*;
 

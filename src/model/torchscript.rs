@@ -218,51 +218,12 @@ impl TorchScriptLm {
             }
             _ => None,
         };
-        let named = match (&record, &opts.forward_args) {
-            (Some(r), _) => Some((
-                record_args(r, &display)?,
-                ArgsSource::Record,
-                "named by the maskaudit-export record",
-            )),
-            (None, Some((args, ArgsSource::LossArgs))) => Some((
-                args.clone(),
-                ArgsSource::LossArgs,
-                "named by --loss-args (--loss-method forward)",
-            )),
-            (None, Some((args, source))) => {
-                Some((args.clone(), *source, "named by --forward-args"))
-            }
-            (None, None) => None,
-        };
-        let found = (|| match named {
+        let found = match named_args(record.as_ref(), opts, &display)? {
             Some((args, source, note)) => {
-                check_args(&args).map_err(|message| ModelError::ForwardArgs {
-                    path: display.clone(),
-                    message,
-                })?;
-                let first = first_call(&module, &args, device).map_err(|e| {
-                    let (CallError::Threw(m) | CallError::Output(m)) = e;
-                    ModelError::ForwardArgs {
-                        path: display.clone(),
-                        message: format!(
-                            "{} ({note}) fails: {m}",
-                            Signature {
-                                args: args.clone(),
-                                source,
-                                note: String::new()
-                            }
-                        ),
-                    }
-                })?;
-                let signature = Signature {
-                    args,
-                    source,
-                    note: note.to_string(),
-                };
-                Ok((signature, first))
+                named_signature(&module, args, source, note, device, &display)
             }
             None => probe_signature(&module, device, &display),
-        })();
+        };
         let (signature, first) = match (found, converted) {
             (Ok(found), _) => found,
             (Err(e), None) => return Err(e),
@@ -348,6 +309,67 @@ impl TorchScriptLm {
     pub fn module(&self) -> &CModule {
         &self.module
     }
+}
+
+/// Arguments, who named them, and the report's note saying so.
+type NamedArgs = (Vec<ForwardArg>, ArgsSource, &'static str);
+
+/// The forward's arguments when something names them: the exporter's record, else
+/// `--loss-args` of `--loss-method forward`, else `--forward-args`; with how they were named.
+fn named_args(
+    record: Option<&ExportRecord>,
+    opts: &LoadOptions,
+    path: &str,
+) -> Result<Option<NamedArgs>, ModelError> {
+    Ok(match (record, &opts.forward_args) {
+        (Some(r), _) => Some((
+            record_args(r, path)?,
+            ArgsSource::Record,
+            "named by the maskaudit-export record",
+        )),
+        (None, Some((args, ArgsSource::LossArgs))) => Some((
+            args.clone(),
+            ArgsSource::LossArgs,
+            "named by --loss-args (--loss-method forward)",
+        )),
+        (None, Some((args, source))) => Some((args.clone(), *source, "named by --forward-args")),
+        (None, None) => None,
+    })
+}
+
+/// The signature of named arguments, checked by a first call with them.
+fn named_signature(
+    module: &CModule,
+    args: Vec<ForwardArg>,
+    source: ArgsSource,
+    note: &str,
+    device: Device,
+    path: &str,
+) -> Result<(Signature, FirstCall), ModelError> {
+    check_args(&args).map_err(|message| ModelError::ForwardArgs {
+        path: path.to_string(),
+        message,
+    })?;
+    let first = first_call(module, &args, device).map_err(|e| {
+        let (CallError::Threw(m) | CallError::Output(m)) = e;
+        ModelError::ForwardArgs {
+            path: path.to_string(),
+            message: format!(
+                "{} ({note}) fails: {m}",
+                Signature {
+                    args: args.clone(),
+                    source,
+                    note: String::new()
+                }
+            ),
+        }
+    })?;
+    let signature = Signature {
+        args,
+        source,
+        note: note.to_string(),
+    };
+    Ok((signature, first))
 }
 
 fn record_args(record: &ExportRecord, path: &str) -> Result<Vec<ForwardArg>, ModelError> {

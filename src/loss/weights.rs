@@ -7,7 +7,7 @@
 //! is not next-token cross-entropy (label smoothing, a z-loss, wrong targets, a leak through
 //! the logits). A correct token mean gives w = 1/Σm on trained targets and 0 elsewhere; the
 //! founding bug gives every padding target a weight of its own. This identifies any linear
-//! reduction from one batch, including ones no formula in [`crate::diagnosis`] names.
+//! reduction from one batch, including ones no formula in [`crate::loss::diagnosis`] names.
 //!
 //! [`recover`] needs libtorch (the softmax of every position); the rest is pure.
 
@@ -29,8 +29,8 @@ pub struct TokenWeights {
 
 /// Recovers the weights from the logits `z` `[B,T,V]` and the loss's gradient `g` (same
 /// shape): on the CPU with f32 logits and their log-sum-exp `lse` (`[B·T]`, from
-/// `model::fused_ce::log_sum_exp`), by the fused kernel beside the cross-entropy's
-/// (`model::fused_ce::gradient_terms`: two passes over each position, no allocation),
+/// `crate::loss::fused_ce::log_sum_exp`), by the fused kernel beside the cross-entropy's
+/// (`crate::loss::fused_ce::gradient_terms`: two passes over each position, no allocation),
 /// otherwise with libtorch, `chunk` positions' worth of `[n, V]` at a time so memory stays
 /// bounded.
 pub fn recover(
@@ -48,7 +48,7 @@ pub fn recover(
                     .f_contiguous()?
                     .f_view([-1])?,
             )?;
-            crate::model::fused_ce::gradient_terms(logits, grad, &ids, lse)?
+            crate::loss::fused_ce::gradient_terms(logits, grad, &ids, lse)?
         }
         None => None,
     };
@@ -151,7 +151,7 @@ impl Normalisation {
         Normalisation::Sum,
     ];
 
-    /// The names of [`crate::diagnosis`]'s formulas.
+    /// The names of [`crate::loss::diagnosis`]'s formulas.
     pub fn name(self) -> &'static str {
         match self {
             Normalisation::TokenMean => "masked_token_mean",
@@ -414,7 +414,7 @@ mod tests {
         let w = Tensor::rand([b, t, 1], opts);
         let noise = Tensor::randn([b, t, v], opts) * 1e-3;
         let grad = &d * &w + noise;
-        let lse = crate::model::fused_ce::log_sum_exp(&logits).expect("an AVX2 CPU");
+        let lse = crate::loss::fused_ce::log_sum_exp(&logits).expect("an AVX2 CPU");
         let fused = recover(&logits, &grad, &ids, Some(&lse), 1 << 20).unwrap();
         let reference = recover_with_libtorch(&logits, &grad, &ids, 1 << 20).unwrap();
         for (a, r) in fused.weights.iter().zip(&reference.weights) {

@@ -2,7 +2,7 @@
 //!
 //! The loss is a TorchScript module (`--loss`) or a method of the model (`--loss-method`),
 //! called with tensors chosen by name (`--loss-args`). Its scalar is compared batch by batch
-//! with the formulas in [`crate::diagnosis`]; the probes then change what a correct loss must
+//! with the formulas in [`crate::loss::diagnosis`]; the probes then change what a correct loss must
 //! ignore (extra padding, logits at untrained positions) and watch whether the value moves.
 
 use std::fmt;
@@ -13,16 +13,16 @@ use std::path::Path;
 use serde::Serialize;
 use tch::{CModule, Device, IValue, Kind, Tensor};
 
-use crate::aggregate::BatchSums;
-use crate::batch::Batch;
-use crate::check::BatchTensors;
-use crate::diagnosis::{
+use crate::data::batch::Batch;
+use crate::findings::{Code, Finding, Severity};
+use crate::loss::aggregate::BatchSums;
+use crate::loss::batch::BatchTensors;
+use crate::loss::diagnosis::{
     self, batch_hypotheses, BatchLosses, Conclusion, Diagnosis, Hypothesis, HypothesisSummary,
     ProbeResult,
 };
-use crate::findings::{Code, Finding, Severity};
+use crate::loss::weights::{self, BatchGradient, GradientSummary};
 use crate::model::{self, describe, torch_message, ModelError, TorchScriptLm};
-use crate::weights::{self, BatchGradient, GradientSummary};
 
 /// Batches the probes run on: the first ones with a trained target. Enough to catch a loss
 /// that moves, cheap on a large dataset.
@@ -559,30 +559,8 @@ impl LossAudit {
         );
         // Targets at t and at t+2. On the CPU one log-sum-exp per position serves both, and
         // the weight map; elsewhere one log-softmax of the logits serves both.
-        let lse = model::fused_ce::log_sum_exp(logits);
-        let from_lse = lse.as_ref().and_then(|lse| {
-            let shifted =
-                |shift| model::fused_ce::shifted_from_lse(logits, lse, &batch.input_ids, shift);
-            shifted(0).zip(shifted(2))
-        });
-        let (unshifted, double) = match from_lse {
-            Some(pair) => pair,
-            None => {
-                let shifted = model::shifted_token_losses_each(
-                    logits,
-                    &tensors.input_ids,
-                    &[0, 2],
-                    model::CHUNK_ELEMENTS,
-                )?
-                .ok_or_else(|| anyhow::anyhow!("non-finite logits"))?;
-                let host = |losses: &Tensor| -> anyhow::Result<Vec<f32>> {
-                    Ok(Vec::try_from(
-                        losses.f_to_device(Device::Cpu)?.f_flatten(0, -1)?,
-                    )?)
-                };
-                (host(&shifted[0])?, host(&shifted[1])?)
-            }
-        };
+        let lse = crate::loss::fused_ce::log_sum_exp(logits);
+        let (unshifted, double) = misaligned_losses(logits, lse.as_deref(), batch, tensors)?;
         let (user, grad) = if self.loss.takes_logits() {
             self.loss.call_with_gradient(model, &inputs)?
         } else {
@@ -632,7 +610,7 @@ impl LossAudit {
         input_ids: &Tensor,
         lse: Option<&[f32]>,
     ) -> anyhow::Result<Vec<f64>> {
-        let w = weights::recover(logits, grad, input_ids, lse, model::CHUNK_ELEMENTS)?;
+        let w = weights::recover(logits, grad, input_ids, lse, crate::loss::CHUNK_ELEMENTS)?;
         let mask = batch.target_mask();
         let padding = batch.padding_target_mask();
         let line = batch.lines.first().copied().unwrap_or(0);
@@ -811,6 +789,38 @@ fn padding_note(failure: &str) -> String {
     } else {
         format!("{did}; {failure}")
     }
+}
+
+/// The per-token losses of a batch against the token at t (no shift) and at t+2 (a double
+/// shift), as host vectors: from the log-sum-exp when the CPU's fused kernel gave one, else
+/// with libtorch's kernels.
+fn misaligned_losses(
+    logits: &Tensor,
+    lse: Option<&[f32]>,
+    batch: &Batch,
+    tensors: &BatchTensors,
+) -> anyhow::Result<(Vec<f32>, Vec<f32>)> {
+    let from_lse = lse.and_then(|lse| {
+        let shifted =
+            |shift| crate::loss::fused_ce::shifted_from_lse(logits, lse, &batch.input_ids, shift);
+        shifted(0).zip(shifted(2))
+    });
+    if let Some(pair) = from_lse {
+        return Ok(pair);
+    }
+    let shifted = crate::loss::shifted_token_losses_each(
+        logits,
+        &tensors.input_ids,
+        &[0, 2],
+        crate::loss::CHUNK_ELEMENTS,
+    )?
+    .ok_or_else(|| anyhow::anyhow!("non-finite logits"))?;
+    let host = |losses: &Tensor| -> anyhow::Result<Vec<f32>> {
+        Ok(Vec::try_from(
+            losses.f_to_device(Device::Cpu)?.f_flatten(0, -1)?,
+        )?)
+    };
+    Ok((host(&shifted[0])?, host(&shifted[1])?))
 }
 
 #[cfg(test)]

@@ -1,19 +1,29 @@
 //! The report: everything a run concluded, independent of how it is rendered.
 //!
-//! `output::table` and `output::json` render the same value, so the exit status and the
-//! verdict never depend on the format.
+//! The renderers below (`table`, `json`, `markdown`, `html`, `junit`, `github`, `lint_table`)
+//! render the same value, so the exit status and the verdict never depend on the format.
+
+pub mod baseline;
+pub mod github;
+pub mod html;
+pub mod json;
+pub mod junit;
+pub mod lint_table;
+pub mod markdown;
+pub mod table;
+pub mod token_rows;
 
 use serde::Serialize;
 
-use crate::aggregate::{Aggregates, Contamination};
 use crate::data::{Format, Unit};
 use crate::findings::{Code, Finding, Severity};
 use crate::lint::LintStats;
+use crate::loss::aggregate::{Aggregates, Contamination};
+use crate::loss::steps::StepReport;
+use crate::loss::user::UserLossReport;
 use crate::model::consistency::Consistency;
 use crate::model::{ArgsSource, ForwardArg, OutputForm};
-use crate::steps::StepReport;
-use crate::token_rows::TokenRow;
-use crate::userloss::UserLossReport;
+use crate::report::token_rows::TokenRow;
 
 /// Bumped when a key changes meaning or disappears; new keys may appear within a version.
 pub const SCHEMA_VERSION: u32 = 1;

@@ -11,10 +11,10 @@ use std::io::Write;
 
 use crate::data::Unit;
 use crate::findings::Finding;
-use crate::output::junit::records_text;
-use crate::output::table::{aggregate_rows, formula_rows, percent};
+use crate::loss::user::UserLossReport;
+use crate::report::junit::records_text;
+use crate::report::table::{aggregate_rows, formula_rows, percent};
 use crate::report::{LintReport, Report, Verdict};
-use crate::userloss::UserLossReport;
 
 /// GitHub refuses a step summary of 1 MiB or more.
 pub const SUMMARY_LIMIT: usize = 1024 * 1024;

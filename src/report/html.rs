@@ -18,12 +18,12 @@
 use std::fmt::Write as _;
 
 use crate::findings::Finding;
-use crate::output::junit::records_text;
-use crate::output::table::{aggregate_rows, formula_rows, percent};
+use crate::lint::view::{escape as escape_control, TokenText};
+use crate::loss::user::UserLossReport;
+use crate::report::junit::records_text;
+use crate::report::table::{aggregate_rows, formula_rows, percent};
+use crate::report::token_rows::{TokenCell, TokenRow};
 use crate::report::{LintReport, Report, Verdict};
-use crate::token_rows::{TokenCell, TokenRow};
-use crate::userloss::UserLossReport;
-use crate::view::{escape as escape_control, TokenText};
 
 /// Text for HTML content and attribute values.
 pub fn escape(text: &str) -> String {
@@ -391,7 +391,7 @@ pub fn lint(report: &LintReport, rows: &[TokenRow], text: &dyn TokenText) -> Str
 mod tests {
     use super::*;
     use crate::data::Pos;
-    use crate::view::Ids;
+    use crate::lint::view::Ids;
 
     fn cell(id: i64, target: bool, trained: bool, padding: bool, loss: Option<f32>) -> TokenCell {
         TokenCell {

@@ -6,7 +6,7 @@
 //! no model, so its rows carry no losses. Pure code: `check` fills these while its batches
 //! run, bounded by `--html-rows`.
 
-use crate::batch::Batch;
+use crate::data::batch::Batch;
 use crate::data::{Pos, Row, Unit};
 use crate::lint::{padding_start, targets};
 
@@ -25,7 +25,7 @@ pub struct TokenCell {
     /// The per-token loss predicting this token; `None` for the first token and under `lint`.
     pub loss: Option<f32>,
     /// The weight this token's cross-entropy has in the user's loss (∂loss/∂ℓ, from the
-    /// gradient weight map, `crate::weights`); `None` without a loss that takes logits.
+    /// gradient weight map, `crate::loss::weights`); `None` without a loss that takes logits.
     pub loss_weight: Option<f32>,
 }
 
@@ -143,7 +143,7 @@ pub fn from_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::batch::Batcher;
+    use crate::data::batch::Batcher;
     use crate::data::{parse_row, FieldNames};
 
     fn row(json: &str, line: usize) -> Row {

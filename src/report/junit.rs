@@ -18,7 +18,7 @@ use std::fmt::Write as _;
 use std::io::Write;
 
 use crate::data::{Pos, Unit};
-use crate::findings::{Finding, Severity};
+use crate::findings::{Code, Finding, Severity};
 use crate::report::Outcome;
 
 /// Text escaped for an attribute value or element content.
@@ -63,6 +63,72 @@ pub fn records_text(path: &str, records: Unit, finding: &Finding) -> String {
         .join(", ")
 }
 
+/// One check's `<testcase>`, with a `<failure>` for its error findings and its other findings
+/// in `<system-out>`; whether it failed.
+fn testcase(cases: &mut String, outcome: &Outcome<'_>, code: Code, classname: &str) -> bool {
+    let found: Vec<&Finding> = outcome.findings.iter().filter(|f| f.code == code).collect();
+    let _ = write!(
+        cases,
+        "    <testcase name=\"{}\" classname=\"{}\" file=\"{}\"",
+        escape(code.name()),
+        escape(classname),
+        escape(outcome.data_path)
+    );
+    if found.is_empty() {
+        cases.push_str("/>\n");
+        return false;
+    }
+    cases.push_str(">\n");
+    let (errors, others): (Vec<&Finding>, Vec<&Finding>) =
+        found.iter().partition(|f| f.severity == Severity::Error);
+    if !errors.is_empty() {
+        let message = errors
+            .iter()
+            .map(|f| f.message.as_str())
+            .collect::<Vec<_>>()
+            .join("; ");
+        let body = findings_text(outcome, &errors, |_| "error".to_string());
+        let _ = writeln!(
+            cases,
+            "      <failure type=\"{}\" message=\"{}\">{}</failure>",
+            escape(code.name()),
+            escape(&message),
+            escape_text(&body)
+        );
+    }
+    if !others.is_empty() {
+        let text = findings_text(outcome, &others, |f| f.severity.to_string());
+        let _ = writeln!(
+            cases,
+            "      <system-out>{}</system-out>",
+            escape_text(&text)
+        );
+    }
+    cases.push_str("    </testcase>\n");
+    !errors.is_empty()
+}
+
+/// Each finding as `label[code]: message`, and its first records.
+fn findings_text(
+    outcome: &Outcome<'_>,
+    findings: &[&Finding],
+    label: impl Fn(&Finding) -> String,
+) -> String {
+    let mut text = String::new();
+    for f in findings {
+        let _ = writeln!(text, "{}[{}]: {}", label(f), f.code, f.message);
+        if !f.records.is_empty() {
+            let _ = writeln!(
+                text,
+                "first records: {}",
+                records_text(outcome.data_path, outcome.records, f)
+            );
+        }
+    }
+    text
+}
+
+/// The JUnit XML of a run: one testsuite, a testcase per check that ran.
 pub fn write<W: Write>(out: &mut W, outcome: &Outcome<'_>) -> std::io::Result<()> {
     let command = outcome.command.as_str();
     let suite = format!("maskaudit {command}");
@@ -70,72 +136,7 @@ pub fn write<W: Write>(out: &mut W, outcome: &Outcome<'_>) -> std::io::Result<()
     let mut cases = String::new();
     let mut failures = 0usize;
     for &code in &outcome.checks {
-        let found: Vec<&Finding> = outcome.findings.iter().filter(|f| f.code == code).collect();
-        let _ = write!(
-            cases,
-            "    <testcase name=\"{}\" classname=\"{}\" file=\"{}\"",
-            escape(code.name()),
-            escape(&classname),
-            escape(outcome.data_path)
-        );
-        if found.is_empty() {
-            cases.push_str("/>\n");
-            continue;
-        }
-        cases.push_str(">\n");
-        let errors: Vec<&&Finding> = found
-            .iter()
-            .filter(|f| f.severity == Severity::Error)
-            .collect();
-        if !errors.is_empty() {
-            failures += 1;
-            let message = errors
-                .iter()
-                .map(|f| f.message.as_str())
-                .collect::<Vec<_>>()
-                .join("; ");
-            let mut body = String::new();
-            for f in &errors {
-                let _ = writeln!(body, "error[{}]: {}", f.code, f.message);
-                if !f.records.is_empty() {
-                    let _ = writeln!(
-                        body,
-                        "first records: {}",
-                        records_text(outcome.data_path, outcome.records, f)
-                    );
-                }
-            }
-            let _ = writeln!(
-                cases,
-                "      <failure type=\"{}\" message=\"{}\">{}</failure>",
-                escape(code.name()),
-                escape(&message),
-                escape_text(&body)
-            );
-        }
-        let others: Vec<&&Finding> = found
-            .iter()
-            .filter(|f| f.severity != Severity::Error)
-            .collect();
-        if !others.is_empty() {
-            let mut text = String::new();
-            for f in others {
-                let _ = writeln!(text, "{}[{}]: {}", f.severity, f.code, f.message);
-                if !f.records.is_empty() {
-                    let _ = writeln!(
-                        text,
-                        "first records: {}",
-                        records_text(outcome.data_path, outcome.records, f)
-                    );
-                }
-            }
-            let _ = writeln!(
-                cases,
-                "      <system-out>{}</system-out>",
-                escape_text(&text)
-            );
-        }
-        cases.push_str("    </testcase>\n");
+        failures += usize::from(testcase(&mut cases, outcome, code, &classname));
     }
     let tests = outcome.checks.len();
     writeln!(out, "<?xml version=\"1.0\" encoding=\"UTF-8\"?>")?;

@@ -10,7 +10,7 @@ use std::path::Path;
 use anyhow::{anyhow, Result};
 use tokenizers::Tokenizer;
 
-use crate::view::TokenText;
+use crate::lint::view::TokenText;
 
 pub struct HfTokenizer {
     tokenizer: Tokenizer,

@@ -4,12 +4,12 @@ use std::path::PathBuf;
 
 use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 
-use crate::check::{LossOptions, LossSource};
+use crate::commands::check::{LossOptions, LossSource};
 use crate::data::{FieldNames, CU_SEQLENS_FIELD, DEFAULT_MAX_LINE_BYTES, SEQ_LENS_FIELD};
-use crate::diagnosis::DEFAULT_RTOL;
 use crate::findings::Code;
+use crate::loss::diagnosis::DEFAULT_RTOL;
+use crate::loss::user::LossArg;
 use crate::model::{DeviceChoice, DtypeChoice, ForwardArg, Tf32};
-use crate::userloss::LossArg;
 
 #[derive(Debug, Parser)]
 #[command(

@@ -399,7 +399,7 @@ pub mod fused_ce {
         position_loss_lanes(x, target)
     }
 
-    /// One position's weight, residual and gradient norm (see `crate::weights`), from its f32
+    /// One position's weight, residual and gradient norm (see `crate::loss::weights`), from its f32
     /// logits `z` and the loss's gradient `g` there; `scratch` holds V floats. Three passes:
     /// the log-sum-exp (as the cross-entropy above), then p = softmax(z) into `scratch` with
     /// ⟨g,p⟩, ⟨p,p⟩ and ⟨g,g⟩, then ‖g − w·d‖² directly, f32 lanes summed in f64 (not

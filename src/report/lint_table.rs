@@ -31,6 +31,7 @@ fn percent(x: f64) -> String {
 }
 
 /// One line a topic, each indented by two spaces; topics with nothing to say are left out.
+/// Here the rows, their lengths and how much of them is trained; then [`write_structure`].
 pub fn write_statistics<W: Write>(out: &mut W, s: &LintStats) -> std::io::Result<()> {
     writeln!(
         out,
@@ -78,6 +79,12 @@ pub fn write_statistics<W: Write>(out: &mut W, s: &LintStats) -> std::io::Result
             s.rows_without_trained_target
         )?;
     }
+    write_structure(out, s)
+}
+
+/// Padding, packing, labels, disagreement, EOS and batching: the topics about how the rows
+/// were built.
+fn write_structure<W: Write>(out: &mut W, s: &LintStats) -> std::io::Result<()> {
     if s.padding.rows > 0 {
         writeln!(
             out,

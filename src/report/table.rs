@@ -6,10 +6,10 @@ use comfy_table::presets::UTF8_FULL_CONDENSED;
 use comfy_table::{Cell, CellAlignment, Table};
 
 use crate::findings::Finding;
-use crate::report::{Report, Verdict};
-use crate::steps::StepReport;
-use crate::userloss::UserLossReport;
-use crate::weights::GradientSummary;
+use crate::loss::steps::StepReport;
+use crate::loss::user::UserLossReport;
+use crate::loss::weights::GradientSummary;
+use crate::report::{ModelInfo, Report, Verdict};
 
 /// Each aggregate, with what it is and where it comes from.
 pub(crate) const AGGREGATES: &[(&str, &str)] = &[
@@ -58,7 +58,7 @@ pub(crate) fn aggregate_rows(report: &Report) -> Vec<AggregateRow> {
                     format!("{:+.6}", v - r),
                     format!(
                         "{:+.2}%",
-                        crate::aggregate::relative_difference(v, r) * 100.0
+                        crate::loss::aggregate::relative_difference(v, r) * 100.0
                     ),
                 ),
                 _ => (String::new(), String::new()),
@@ -120,11 +120,43 @@ pub(crate) fn value_of(report: &Report, name: &str) -> Option<f64> {
     }
 }
 
+/// The `check` report as a table for people: the header (data, model, consistency), the
+/// aggregates, the user's loss and the steps when present, the findings and the verdict.
 pub fn write<W: Write>(out: &mut W, report: &Report) -> std::io::Result<()> {
-    let d = &report.data;
-    let m = &report.model;
-    writeln!(out, "maskaudit check: {} on {}", m.path, d.path)?;
+    writeln!(
+        out,
+        "maskaudit check: {} on {}",
+        report.model.path, report.data.path
+    )?;
     writeln!(out)?;
+    write_data(out, report)?;
+    write_model(out, &report.model)?;
+    let mut table = Table::new();
+    table.load_preset(UTF8_FULL_CONDENSED);
+    table.set_header(vec!["aggregate", "loss", "vs masked", "%", "what it is"]);
+    for row in aggregate_rows(report) {
+        table.add_row(vec![
+            Cell::new(row.name),
+            Cell::new(row.value).set_alignment(CellAlignment::Right),
+            Cell::new(row.delta).set_alignment(CellAlignment::Right),
+            Cell::new(row.percent).set_alignment(CellAlignment::Right),
+            Cell::new(row.what),
+        ]);
+    }
+    writeln!(out, "{table}")?;
+    writeln!(out)?;
+    if let Some(user) = &report.user_loss {
+        write_user_loss(out, user)?;
+    }
+    if let Some(steps) = &report.steps {
+        write_steps(out, steps)?;
+    }
+    write_findings(out, &report.findings)?;
+    write_verdict(out, report.verdict)
+}
+
+fn write_data<W: Write>(out: &mut W, report: &Report) -> std::io::Result<()> {
+    let d = &report.data;
     let share = |n: u64| {
         if d.positions == 0 {
             "n/a".to_string()
@@ -155,6 +187,10 @@ pub fn write<W: Write>(out: &mut W, report: &Report) -> std::io::Result<()> {
             l.min, l.median, l.p95, l.max, report.statistics.rows_without_trained_target
         )?;
     }
+    Ok(())
+}
+
+fn write_model<W: Write>(out: &mut W, m: &ModelInfo) -> std::io::Result<()> {
     let arch = m
         .architecture
         .as_deref()
@@ -208,30 +244,7 @@ pub fn write<W: Write>(out: &mut W, report: &Report) -> std::io::Result<()> {
             )?;
         }
     }
-    writeln!(out)?;
-
-    let mut table = Table::new();
-    table.load_preset(UTF8_FULL_CONDENSED);
-    table.set_header(vec!["aggregate", "loss", "vs masked", "%", "what it is"]);
-    for row in aggregate_rows(report) {
-        table.add_row(vec![
-            Cell::new(row.name),
-            Cell::new(row.value).set_alignment(CellAlignment::Right),
-            Cell::new(row.delta).set_alignment(CellAlignment::Right),
-            Cell::new(row.percent).set_alignment(CellAlignment::Right),
-            Cell::new(row.what),
-        ]);
-    }
-    writeln!(out, "{table}")?;
-    writeln!(out)?;
-    if let Some(user) = &report.user_loss {
-        write_user_loss(out, user)?;
-    }
-    if let Some(steps) = &report.steps {
-        write_steps(out, steps)?;
-    }
-    write_findings(out, &report.findings)?;
-    write_verdict(out, report.verdict)
+    writeln!(out)
 }
 
 pub(crate) fn forward_display(args: &[crate::model::ForwardArg]) -> String {
@@ -375,7 +388,7 @@ fn write_steps<W: Write>(out: &mut W, steps: &StepReport) -> std::io::Result<()>
 
 /// A relative error as a percentage; below the default tolerance it is noise.
 pub(crate) fn percent(e: f64) -> String {
-    if e < crate::diagnosis::DEFAULT_RTOL {
+    if e < crate::loss::diagnosis::DEFAULT_RTOL {
         "<0.01%".into()
     } else {
         format!("{:.2}%", e * 100.0)

@@ -4,13 +4,13 @@
 //! ("hypotheses") computed from the same per-token cross-entropies: the correct masked token
 //! mean and the aggregates that common masking and normalisation bugs produce (DOMAIN.md). A
 //! hypothesis matches when it agrees with the user's value within a relative tolerance on
-//! every batch where it is defined. The invariance probes (run by `userloss`) settle what the
+//! every batch where it is defined. The invariance probes (run by `loss::user`) settle what the
 //! batches alone cannot tell apart.
 
 use serde::Serialize;
 
-use crate::aggregate::BatchSums;
 use crate::findings::{Code, Finding, Severity};
+use crate::loss::aggregate::BatchSums;
 
 /// Default `--rtol`. A float32 loss summed over ~10⁵ tokens carries a relative rounding error
 /// of about 10⁻⁶–10⁻⁵; 10⁻⁴ leaves headroom while still separating formulas that differ by
@@ -329,7 +329,7 @@ pub fn conclude(diagnosis: &Diagnosis, padding: &ProbeResult) -> Conclusion {
 pub fn verdict_sentence(conclusion: &Conclusion, diagnosis: &Diagnosis) -> String {
     let user = diagnosis.user_mean().unwrap_or(f64::NAN);
     let reference = diagnosis.reference_mean().unwrap_or(f64::NAN);
-    let gap = crate::aggregate::relative_difference(user, reference) * 100.0;
+    let gap = crate::loss::aggregate::relative_difference(user, reference) * 100.0;
     match conclusion {
         Conclusion::Matched(Hypothesis::MaskedTokenMean) => format!(
             "your loss is {}: {user:.4} (mean over {} batches)",
@@ -365,6 +365,50 @@ fn names(hs: &[Hypothesis]) -> String {
         .join(" and ")
 }
 
+/// The finding a matched formula calls for (none for the token mean), its severity, and the
+/// clause its message ends with.
+fn matched(h: Hypothesis, sequence_gap: Option<f64>) -> (Option<Code>, Severity, String) {
+    match h {
+        Hypothesis::MaskedTokenMean => (None, Severity::Info, String::new()),
+        Hypothesis::AllPositionsMean => (
+            Some(Code::LossIncludesPadding),
+            Severity::Error,
+            "; likely causes: the reduction runs before the mask (F.cross_entropy's default reduction='mean'), pad labels are not set to the ignore index, or ignore_index does not match the labels (-1 vs -100)".to_string(),
+        ),
+        Hypothesis::MaskedSumOverAllPositions => (
+            Some(Code::PaddingInDenominator),
+            Severity::Error,
+            "; divide by the mask's sum, not by numel() or the padded length".to_string(),
+        ),
+        Hypothesis::SequenceMean => (
+            Some(Code::SequenceWeightedMean),
+            Severity::Warning,
+            match sequence_gap {
+                Some(gap) => format!(
+                    "; over the whole dataset the sequence mean is {:+.2}% from the token mean",
+                    gap * 100.0
+                ),
+                None => String::new(),
+            },
+        ),
+        Hypothesis::DoubleShift => (
+            Some(Code::OffByOneShift),
+            Severity::Error,
+            "; the data or labels are already shifted and the loss shifts again".to_string(),
+        ),
+        Hypothesis::MissingShift => (
+            Some(Code::OffByOneShift),
+            Severity::Error,
+            "; logits at t must be scored against the token at t+1".to_string(),
+        ),
+        Hypothesis::MaskedSum => (
+            Some(Code::UnnormalizedSum),
+            Severity::Warning,
+            "; its scale follows the number of trained tokens in each batch".to_string(),
+        ),
+    }
+}
+
 /// Findings from the conclusion and the probes. `sequence_gap` is the dataset-level relative
 /// distance of the sequence mean from the token mean.
 pub fn findings(
@@ -378,45 +422,7 @@ pub fn findings(
     let mut out = vec![];
     match conclusion {
         Conclusion::Matched(h) => {
-            let (code, severity, why) = match h {
-                Hypothesis::MaskedTokenMean => (None, Severity::Info, String::new()),
-                Hypothesis::AllPositionsMean => (
-                    Some(Code::LossIncludesPadding),
-                    Severity::Error,
-                    "; likely causes: the reduction runs before the mask (F.cross_entropy's default reduction='mean'), pad labels are not set to the ignore index, or ignore_index does not match the labels (-1 vs -100)".to_string(),
-                ),
-                Hypothesis::MaskedSumOverAllPositions => (
-                    Some(Code::PaddingInDenominator),
-                    Severity::Error,
-                    "; divide by the mask's sum, not by numel() or the padded length".to_string(),
-                ),
-                Hypothesis::SequenceMean => (
-                    Some(Code::SequenceWeightedMean),
-                    Severity::Warning,
-                    match sequence_gap {
-                        Some(gap) => format!(
-                            "; over the whole dataset the sequence mean is {:+.2}% from the token mean",
-                            gap * 100.0
-                        ),
-                        None => String::new(),
-                    },
-                ),
-                Hypothesis::DoubleShift => (
-                    Some(Code::OffByOneShift),
-                    Severity::Error,
-                    "; the data or labels are already shifted and the loss shifts again".to_string(),
-                ),
-                Hypothesis::MissingShift => (
-                    Some(Code::OffByOneShift),
-                    Severity::Error,
-                    "; logits at t must be scored against the token at t+1".to_string(),
-                ),
-                Hypothesis::MaskedSum => (
-                    Some(Code::UnnormalizedSum),
-                    Severity::Warning,
-                    "; its scale follows the number of trained tokens in each batch".to_string(),
-                ),
-            };
+            let (code, severity, why) = matched(*h, sequence_gap);
             if let Some(code) = code {
                 out.push(Finding::new(code, severity, format!("{sentence}{why}")));
             }

@@ -1,0 +1,466 @@
+//! `maskaudit check`: stream the dataset through the model and aggregate the per-token losses.
+//!
+//! The dataset is read one row at a time and processed one batch at a time, so memory does
+//! not grow with the number of rows.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::thread;
+
+use anyhow::Result;
+use indicatif::ProgressBar;
+use tch::{Device, Kind};
+
+use crate::data::batch::{Batch, Batcher};
+use crate::data::{DataError, FieldNames, RowSource, Unit};
+use crate::findings::{Code, Finding, SeverityOverrides};
+use crate::lint::{LintOptions, LintState, LintStats};
+use crate::loss::aggregate::{relative_difference, Aggregates, Contamination, LossTotals};
+use crate::loss::steps::{StepConfig, StepReport};
+use crate::loss::user::{LossArg, LossAudit, UserLoss, UserLossReport};
+use crate::model::consistency::Consistency;
+use crate::model::{
+    self, device_name, ArgsSource, DeviceChoice, DtypeChoice, ForwardArg, LanguageModel,
+    LoadOptions, Tf32, TorchScriptLm,
+};
+use crate::report::{DataSummary, ModelInfo, Report, Verdict, SCHEMA_VERSION};
+use crate::sys;
+use batches::{run_step, RunState, Simulation, StepContext};
+use findings::{contamination_finding, data_findings, step_findings};
+use overlap::Overlap;
+use read::{read_ahead, ReadSummary};
+use timing::Timing;
+
+mod batches;
+mod findings;
+mod overlap;
+mod read;
+mod timing;
+
+/// Relative contamination above which, with no `--max-contamination`, the finding is a warning.
+pub const NOTABLE_CONTAMINATION: f64 = 0.01;
+
+#[derive(Debug, Clone)]
+pub struct CheckOptions {
+    pub model: PathBuf,
+    pub data: PathBuf,
+    pub device: DeviceChoice,
+    pub batch_size: usize,
+    pub pad_id: Option<i64>,
+    pub max_contamination: Option<f64>,
+    /// For the lint checks that run on the same rows.
+    pub eos_id: Option<i64>,
+    pub fields: FieldNames,
+    /// Longest JSONL line read (`--max-line-bytes`).
+    pub max_line_bytes: usize,
+    pub overrides: SeverityOverrides,
+    pub loss: Option<LossOptions>,
+    /// `--forward-args`: the forward's tensors, when the file has no exporter record.
+    pub forward_args: Option<Vec<ForwardArg>>,
+    /// The trace-consistency probe on the first batch (off with `--no-model-probe`).
+    pub model_probe: bool,
+    /// Rows whose per-token losses the report keeps for the HTML view (`--html-rows`; 0
+    /// without `--html`).
+    pub token_rows: usize,
+    /// `--accum`/`--world-size`: simulate optimizer steps over the batches.
+    pub steps: Option<StepConfig>,
+    /// `--dtype`: the dtype the forward runs in.
+    pub dtype: DtypeChoice,
+    /// `--tf32`: TF32 for float32 matrix products on CUDA.
+    pub tf32: Tf32,
+}
+
+/// Where the user's loss is: the command line takes exactly one of the two.
+#[derive(Debug, Clone)]
+pub enum LossSource {
+    /// `--loss FILE`.
+    File(PathBuf),
+    /// `--loss-method NAME`.
+    Method(String),
+}
+
+/// How to find and judge the user's loss.
+#[derive(Debug, Clone)]
+pub struct LossOptions {
+    pub source: LossSource,
+    pub args: Vec<LossArg>,
+    /// Whether `--loss-args` was given (rather than the default).
+    pub args_given: bool,
+    pub rtol: f64,
+    pub probes: bool,
+    /// `--weights-out`: every row's gradient weights, as JSON lines.
+    pub weights_out: Option<PathBuf>,
+}
+
+/// A `check` run, from options to report: load the model, stream the dataset through it on a
+/// reading thread's batches, and draw the findings. Exit codes and rendering are the caller's.
+pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
+    let mut timing = Timing::from_env();
+    model::configure_libtorch();
+    let _no_grad = tch::no_grad_guard();
+
+    let device = opts.device.resolve()?;
+    if device == Device::Cpu {
+        sys::cap_address_space();
+    }
+    let model = TorchScriptLm::load(&opts.model, device, &load_options(opts))?;
+    let tf32 = model::apply_tf32(opts.tf32, device, model.run_kind());
+    check_special_ids(opts, model.vocab_size())?;
+    let mut audit = open_audit(opts, device)?;
+    let Reading {
+        batches,
+        thread: reading,
+        path: data_path,
+        unit,
+    } = start_reading(opts, model.vocab_size(), progress)?;
+    timing.device = device;
+    timing.mark("start, model load and first calls");
+    let mut pass = Pass {
+        totals: LossTotals::default(),
+        run: RunState::new(opts.model_probe, unit),
+        simulation: Simulation::default(),
+    };
+    stream(
+        &model,
+        opts,
+        batches,
+        audit.as_mut(),
+        &mut pass,
+        progress,
+        &mut timing,
+    )?;
+    let ReadSummary { bytes_read, lint } = reading
+        .join()
+        .map_err(|_| anyhow::anyhow!("the thread reading {data_path} panicked"))?;
+    progress.set_position(bytes_read);
+    if lint.rows() == 0 {
+        return Err(DataError::Empty { path: data_path }.into());
+    }
+    let Pass {
+        totals,
+        mut run,
+        simulation,
+    } = pass;
+    let losses = totals.aggregates();
+    let contamination = Contamination::of(&losses);
+    let (statistics, lint_findings) = lint.finish();
+    let concluded = Conclusion {
+        model: &model,
+        opts,
+        totals: &totals,
+        run: &run,
+        losses: &losses,
+        contamination,
+    };
+    let (mut findings, user_loss, steps) = concluded.findings(lint_findings, audit, simulation)?;
+    opts.overrides.apply(&mut findings);
+    let verdict = Verdict::of(&findings);
+
+    Ok(Report {
+        schema_version: SCHEMA_VERSION,
+        model: model_info(&model, opts, device, tf32, run.consistency.clone()),
+        data: data_summary(opts, &totals, &run, data_path, unit, &statistics),
+        statistics,
+        losses,
+        contamination,
+        user_loss,
+        steps,
+        findings,
+        verdict,
+        token_rows: std::mem::take(&mut run.token_rows),
+    })
+}
+
+/// What the findings of a run are drawn from, once its batches have run.
+struct Conclusion<'a> {
+    model: &'a TorchScriptLm,
+    opts: &'a CheckOptions,
+    totals: &'a LossTotals,
+    run: &'a RunState,
+    losses: &'a Aggregates,
+    contamination: Option<Contamination>,
+}
+
+impl Conclusion<'_> {
+    /// Every finding, in the report's order (data, model, lint, contamination, user loss,
+    /// steps), with the user-loss and step reports they came from.
+    fn findings(
+        &self,
+        lint_findings: Vec<Finding>,
+        audit: Option<LossAudit>,
+        mut simulation: Simulation,
+    ) -> Result<(Vec<Finding>, Option<UserLossReport>, Option<StepReport>)> {
+        let (opts, losses) = (self.opts, self.losses);
+        let mut findings = data_findings(self.totals);
+        findings.extend(self.run.findings(self.model, losses));
+        // The lint checks report it too; this one counts the batches' positions.
+        findings.extend(
+            lint_findings
+                .into_iter()
+                .filter(|f| f.code != Code::NoTrainedPositions),
+        );
+        findings.extend(contamination_finding(
+            self.contamination,
+            self.totals.padding_fraction(),
+            opts.max_contamination,
+        ));
+        let user_loss = match audit {
+            Some(audit) => {
+                let sequence_gap = losses
+                    .sequence_mean
+                    .zip(losses.masked_token_mean)
+                    .map(|(s, m)| relative_difference(s, m));
+                let (report, loss_findings) = audit.finish(sequence_gap)?;
+                findings.extend(loss_findings);
+                Some(report)
+            }
+            None => None,
+        };
+        let steps = opts.steps.map(|config| {
+            StepReport::of(
+                config,
+                opts.batch_size,
+                simulation.dropped,
+                std::mem::take(&mut simulation.steps),
+            )
+        });
+        if let Some(steps) = &steps {
+            findings.extend(step_findings(steps, user_loss.is_some()));
+        }
+        Ok((findings, user_loss, steps))
+    }
+}
+
+/// What a pass over the batches accumulates.
+struct Pass {
+    totals: LossTotals,
+    run: RunState,
+    simulation: Simulation,
+}
+
+/// The batches through the model, a step at a time (W×K micro-batches; one without --accum
+/// and --world-size) so that each knows its step's trained-target count before it runs; the
+/// last, partial step too.
+fn stream(
+    model: &TorchScriptLm,
+    opts: &CheckOptions,
+    batches: mpsc::Receiver<Result<(Batch, u64)>>,
+    mut audit: Option<&mut LossAudit>,
+    pass: &mut Pass,
+    progress: &ProgressBar,
+    timing: &mut Timing,
+) -> Result<()> {
+    let Pass {
+        totals,
+        run,
+        simulation,
+    } = pass;
+    let per_step = opts.steps.map_or(1, |c| c.micro_batches_per_step());
+    let mut pending = Vec::with_capacity(per_step);
+    // On a GPU, a plain audit (no user loss, no step simulation) keeps one batch in flight:
+    // batch k+1 is queued on the device before batch k's losses are read (overlap).
+    let mut overlap = Overlap::new(model.device(), opts);
+    for item in batches {
+        let (batch, bytes_read) = match item {
+            Ok(item) => item,
+            Err(e) => {
+                // The batch in flight comes first in the file: its error first.
+                overlap.finish(model, totals, run)?;
+                return Err(e);
+            }
+        };
+        if overlap.active && (!run.probe || run.consistency.ran) {
+            overlap.push(model, batch, totals, run, opts)?;
+            progress.set_position(bytes_read);
+            continue;
+        }
+        let probing = run.probe && !run.consistency.ran;
+        pending.push(batch);
+        if pending.len() == per_step {
+            let ctx = StepContext {
+                model,
+                opts,
+                full: true,
+            };
+            run_step(
+                &ctx,
+                &pending,
+                totals,
+                run,
+                audit.as_deref_mut(),
+                simulation,
+            )?;
+            pending.clear();
+            progress.set_position(bytes_read);
+            if probing && run.consistency.ran {
+                timing.mark("first batch and consistency probe");
+            }
+        }
+    }
+    overlap.finish(model, totals, run)?;
+    timing.mark("the other batches");
+    if timing.on && model.run_kind() == Kind::BFloat16 && model.device().is_cuda() {
+        // A diagnostic on request: straight to stderr.
+        let _ = writeln!(
+            std::io::stderr(),
+            "maskaudit timing: bf16 logits upcast {}",
+            if crate::loss::bf16_upcast_in_kernel() {
+                "inside the log-softmax kernel"
+            } else {
+                "by a copy (the kernel refused half_to_float)"
+            }
+        );
+    }
+    if !pending.is_empty() {
+        let ctx = StepContext {
+            model,
+            opts,
+            full: false,
+        };
+        run_step(&ctx, &pending, totals, run, audit, simulation)?;
+    }
+    Ok(())
+}
+
+/// Padding and end-of-sequence ids go through the embedding like any token: same rule as the
+/// data's ids.
+fn check_special_ids(opts: &CheckOptions, vocab: i64) -> Result<()> {
+    if let Some(pad) = opts.pad_id.filter(|&p| p >= vocab) {
+        anyhow::bail!("--pad-id {pad} is outside the model's vocabulary (size {vocab})");
+    }
+    if let Some(eos) = opts.eos_id.filter(|&e| e >= vocab) {
+        anyhow::bail!("--eos-id {eos} is outside the model's vocabulary (size {vocab})");
+    }
+    Ok(())
+}
+
+/// The user-loss audit of `--loss`/`--loss-method`, if asked for.
+fn open_audit(opts: &CheckOptions, device: Device) -> Result<Option<LossAudit>> {
+    let Some(l) = &opts.loss else {
+        return Ok(None);
+    };
+    let loss = match &l.source {
+        LossSource::File(file) => UserLoss::from_file(file, device, l.args.clone())?,
+        LossSource::Method(method) => UserLoss::method(method, &opts.model, l.args.clone()),
+    };
+    let mut audit = LossAudit::new(loss, l.rtol, l.probes, opts.pad_id.unwrap_or(0));
+    if let Some(path) = &l.weights_out {
+        audit.write_weights_to(path)?;
+    }
+    Ok(Some(audit))
+}
+
+/// The dataset being read on its own thread, a few batches ahead.
+struct Reading {
+    batches: mpsc::Receiver<Result<(Batch, u64)>>,
+    thread: thread::JoinHandle<ReadSummary>,
+    path: String,
+    unit: Unit,
+}
+
+/// Opens the dataset and starts the reading thread, which batches the rows, checks their ids
+/// against the vocabulary and runs the lint checks on them.
+fn start_reading(opts: &CheckOptions, vocab: i64, progress: &ProgressBar) -> Result<Reading> {
+    let reader =
+        RowSource::open(&opts.data, opts.fields.clone())?.with_max_line_bytes(opts.max_line_bytes);
+    if let Some(total) = reader.total_bytes() {
+        progress.set_length(total);
+    }
+    let path = reader.path().to_string();
+    let unit = reader.unit();
+    let batcher = Batcher::new(opts.batch_size, opts.pad_id, path.clone()).with_unit(unit);
+    let lint = LintState::new(LintOptions {
+        pad_id: opts.pad_id,
+        eos_id: opts.eos_id,
+        shifted: false,
+        batch_size: Some(opts.batch_size),
+        unit,
+    });
+    let (batches, thread) = read_ahead(reader, batcher, lint, vocab, opts.fields.clone());
+    Ok(Reading {
+        batches,
+        thread,
+        path,
+        unit,
+    })
+}
+
+fn data_summary(
+    opts: &CheckOptions,
+    totals: &LossTotals,
+    run: &RunState,
+    path: String,
+    unit: Unit,
+    statistics: &LintStats,
+) -> DataSummary {
+    DataSummary {
+        path,
+        rows: totals.rows,
+        batches: totals.batches,
+        batch_size: opts.batch_size,
+        pad_id: opts.pad_id,
+        positions: totals.positions,
+        supervised_positions: totals.trained,
+        padding_fraction: totals.padding_fraction(),
+        padding_positions: run.padding_targets,
+        untrained_token_positions: totals.positions - totals.trained - run.padding_targets,
+        mask_source: statistics.mask_source.clone(),
+        records: unit,
+    }
+}
+
+fn model_info(
+    model: &TorchScriptLm,
+    opts: &CheckOptions,
+    device: Device,
+    tf32: bool,
+    consistency: Consistency,
+) -> ModelInfo {
+    ModelInfo {
+        path: model::path_string(&opts.model),
+        vocab_size: model.vocab_size(),
+        device: device_name(device),
+        signature: model.signature().key(),
+        forward_args: model.signature().args.clone(),
+        forward_args_source: model.signature().source,
+        forward_args_note: model.signature().note.clone(),
+        output: model.output_form(),
+        dtype: model.dtype().to_string(),
+        run_dtype: model.run_dtype().to_string(),
+        tf32,
+        architecture: model.record().and_then(|r| r.architecture.clone()),
+        max_position_embeddings: model.record().and_then(|r| r.max_position_embeddings),
+        consistency,
+    }
+}
+
+/// Where the forward's arguments come from when the file has no exporter record:
+/// `--forward-args`, or the loss arguments of `--loss-method forward` (the forward is the loss).
+fn load_options(opts: &CheckOptions) -> LoadOptions {
+    if let Some(args) = &opts.forward_args {
+        return LoadOptions {
+            forward_args: Some((args.clone(), ArgsSource::Option)),
+            dtype: opts.dtype.kind(),
+        };
+    }
+    let from_loss = opts.loss.as_ref().and_then(|l| {
+        let is_forward = matches!(&l.source, LossSource::Method(m) if m == "forward");
+        if !is_forward || !l.args_given {
+            return None;
+        }
+        l.args
+            .iter()
+            .map(|a| match a {
+                LossArg::InputIds => Some(ForwardArg::InputIds),
+                LossArg::AttentionMask => Some(ForwardArg::AttentionMask),
+                LossArg::Labels => Some(ForwardArg::Labels),
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>()
+    });
+    LoadOptions {
+        forward_args: from_loss.map(|args| (args, ArgsSource::LossArgs)),
+        dtype: opts.dtype.kind(),
+    }
+}

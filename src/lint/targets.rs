@@ -1,0 +1,92 @@
+//! A row's geometry as the checks see it: its target slots after the shift, where its
+//! trailing padding starts, and where its packed documents start.
+
+use std::collections::BTreeSet;
+
+use crate::data::Row;
+
+/// One target slot of a row: a position whose prediction the loss may train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target {
+    /// Index into the row's labels and masks.
+    pub index: usize,
+    /// Index of the predicted token in `input_ids`, when it is one of the row's tokens.
+    pub token_index: Option<usize>,
+    /// The predicted token id, when known.
+    pub token: Option<i64>,
+    pub trained: bool,
+}
+
+/// The target slots of a row (see the module documentation).
+pub fn targets(row: &Row, shifted: bool) -> impl Iterator<Item = Target> + '_ {
+    let len = row.input_ids.len();
+    let (first, last) = if shifted { (0, len) } else { (1, len) };
+    (first..last).map(move |index| {
+        let trained = row.mask[index] == 1;
+        if shifted {
+            let token_index = (index + 1 < len).then_some(index + 1);
+            let label = row.labels.as_ref().map(|l| l[index]).filter(|&l| l >= 0);
+            Target {
+                index,
+                token_index,
+                token: label.or_else(|| token_index.map(|i| row.input_ids[i])),
+                trained,
+            }
+        } else {
+            Target {
+                index,
+                token_index: Some(index),
+                token: Some(row.input_ids[index]),
+                trained,
+            }
+        }
+    })
+}
+
+/// Where the row's trailing padding starts (its length when it has none).
+pub fn padding_start(row: &Row, pad_id: Option<i64>, eos_id: Option<i64>) -> usize {
+    let len = row.input_ids.len();
+    if let Some(attention) = row.given_attention_mask() {
+        return len - attention.iter().rev().take_while(|&&a| a == 0).count();
+    }
+    let Some(pad) = pad_id else {
+        return len;
+    };
+    let run = row
+        .input_ids
+        .iter()
+        .rev()
+        .take_while(|&&t| t == pad)
+        .count();
+    let start = len - run;
+    if run > 0 && eos_id == Some(pad) {
+        start + 1
+    } else {
+        start
+    }
+}
+
+/// Token indices where a packed row's documents start, the first excepted, before
+/// `limit` (the padding): from `position_ids` restarting at 0, `seq_lens` and `cu_seqlens`.
+pub fn document_starts(row: &Row, limit: usize) -> Vec<usize> {
+    let mut starts = BTreeSet::new();
+    if let Some(positions) = &row.position_ids {
+        starts.extend((1..positions.len()).filter(|&i| positions[i] == 0));
+    }
+    if let Some(lens) = &row.seq_lens {
+        let mut at = 0usize;
+        for &n in lens {
+            at += n as usize;
+            starts.insert(at);
+        }
+    }
+    if let Some(cu) = &row.cu_seqlens {
+        starts.extend(cu.iter().map(|&b| b as usize));
+    }
+    starts.into_iter().filter(|&s| s > 0 && s < limit).collect()
+}
+
+/// Whether a row is packed: several documents, or a field that says so.
+pub fn is_packed(row: &Row, starts: &[usize]) -> bool {
+    !starts.is_empty() || row.seq_lens.is_some() || row.cu_seqlens.is_some()
+}
