@@ -1,0 +1,355 @@
+//! Runs the examples of README.md and docs/*.md, so the documentation cannot drift from the
+//! binary.
+//!
+//! Every ```console block of those files is a sequence of commands, each a `$ ` line (continued
+//! by a trailing `\`, as in a shell), an optional `? N` line (the expected exit status, 0 when
+//! absent) and the expected output: standard output and standard error together, in the order
+//! written, as a terminal shows them. In the expected output a line `...` matches any number of
+//! lines (none included) and `[..]` within a line matches any text; trailing spaces and blank
+//! lines at the end are ignored. Each command runs through `sh` with the test binary first on
+//! `PATH`, from a fresh directory that mirrors the repository root (a link to each top-level
+//! entry), so `fixtures/…` and `target/hf-models/…` resolve as from the root, while files a
+//! command writes (`--junit report.xml`) land in the scratch directory and are removed.
+//!
+//! Blocks fenced as ```sh, ```yaml, ```json or ```text are not run: they hold templates with the
+//! reader's own paths, CI files, schemas and output of other programs. A ```console block in any
+//! other Markdown file of the repository fails the test, so no example sits where it is not run.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// One `$ ` command of a console block, with what it must print and return.
+#[derive(Debug)]
+struct Example {
+    file: String,
+    /// The line of the block's opening fence.
+    block: usize,
+    line: usize,
+    command: String,
+    status: i32,
+    expected: Vec<String>,
+}
+
+/// The console blocks of a Markdown file, as examples; `Err` for a malformed block.
+fn examples(file: &str, text: &str) -> Result<(usize, Vec<Example>), String> {
+    let mut out = Vec::new();
+    let mut blocks = 0;
+    let mut lines = text.lines().enumerate().peekable();
+    while let Some((i, line)) = lines.next() {
+        let Some(info) = line.trim_start().strip_prefix("```") else {
+            continue;
+        };
+        let is_console = info.trim() == "console";
+        let mut body = Vec::new();
+        let mut closed = false;
+        for (j, l) in lines.by_ref() {
+            if l.trim() == "```" {
+                closed = true;
+                break;
+            }
+            body.push((j, l));
+        }
+        if !closed {
+            return Err(format!("{file}:{}: a code block is never closed", i + 1));
+        }
+        if !is_console {
+            continue;
+        }
+        blocks += 1;
+        let first = out.len();
+        let mut body = body.into_iter().peekable();
+        while let Some((j, l)) = body.next() {
+            let Some(cmd) = l.strip_prefix("$ ") else {
+                return Err(format!(
+                    "{file}:{}: a console block must start with a `$ ` command, not {l:?}",
+                    j + 1
+                ));
+            };
+            let mut command = cmd.to_string();
+            while command.ends_with('\\') {
+                let Some((_, next)) = body.next() else {
+                    return Err(format!("{file}:{}: `\\` continues past the block", j + 1));
+                };
+                command.push('\n');
+                command.push_str(next);
+            }
+            let mut status = 0;
+            if let Some((k, l)) = body.next_if(|(_, l)| l.starts_with("? ")) {
+                status = l[2..]
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("{file}:{}: `? N` wants a number: {l:?}", k + 1))?;
+            }
+            let mut expected = Vec::new();
+            while let Some((_, l)) = body.next_if(|(_, l)| !l.starts_with("$ ")) {
+                expected.push(l.to_string());
+            }
+            out.push(Example {
+                file: file.to_string(),
+                block: i + 1,
+                line: j + 1,
+                command,
+                status,
+                expected,
+            });
+        }
+        if out.len() == first {
+            return Err(format!("{file}:{}: an empty console block", i + 1));
+        }
+    }
+    Ok((blocks, out))
+}
+
+/// `[..]` in `pattern` matches any text.
+fn line_matches(pattern: &str, line: &str) -> bool {
+    let parts: Vec<&str> = pattern.split("[..]").collect();
+    if parts.len() == 1 {
+        return pattern == line;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !line.starts_with(first) || line.len() < first.len() + last.len() {
+        return false;
+    }
+    let mut rest = &line[first.len()..];
+    for part in &parts[1..parts.len() - 1] {
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    rest.ends_with(last)
+}
+
+/// Lines against patterns; a pattern line `...` matches any number of lines.
+fn lines_match(patterns: &[&str], lines: &[&str]) -> bool {
+    match patterns.split_first() {
+        None => lines.is_empty(),
+        Some((&"...", rest)) => (0..=lines.len()).any(|skip| lines_match(rest, &lines[skip..])),
+        Some((pattern, rest)) => match lines.split_first() {
+            Some((line, lines)) => line_matches(pattern, line) && lines_match(rest, lines),
+            None => false,
+        },
+    }
+}
+
+/// Trailing spaces off every line, blank lines off the end.
+fn normalise(text: &[String]) -> Vec<&str> {
+    let mut lines: Vec<&str> = text.iter().map(|l| l.trim_end()).collect();
+    while lines.last() == Some(&"") {
+        lines.pop();
+    }
+    lines
+}
+
+/// A scratch directory that links to each top-level entry of the repository.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir =
+            std::env::temp_dir().join(format!("maskaudit-docs-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch directory");
+        for entry in std::fs::read_dir(root()).expect("read the repository root") {
+            let entry = entry.unwrap();
+            if entry.file_name() != ".git" {
+                std::os::unix::fs::symlink(entry.path(), dir.join(entry.file_name()))
+                    .expect("link into the scratch directory");
+            }
+        }
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs one example in `dir`; `Err` with a report when its status or output differs.
+fn run(example: &Example, dir: &Path) -> Result<(), String> {
+    if example.command.contains("target/hf-models/") {
+        assert!(
+            root().join("target/hf-models/llama/model.pt").is_file(),
+            "{}:{} uses target/hf-models, which is missing: run `make hf-models` (make test does)",
+            example.file,
+            example.line
+        );
+    }
+    let bin = Path::new(env!("CARGO_BIN_EXE_maskaudit")).parent().unwrap();
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut paths = vec![bin.to_path_buf()];
+    paths.extend(std::env::split_paths(&path));
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(format!("exec 2>&1\n{}", example.command))
+        .current_dir(dir)
+        .env("PATH", std::env::join_paths(paths).unwrap())
+        // The documented output is the CPU's, without colour, outside GitHub Actions.
+        .env("CUDA_VISIBLE_DEVICES", "")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null());
+    for (key, _) in std::env::vars_os() {
+        let key_str = key.to_string_lossy();
+        if key_str.starts_with("MASKAUDIT_")
+            || key_str.starts_with("GITHUB_")
+            || [
+                "NO_COLOR",
+                "CLICOLOR",
+                "CLICOLOR_FORCE",
+                "RUST_BACKTRACE",
+                "RUST_LOG",
+            ]
+            .contains(&key_str.as_ref())
+        {
+            cmd.env_remove(&key);
+        }
+    }
+    let out = cmd.output().expect("run sh");
+    let status = out.status.code().unwrap_or(-1);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let actual: Vec<String> = text.lines().map(str::to_string).collect();
+    let (want, got) = (normalise(&example.expected), normalise(&actual));
+    if status == example.status && lines_match(&want, &got) {
+        return Ok(());
+    }
+    Err(format!(
+        "{}:{}: $ {}\n  exit status: expected {}, got {status}\n--- expected\n{}\n--- got\n{}\n",
+        example.file,
+        example.line,
+        example.command,
+        example.status,
+        want.join("\n"),
+        got.join("\n")
+    ))
+}
+
+/// Markdown files under `dir`, skipping hidden and build directories.
+fn markdown_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy();
+        if path.is_dir() {
+            let skip = name.starts_with('.')
+                || ["target", "work", "corpus", "artifacts", "coverage"].contains(&name.as_ref());
+            if !skip && !path.is_symlink() {
+                markdown_files(&path, out);
+            }
+        } else if name.ends_with(".md") {
+            out.push(path);
+        }
+    }
+}
+
+/// README.md and docs/*.md, the files whose console blocks are run.
+fn documented() -> Vec<PathBuf> {
+    let mut files = vec![root().join("README.md")];
+    let mut docs: Vec<PathBuf> = std::fs::read_dir(root().join("docs"))
+        .expect("docs/")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "md"))
+        .collect();
+    docs.sort();
+    files.extend(docs);
+    files
+}
+
+fn relative(path: &Path) -> String {
+    path.strip_prefix(root()).unwrap().display().to_string()
+}
+
+#[test]
+fn every_console_block_runs_as_documented() {
+    let mut failures = Vec::new();
+    let mut ran = 0;
+    for path in documented() {
+        let file = relative(&path);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let (blocks, examples) = examples(&file, &text).unwrap_or_else(|e| panic!("{e}"));
+        // The commands of one block share a scratch directory: a later one may read what an
+        // earlier one wrote (a baseline, say).
+        let mut blocks_run = std::collections::BTreeSet::new();
+        let mut scratch = None;
+        for example in &examples {
+            ran += 1;
+            if blocks_run.insert(example.block) {
+                scratch = Some(Scratch::new(&ran.to_string()));
+            }
+            if let Err(report) = run(example, &scratch.as_ref().unwrap().0) {
+                failures.push(report);
+            }
+        }
+        assert_eq!(
+            blocks_run.len(),
+            blocks,
+            "{file}: not every console block ran a command"
+        );
+        eprintln!(
+            "{file}: {blocks} console blocks, {} commands",
+            examples.len()
+        );
+    }
+    assert!(ran > 0, "no console block found");
+    assert!(
+        failures.is_empty(),
+        "{} of {ran} documented commands differ from the docs:\n\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn console_blocks_only_where_they_are_run() {
+    let covered = documented();
+    let mut files = Vec::new();
+    markdown_files(root(), &mut files);
+    let stray: Vec<String> = files
+        .iter()
+        .filter(|p| !covered.contains(p))
+        .filter(|p| {
+            std::fs::read_to_string(p)
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.trim_start().strip_prefix("```").map(str::trim) == Some("console"))
+        })
+        .map(|p| relative(p))
+        .collect();
+    assert!(
+        stray.is_empty(),
+        "```console blocks outside README.md and docs/*.md, which tests/docs.rs does not run: \
+         {stray:?}; move them there or fence them as ```sh"
+    );
+}
+
+#[test]
+fn the_parser_and_the_wildcards() {
+    let text = "intro\n```sh\n$ not run\n```\n```console\n$ a \\\n  --b\n? 1\nout [..] x\n...\n\
+                last\n$ c\n```\n";
+    let (blocks, ex) = examples("t.md", text).unwrap();
+    assert_eq!((blocks, ex.len()), (1, 2));
+    assert_eq!(ex[0].command, "a \\\n  --b");
+    assert_eq!((ex[0].status, ex[0].line), (1, 6));
+    assert_eq!(ex[0].expected, ["out [..] x", "...", "last"]);
+    assert_eq!((ex[1].command.as_str(), ex[1].status), ("c", 0));
+    assert!(ex[1].expected.is_empty());
+    assert!(examples("t.md", "```console\nno command\n```\n").is_err());
+    assert!(examples("t.md", "```console\n```\n").is_err());
+    assert!(examples("t.md", "```console\n$ a\n").is_err());
+
+    assert!(line_matches("a [..] b", "a 1 2 b"));
+    assert!(line_matches("[..]", ""));
+    assert!(line_matches("x[..]y[..]z", "xyz"));
+    assert!(!line_matches("x[..]y[..]z", "xzy"));
+    assert!(!line_matches("ab[..]ba", "aba"));
+    assert!(!line_matches("a", "ab"));
+    assert!(lines_match(&["a", "...", "d"], &["a", "b", "c", "d"]));
+    assert!(lines_match(&["a", "...", "b"], &["a", "b"]));
+    assert!(lines_match(&["...", "x"], &["x", "y", "x"]));
+    assert!(!lines_match(&["a", "...", "d"], &["a", "b"]));
+    assert!(!lines_match(&["a"], &["a", "b"]));
+}
