@@ -11,8 +11,11 @@
 //! entry), so `fixtures/…` and `target/hf-models/…` resolve as from the root, while files a
 //! command writes (`--junit report.xml`) land in the scratch directory and are removed.
 //!
-//! Blocks fenced as ```sh, ```yaml, ```json or ```text are not run: they hold templates with the
-//! reader's own paths, CI files, schemas and output of other programs. A ```console block in any
+//! Blocks fenced as ```sh, ```yaml, ```json or ```text are not run as they stand: they hold
+//! templates with the reader's own paths, CI files, schemas and output of other programs. The
+//! commands in them are checked by `commands_outside_console_blocks_are_checked` (the
+//! reader's files replaced by fixtures, a synopsis against `--help`, make targets against the
+//! Makefile), but for the short list in [`NOT_RUN`], each with its reason. A ```console block in any
 //! other Markdown file of the repository fails the test, so no example sits where it is not run.
 
 use std::path::{Path, PathBuf};
@@ -352,4 +355,226 @@ fn the_parser_and_the_wildcards() {
     assert!(lines_match(&["...", "x"], &["x", "y", "x"]));
     assert!(!lines_match(&["a", "...", "d"], &["a", "b"]));
     assert!(!lines_match(&["a"], &["a", "b"]));
+}
+
+/// A fenced block outside ```console: its language, first line number and lines.
+struct Fenced {
+    file: String,
+    lang: String,
+    line: usize,
+    lines: Vec<String>,
+}
+
+fn fenced_blocks(file: &str, text: &str) -> Vec<Fenced> {
+    let mut out = vec![];
+    let mut open: Option<Fenced> = None;
+    for (i, line) in text.lines().enumerate() {
+        match (open.take(), line.trim_start().strip_prefix("```")) {
+            (None, Some(info)) => {
+                open = Some(Fenced {
+                    file: file.to_string(),
+                    lang: info.trim().to_string(),
+                    line: i + 1,
+                    lines: vec![],
+                })
+            }
+            (Some(block), Some(_)) => out.push(block),
+            (Some(mut block), None) => {
+                block.lines.push(line.to_string());
+                open = Some(block);
+            }
+            (None, None) => {}
+        }
+    }
+    out.retain(|b| b.lang != "console");
+    out
+}
+
+/// The shell commands a non-console block shows: its lines joined across trailing `\`, each
+/// without a YAML list's `- `/`run: ` and a trailing `# comment`, kept when they start a
+/// program the docs are about.
+fn shown_commands(block: &Fenced) -> Vec<(usize, String)> {
+    let mut out = vec![];
+    let mut pending: Option<(usize, String)> = None;
+    for (k, raw) in block.lines.iter().enumerate() {
+        let line = raw.trim();
+        let (at, mut text) = match pending.take() {
+            Some((at, text)) => (at, text + " " + line),
+            None => (block.line + 1 + k, line.to_string()),
+        };
+        if let Some(stripped) = text.strip_suffix('\\') {
+            pending = Some((at, stripped.trim_end().to_string()));
+            continue;
+        }
+        for prefix in ["- ", "run: "] {
+            if let Some(rest) = text.strip_prefix(prefix) {
+                text = rest.to_string();
+            }
+        }
+        if let Some(i) = text.find(" #") {
+            text.truncate(i);
+        }
+        let text = text.trim().to_string();
+        let program = text.split_whitespace().next().unwrap_or("");
+        let is_ours = [
+            "maskaudit",
+            "./target/release/maskaudit",
+            "make",
+            "cargo",
+            "python3",
+        ]
+        .contains(&program)
+            || program.starts_with("bench/")
+            || program == "/usr/bin/time";
+        if is_ours {
+            out.push((at, text));
+        }
+    }
+    out
+}
+
+/// Commands shown outside console blocks that no test runs, each with the reason. Anything
+/// else there must pass `commands_outside_console_blocks_are_checked`.
+const NOT_RUN: &[(&str, &str)] = &[
+    ("make test", "CI runs it (.ci/run)"),
+    (
+        "python3 -c 'import json,random; random.seed(0)",
+        "performance.md's 69 MB benchmark input; the lint timing is a measurement, not a test",
+    ),
+];
+
+#[test]
+fn commands_outside_console_blocks_are_checked() {
+    let makefile = std::fs::read_to_string(root().join("Makefile")).unwrap();
+    let mut console = vec![];
+    for path in documented() {
+        let file = relative(&path);
+        let text = std::fs::read_to_string(&path).unwrap();
+        console.extend(
+            examples(&file, &text)
+                .unwrap()
+                .1
+                .into_iter()
+                .map(|e| e.command),
+        );
+    }
+    let dir = Scratch::new("templates");
+    let mut problems = vec![];
+    let mut checked = 0;
+    for path in documented() {
+        let file = relative(&path);
+        let text = std::fs::read_to_string(&path).unwrap();
+        for block in fenced_blocks(&file, &text) {
+            for (line, command) in shown_commands(&block) {
+                let at = format!("{}:{line} ({}): {command}", block.file, block.lang);
+                checked += 1;
+                if NOT_RUN.iter().any(|(c, _)| command.starts_with(c)) {
+                    continue;
+                }
+                if let Some(problem) = check_shown(&command, &makefile, &console, &dir.0) {
+                    problems.push(format!("{at}\n  {problem}"));
+                }
+            }
+        }
+    }
+    assert!(
+        checked >= 10,
+        "only {checked} commands found outside console blocks"
+    );
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// Why a command shown outside a console block does not hold, if it does not:
+/// - `make T`: T is a target; `make demo`'s maskaudit command is a console example, and `make
+///   export` runs the exporter that `tests/export/build_models.py` runs on every test model;
+/// - a synopsis (`MODEL`, `DATA`, `[--option …]`): every option is in the command's `--help`;
+/// - a maskaudit run on the reader's files: it runs on the fixtures instead and ends in a
+///   verdict (exit 0 or 1), so every option it shows parses and works together.
+fn check_shown(command: &str, makefile: &str, console: &[String], dir: &Path) -> Option<String> {
+    let words: Vec<&str> = command.split_whitespace().collect();
+    if words[0] == "make" {
+        let target = words.get(1).copied().unwrap_or("all");
+        let head = format!("\n{target}:");
+        let Some(at) = makefile.find(&head) else {
+            return Some(format!("the Makefile has no target {target}"));
+        };
+        let lines: Vec<String> = makefile[at + head.len()..]
+            .lines()
+            .skip(1)
+            .take_while(|l| l.starts_with('\t'))
+            .map(|l| l.trim().to_string())
+            .collect();
+        return match target {
+            "demo" => {
+                let run = lines.iter().find(|l| l.contains("maskaudit check"))?;
+                let run = run.replace("./target/release/maskaudit", "maskaudit");
+                (!console.iter().any(|c| c == &run))
+                    .then(|| format!("the recipe's `{run}` is no console example"))
+            }
+            "export" => {
+                let exporter = "tools/maskaudit-export.py";
+                let built = std::fs::read_to_string(root().join("tests/export/build_models.py"))
+                    .unwrap()
+                    .contains("maskaudit-export.py");
+                (!(lines.iter().any(|l| l.contains(exporter)) && built))
+                    .then(|| format!("the recipe or build_models.py no longer runs {exporter}"))
+            }
+            _ => None,
+        };
+    }
+    let at = words.iter().position(|w| w.ends_with("maskaudit"))?;
+    let args = &words[at + 1..];
+    let subcommand = *args.first()?;
+    if !["check", "lint", "explain"].contains(&subcommand) {
+        return None; // output text that starts with the name, not a command
+    }
+    if args.iter().any(|a| ["MODEL", "DATA", "CODE"].contains(a)) {
+        let help = Command::new(env!("CARGO_BIN_EXE_maskaudit"))
+            .args([subcommand, "--help"])
+            .output()
+            .unwrap();
+        let help = String::from_utf8_lossy(&help.stdout).into_owned();
+        let missing: Vec<&str> = command
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+            .filter(|w| w.starts_with("--") && !mentions_option(&help, w))
+            .collect();
+        // `# check and lint …` lines name options of both: each must be in one of the two.
+        return (!missing.is_empty()).then(|| format!("not in `{subcommand} --help`: {missing:?}"));
+    }
+    let fixtures = [
+        ("model.pt", "fixtures/tiny_lm.pt"),
+        ("data/train.jsonl", "fixtures/ragged.jsonl"),
+        ("data.jsonl", "fixtures/ragged.jsonl"),
+        ("sft.jsonl", "fixtures/ragged.jsonl"),
+    ];
+    let args: Vec<String> = args
+        .iter()
+        .map(|a| {
+            fixtures
+                .iter()
+                .find(|(mine, _)| a == mine)
+                .map_or(a.to_string(), |(_, fixture)| fixture.to_string())
+        })
+        .collect();
+    let out = Command::new(env!("CARGO_BIN_EXE_maskaudit"))
+        .args(&args)
+        .current_dir(dir)
+        .env("CUDA_VISIBLE_DEVICES", "")
+        .output()
+        .unwrap();
+    match out.status.code() {
+        Some(0 | 1) => None,
+        code => Some(format!(
+            "with the fixtures ({}), exit {code:?}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+    }
+}
+
+/// Whether `help` names `option` itself, not just an option it is the start of.
+fn mentions_option(help: &str, option: &str) -> bool {
+    help.match_indices(option).any(|(i, _)| {
+        !help[i + option.len()..].starts_with(|c: char| c.is_ascii_alphanumeric() || c == '-')
+    })
 }
