@@ -75,7 +75,7 @@ hf-models: setup
 test: setup hf-models test-tools
 	$(CARGO) test --locked
 
-# A Hugging Face model directory to TorchScript, verified against eager (README.md,
+# A Hugging Face model directory to TorchScript, verified against eager (docs/guide.md,
 # "From a Hugging Face model"): make export MODEL=dir OUT=model.pt [DTYPE=bfloat16]
 export:
 	@if [ -z "$(MODEL)" ] || [ -z "$(OUT)" ]; then \
@@ -107,7 +107,7 @@ test-tools:
 fixtures: setup
 	$(VENV_PYTHON) fixtures/generate.py
 
-# maskaudit against the PyTorch peer and the forward-only floor (README.md, "Performance").
+# maskaudit against the PyTorch peer and the forward-only floor (docs/performance.md).
 # Several minutes; BENCH_ARGS go to bench/bench.py, e.g. BENCH_ARGS='--only compute --reps 9'.
 bench: build
 	PYTHON=$(VENV_PYTHON) bench/run.sh $(BENCH_ARGS)
@@ -118,7 +118,7 @@ check-fmt:
 clippy: setup
 	$(CARGO) clippy --all-targets --locked -- -D warnings
 
-# Fuzzes the data readers (README.md, "Fuzzing"): each target of fuzz/ for FUZZ_RUNS inputs,
+# Fuzzes the data readers (docs/guide.md, "Fuzzing"): each target of fuzz/ for FUZZ_RUNS inputs,
 # one target after the other, from the committed seeds; new inputs go to fuzz/work/, crashes
 # to fuzz/artifacts/. Needs the nightly toolchain; installs cargo-fuzz if missing. Not part of
 # `make test` or CI. parquet runs in fork mode, its timeouts logged but not fatal: the parquet

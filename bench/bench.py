@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """maskaudit against the PyTorch peer (bench/peer.py) and the forward-only floor
-(bench/forward_only.rs), side by side, on generated workloads. README.md, "Performance", says
+(bench/forward_only.rs), side by side, on generated workloads. docs/performance.md says
 what is measured and how; bench/run.sh (`make bench`) builds and runs this.
 
 Every run is a fresh process, timed wall-clock from spawn to exit, with its peak RSS from

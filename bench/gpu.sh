@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurement (README.md, "Performance"). LIBTORCH.md: build here, run there. Copy next
+# The GPU measurement (docs/performance.md). LIBTORCH.md: build here, run there. Copy next
 # to this script: bench.py, gen.py, peer.py, and the release builds `maskaudit` and
 # `forward_only` (target/release/examples/); run it on a machine whose python3 has PyTorch 2.11
 # with CUDA. It generates the workloads with that PyTorch under /tmp/bench (a GPT-2-small-shaped

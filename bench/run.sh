@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# maskaudit against the PyTorch peer and the forward-only floor (README.md, "Performance").
+# maskaudit against the PyTorch peer and the forward-only floor (docs/performance.md).
 # Builds what it times, generates the workloads under target/bench/ (once), then runs
 # bench/bench.py with any arguments given here, e.g. `bench/run.sh --only compute --reps 9`.
 set -euo pipefail

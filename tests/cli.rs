@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use serde::Deserialize;
 
-/// The JSON contract as a consumer reads it (README, "JSON output").
+/// The JSON contract as a consumer reads it (docs/json.md).
 #[derive(Debug, Deserialize)]
 struct CheckJson {
     schema_version: u32,

@@ -8,7 +8,7 @@ mod common;
 use common::*;
 use serde::Deserialize;
 
-/// The `lint` JSON contract as a consumer reads it (README, "lint JSON").
+/// The `lint` JSON contract as a consumer reads it (docs/json.md, "lint").
 #[derive(Debug, Deserialize)]
 struct LintJson {
     schema_version: u32,

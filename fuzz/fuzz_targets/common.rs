@@ -30,7 +30,7 @@ fn drain(rows: RowSource) {
                 // Every message is one line (the error printer's contract).
                 let message = e.to_string();
                 assert!(!message.contains('\n'), "{message}");
-                // Lists what inputs run one by one trigger (README.md, "Fuzzing").
+                // Lists what inputs run one by one trigger (docs/guide.md, "Fuzzing").
                 if std::env::var_os("FUZZ_SHOW_ERRORS").is_some() {
                     eprintln!("maskaudit error: {message}");
                 }

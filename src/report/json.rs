@@ -1,6 +1,6 @@
 //! `--format json`: the report as one JSON document.
 //!
-//! The schema is documented in the README ("JSON output") and tested from the consumer's side
+//! The schema is documented in docs/json.md and tested from the consumer's side
 //! in `tests/cli.rs`, which decodes the real binary's output.
 
 use std::io::Write;
