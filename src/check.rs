@@ -193,7 +193,18 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
     }
     overlap.finish(&model, &mut totals, &mut run)?;
     timing.mark("the other batches");
-    if timing.on && model.run_kind() == Kind::BFloat16 && device.is_cuda() {
+    if timing.on && device.is_cuda() {
+        let _ = writeln!(
+            std::io::stderr(),
+            "maskaudit timing: cross-entropy {}",
+            model::cuda_ce::cross_entropy_used().unwrap_or("none")
+        );
+    }
+    if timing.on
+        && model.run_kind() == Kind::BFloat16
+        && device.is_cuda()
+        && model::cuda_ce::cross_entropy_used() != Some("fused-cuda")
+    {
         // A diagnostic on request: straight to stderr.
         let _ = writeln!(
             std::io::stderr(),
@@ -284,6 +295,7 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
             dtype: model.dtype().to_string(),
             run_dtype: model.run_dtype().to_string(),
             tf32,
+            cross_entropy: model::cuda_ce::cross_entropy_used().map(str::to_string),
             architecture: model.record().and_then(|r| r.architecture.clone()),
             max_position_embeddings: model.record().and_then(|r| r.max_position_embeddings),
             consistency: run.consistency.clone(),

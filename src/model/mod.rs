@@ -71,6 +71,7 @@ impl From<tch::TchError> for ModelError {
 }
 
 pub mod consistency;
+pub mod cuda_ce;
 mod cuda_event;
 mod device;
 mod losses;
