@@ -94,6 +94,10 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
     if device == Device::Cpu {
         sys::cap_address_space();
     }
+    if let Device::Cuda(index) = device {
+        // NVRTC compiles the fused cross-entropy while the model loads.
+        model::cuda_ce::prepare_in_background(index);
+    }
     let model = TorchScriptLm::load(&opts.model, device, &load_options(opts))?;
     let tf32 = model::apply_tf32(opts.tf32, device, model.run_kind());
     if let Some(pad) = opts.pad_id.filter(|&p| p >= model.vocab_size()) {

@@ -391,6 +391,47 @@ pub fn queue_token_losses(
     }))
 }
 
+/// Starts compiling and loading the kernels for CUDA device `index` on a thread of its own, so
+/// that NVRTC's fraction of a second of CPU overlaps the model's load instead of delaying the
+/// first batch (which then finds them ready, or waits for the rest). Nothing when
+/// `MASKAUDIT_FUSED_CE=0` or NVRTC cannot be found.
+///
+/// A process that exits while the thread compiles would run NVRTC's and the driver's static
+/// destructors under it, so both libraries are opened here, on the calling thread, before an
+/// `atexit` handler that waits for the thread is registered: handlers run in the reverse order
+/// of registration, so that one runs before theirs.
+pub fn prepare_in_background(index: usize) {
+    if !enabled() || Library::open("libcuda.so.1").is_err() || nvrtc().is_err() {
+        return;
+    }
+    PREPARING.store(true, Ordering::SeqCst);
+    // SAFETY: registers a plain `extern "C" fn()`.
+    if unsafe { libc::atexit(wait_for_preparation) } != 0 {
+        PREPARING.store(false, Ordering::SeqCst);
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("maskaudit-nvrtc".into())
+        .spawn(move || {
+            let _ = kernels(index);
+            PREPARING.store(false, Ordering::SeqCst);
+        });
+    if spawned.is_err() {
+        PREPARING.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Whether [`prepare_in_background`]'s thread is still at work.
+static PREPARING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// At exit: waits (up to a minute) for [`prepare_in_background`]'s thread.
+extern "C" fn wait_for_preparation() {
+    let start = std::time::Instant::now();
+    while PREPARING.load(Ordering::SeqCst) && start.elapsed() < std::time::Duration::from_secs(60) {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
 /// Whether the kernels can be had on CUDA device `index` (compiling them on the first call),
 /// or why not.
 pub fn available(index: usize) -> Result<(), String> {
