@@ -7,7 +7,8 @@
 # then, in one go:
 #   1. the fixture on the GPU in float32 without and with TF32, in bfloat16 and float16 (the
 #      numeric effect of --tf32 and --dtype against fixtures/expected.json);
-#   2. gpt2-small in bfloat16 (with maskaudit's overlap turned off as a variant) and in float32
+#   2. gpt2-small in bfloat16 (with maskaudit's overlap turned off, and libtorch's cross-entropy
+#      instead of the fused kernel, as variants) and in float32
 #      with TF32, and qwen2-0.5b in its bf16: maskaudit, the peer and the forward-only floor each
 #      time, bench.py's targets;
 #   3. a batch of 48 x 2048 tokens of the 152k-vocabulary model, maskaudit against the peer,
@@ -48,6 +49,7 @@ except ValueError:
 m = r["model"]
 print(f"{sys.argv[1]:28s} run_dtype {m['run_dtype']:9s} tf32 {m['tf32']!s:5s} "
       f"masked_token_mean {r['losses']['masked_token_mean']:.10f} verdict {r['verdict']} "
+      f"cross_entropy {m.get('cross_entropy')} "
       f"probe tolerance {m['consistency']['tolerance']}")
 EOF
     for opts in "--dtype float32 --tf32 off" "--dtype float32 --tf32 on" "--dtype bfloat16" \
@@ -65,6 +67,12 @@ cat >maskaudit-no-overlap <<EOF
 MASKAUDIT_OVERLAP=0 exec "$PWD/maskaudit" "\$@"
 EOF
 chmod +x maskaudit-no-overlap
+# libtorch's cross-entropy instead of the fused kernel (loss::cuda_ce), for comparison.
+cat >maskaudit-libtorch-ce <<EOF
+#!/bin/sh
+MASKAUDIT_FUSED_CE=0 exec "$PWD/maskaudit" "\$@"
+EOF
+chmod +x maskaudit-libtorch-ce
 status=0
 bench() {
     local tag=$1
@@ -77,7 +85,8 @@ bench() {
     [ "$rc" = 0 ] || status=$rc
     echo | tee -a "$OUT/summary.txt"
 }
-bench gpt2_bf16 --only gpt2-small --dtype bfloat16 --variant "no-overlap=./maskaudit-no-overlap" "$@"
+bench gpt2_bf16 --only gpt2-small --dtype bfloat16 --variant "no-overlap=./maskaudit-no-overlap" \
+    --variant "libtorch-ce=./maskaudit-libtorch-ce" "$@"
 bench gpt2_tf32 --only gpt2-small --dtype float32 --tf32 on "$@"
 cat >maskaudit-no-probe <<EOF
 #!/bin/sh
@@ -85,7 +94,7 @@ exec "$PWD/maskaudit" "\$@" --no-model-probe
 EOF
 chmod +x maskaudit-no-probe
 bench qwen2_bf16 --only qwen2-0.5b --dtype auto --variant "no-probe=./maskaudit-no-probe" \
-    --variant "no-overlap=./maskaudit-no-overlap" "$@"
+    --variant "no-overlap=./maskaudit-no-overlap" --variant "libtorch-ce=./maskaudit-libtorch-ce" "$@"
 {
     echo "== qwen2-0.5b phases (MASKAUDIT_TIMING=1), then the floor"
     MASKAUDIT_TIMING=1 ./maskaudit check /tmp/bench/qwen2_0.5b_bf16.pt /tmp/bench/qwen2_2048.jsonl \

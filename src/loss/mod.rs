@@ -7,6 +7,7 @@
 
 pub mod aggregate;
 pub mod batch;
+pub mod cuda_ce;
 pub mod diagnosis;
 pub mod steps;
 pub mod token;

@@ -12,7 +12,8 @@ pub const CHUNK_ELEMENTS: i64 = 1 << 24;
 ///
 /// Contiguous f32 logits on a CPU with AVX2 and FMA take [`fused_ce`], which reads each
 /// position's logits once and writes nothing but its loss; contiguous f32, bf16 and f16 logits
-/// on CUDA take [`flat_token_losses`] (a few large chunks, upcast to f32 a chunk at a time);
+/// on CUDA take [`flat_token_losses`] (the fused kernel of [`super::cuda_ce`], or libtorch's in a
+/// few large chunks, upcast to f32 a chunk at a time);
 /// everything else (half and double precision on the CPU, other CPUs)
 /// takes libtorch's kernels, [`shifted_token_losses`].
 pub fn token_losses(
@@ -42,6 +43,9 @@ pub fn token_losses(
         && logits.is_contiguous()
     {
         return flat_token_losses(logits, input_ids, chunk_elements.max(CUDA_CHUNK_ELEMENTS));
+    }
+    if logits.device().is_cuda() {
+        super::cuda_ce::note_libtorch_ran();
     }
     shifted_token_losses(logits, input_ids, 1, chunk_elements)
 }
@@ -98,8 +102,27 @@ pub struct QueuedLosses {
     pub finite: Tensor,
 }
 
-/// Queues [`flat_token_losses`]' kernels; nothing here waits for the device.
+/// Queues [`flat_token_losses`]' kernels; nothing here waits for the device. On CUDA that is
+/// the fused kernel of [`super::cuda_ce`] where it can be had (and `MASKAUDIT_FUSED_CE` is not
+/// `0`), otherwise [`queue_libtorch_token_losses`].
 pub fn queue_flat_token_losses(
+    logits: &Tensor,
+    input_ids: &Tensor,
+    chunk_elements: i64,
+) -> Result<QueuedLosses, tch::TchError> {
+    if logits.device().is_cuda() {
+        if super::cuda_ce::enabled() {
+            if let Some(queued) = super::cuda_ce::queue_token_losses(logits, input_ids)? {
+                return Ok(queued);
+            }
+        }
+        super::cuda_ce::note_libtorch_ran();
+    }
+    queue_libtorch_token_losses(logits, input_ids, chunk_elements)
+}
+
+/// [`queue_flat_token_losses`] with libtorch's kernels, chunked (see [`flat_token_losses`]).
+pub fn queue_libtorch_token_losses(
     logits: &Tensor,
     input_ids: &Tensor,
     chunk_elements: i64,

@@ -75,6 +75,10 @@ pub struct ModelInfo {
     pub run_dtype: String,
     /// Whether float32 matrix products used TF32 (`--tf32`; only on CUDA, in float32).
     pub tf32: bool,
+    /// Which cross-entropy the GPU ran: `fused-cuda` (maskaudit's kernel, `loss::cuda_ce`) or
+    /// `libtorch`; the key is absent where no cross-entropy ran on a GPU (CPU runs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cross_entropy: Option<String>,
     /// From the exporter's record; null without one.
     pub architecture: Option<String>,
     pub max_position_embeddings: Option<i64>,

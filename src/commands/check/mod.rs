@@ -3,14 +3,13 @@
 //! The dataset is read one row at a time and processed one batch at a time, so memory does
 //! not grow with the number of rows.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::thread;
 
 use anyhow::Result;
 use indicatif::ProgressBar;
-use tch::{Device, Kind};
+use tch::Device;
 
 use crate::data::batch::{Batch, Batcher};
 use crate::data::{DataError, FieldNames, RowSource, Unit};
@@ -103,6 +102,10 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
     let device = opts.device.resolve()?;
     if device == Device::Cpu {
         sys::cap_address_space();
+    }
+    if let Device::Cuda(index) = device {
+        // NVRTC compiles the fused cross-entropy while the model loads.
+        crate::loss::cuda_ce::prepare_in_background(index);
     }
     let model = TorchScriptLm::load(&opts.model, device, &load_options(opts))?;
     let tf32 = model::apply_tf32(opts.tf32, device, model.run_kind());
@@ -300,18 +303,7 @@ fn stream(
     }
     overlap.finish(model, totals, run)?;
     timing.mark("the other batches");
-    if timing.on && model.run_kind() == Kind::BFloat16 && model.device().is_cuda() {
-        // A diagnostic on request: straight to stderr.
-        let _ = writeln!(
-            std::io::stderr(),
-            "maskaudit timing: bf16 logits upcast {}",
-            if crate::loss::bf16_upcast_in_kernel() {
-                "inside the log-softmax kernel"
-            } else {
-                "by a copy (the kernel refused half_to_float)"
-            }
-        );
-    }
+    timing.cross_entropy(model);
     if !pending.is_empty() {
         let ctx = StepContext {
             model,
@@ -429,6 +421,7 @@ fn model_info(
         dtype: model.dtype().to_string(),
         run_dtype: model.run_dtype().to_string(),
         tf32,
+        cross_entropy: crate::loss::cuda_ce::cross_entropy_used().map(str::to_string),
         architecture: model.record().and_then(|r| r.architecture.clone()),
         max_position_embeddings: model.record().and_then(|r| r.max_position_embeddings),
         consistency,

@@ -2,7 +2,9 @@
 
 use std::io::Write;
 
-use tch::Device;
+use tch::{Device, Kind};
+
+use crate::model::{LanguageModel, TorchScriptLm};
 
 /// `MASKAUDIT_TIMING=1`: the wall time of each phase of a run on stderr (for measuring; on a
 /// GPU the device is synchronised at each mark).
@@ -35,5 +37,32 @@ impl Timing {
             (now - self.last).as_secs_f64()
         );
         self.last = now;
+    }
+
+    /// Which cross-entropy a GPU run took, and how bf16 logits were upcast on libtorch's path.
+    pub(super) fn cross_entropy(&self, model: &TorchScriptLm) {
+        if self.on && model.device().is_cuda() {
+            let _ = writeln!(
+                std::io::stderr(),
+                "maskaudit timing: cross-entropy {}",
+                crate::loss::cuda_ce::cross_entropy_used().unwrap_or("none")
+            );
+        }
+        if self.on
+            && model.run_kind() == Kind::BFloat16
+            && model.device().is_cuda()
+            && crate::loss::cuda_ce::cross_entropy_used() != Some("fused-cuda")
+        {
+            // A diagnostic on request: straight to stderr.
+            let _ = writeln!(
+                std::io::stderr(),
+                "maskaudit timing: bf16 logits upcast {}",
+                if crate::loss::bf16_upcast_in_kernel() {
+                    "inside the log-softmax kernel"
+                } else {
+                    "by a copy (the kernel refused half_to_float)"
+                }
+            );
+        }
     }
 }
