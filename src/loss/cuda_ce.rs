@@ -88,6 +88,19 @@ __device__ __forceinline__ Acc combine(Acc a, Acc b) {
     return r;
 }
 
+// The combination of a warp's 32 accumulators, in every lane.
+__device__ __forceinline__ Acc warp_reduce(Acc a) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+        Acc o;
+        o.m = __shfl_xor_sync(0xffffffffu, a.m, off);
+        o.s = __shfl_xor_sync(0xffffffffu, a.s, off);
+        o.bad = __shfl_xor_sync(0xffffffffu, a.bad, off);
+        a = combine(a, o);
+    }
+    return a;
+}
+
 // Element widening, and the vector width (16 bytes) per element type.
 struct F32 {
     typedef float T;
@@ -195,14 +208,7 @@ __device__ __forceinline__ void lse_ce(const typename E::T* __restrict__ logits,
     }
 
     // Warp, then block.
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-        Acc o;
-        o.m = __shfl_xor_sync(0xffffffffu, a.m, off);
-        o.s = __shfl_xor_sync(0xffffffffu, a.s, off);
-        o.bad = __shfl_xor_sync(0xffffffffu, a.bad, off);
-        a = combine(a, o);
-    }
+    a = warp_reduce(a);
     const int warp = tid >> 5;
     const int lane = tid & 31;
     const int warps = (nt + 31) >> 5;
@@ -222,14 +228,7 @@ __device__ __forceinline__ void lse_ce(const typename E::T* __restrict__ logits,
             a.s = 0.0f;
             a.bad = 0;
         }
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) {
-            Acc o;
-            o.m = __shfl_xor_sync(0xffffffffu, a.m, off);
-            o.s = __shfl_xor_sync(0xffffffffu, a.s, off);
-            o.bad = __shfl_xor_sync(0xffffffffu, a.bad, off);
-            a = combine(a, o);
-        }
+        a = warp_reduce(a);
         if (lane == 0) {
             const i64 target = ids[b * t + p + 1];
             // Ids are checked against the vocabulary before any batch runs; an id outside it
