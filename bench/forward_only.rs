@@ -30,6 +30,8 @@ use maskaudit::model::{
     apply_tf32, DeviceChoice, DtypeChoice, LanguageModel, LoadOptions, Tf32, TorchScriptLm,
 };
 
+/// Long because it is the floor's whole measurement, read top to bottom: arguments, the
+/// model loaded as maskaudit loads it, the rows batched first, then the timed forward loop.
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     if args.len() < 5 {

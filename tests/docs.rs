@@ -493,34 +493,7 @@ fn commands_outside_console_blocks_are_checked() {
 fn check_shown(command: &str, makefile: &str, console: &[String], dir: &Path) -> Option<String> {
     let words: Vec<&str> = command.split_whitespace().collect();
     if words[0] == "make" {
-        let target = words.get(1).copied().unwrap_or("all");
-        let head = format!("\n{target}:");
-        let Some(at) = makefile.find(&head) else {
-            return Some(format!("the Makefile has no target {target}"));
-        };
-        let lines: Vec<String> = makefile[at + head.len()..]
-            .lines()
-            .skip(1)
-            .take_while(|l| l.starts_with('\t'))
-            .map(|l| l.trim().to_string())
-            .collect();
-        return match target {
-            "demo" => {
-                let run = lines.iter().find(|l| l.contains("maskaudit check"))?;
-                let run = run.replace("./target/release/maskaudit", "maskaudit");
-                (!console.iter().any(|c| c == &run))
-                    .then(|| format!("the recipe's `{run}` is no console example"))
-            }
-            "export" => {
-                let exporter = "tools/maskaudit-export.py";
-                let built = std::fs::read_to_string(root().join("tests/export/build_models.py"))
-                    .unwrap()
-                    .contains("maskaudit-export.py");
-                (!(lines.iter().any(|l| l.contains(exporter)) && built))
-                    .then(|| format!("the recipe or build_models.py no longer runs {exporter}"))
-            }
-            _ => None,
-        };
+        return check_make(&words, makefile, console);
     }
     let at = words.iter().position(|w| w.ends_with("maskaudit"))?;
     let args = &words[at + 1..];
@@ -569,6 +542,39 @@ fn check_shown(command: &str, makefile: &str, console: &[String], dir: &Path) ->
             args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         )),
+    }
+}
+
+/// `make T` as the docs show it: T is a target; `make demo`'s maskaudit command is a console
+/// example, and `make export` runs the exporter `tests/export/build_models.py` runs.
+fn check_make(words: &[&str], makefile: &str, console: &[String]) -> Option<String> {
+    let target = words.get(1).copied().unwrap_or("all");
+    let head = format!("\n{target}:");
+    let Some(at) = makefile.find(&head) else {
+        return Some(format!("the Makefile has no target {target}"));
+    };
+    let lines: Vec<String> = makefile[at + head.len()..]
+        .lines()
+        .skip(1)
+        .take_while(|l| l.starts_with('\t'))
+        .map(|l| l.trim().to_string())
+        .collect();
+    match target {
+        "demo" => {
+            let run = lines.iter().find(|l| l.contains("maskaudit check"))?;
+            let run = run.replace("./target/release/maskaudit", "maskaudit");
+            (!console.iter().any(|c| c == &run))
+                .then(|| format!("the recipe's `{run}` is no console example"))
+        }
+        "export" => {
+            let exporter = "tools/maskaudit-export.py";
+            let built = std::fs::read_to_string(root().join("tests/export/build_models.py"))
+                .unwrap()
+                .contains("maskaudit-export.py");
+            (!(lines.iter().any(|l| l.contains(exporter)) && built))
+                .then(|| format!("the recipe or build_models.py no longer runs {exporter}"))
+        }
+        _ => None,
     }
 }
 

@@ -284,6 +284,8 @@ fn github_step_summary_is_appended_and_annotations_leave_json_alone() {
     assert!(!out.stderr.contains("::error"), "{out:?}");
 }
 
+/// Long because it is one story: write a baseline, accept it, add a finding, fail, for lint
+/// and for check; split, each step would repeat the set-up of the ones before.
 #[test]
 fn a_baseline_accepts_known_findings_and_new_ones_still_fail() {
     let dir = TempDir::new("reports-baseline");
@@ -419,6 +421,7 @@ fn chromium(profile: &Path, args: &[String]) -> Option<std::process::Output> {
     }
 }
 
+/// Long because the browser's DOM is read once and every check of the page is made on it.
 #[test]
 fn html_report_in_a_real_browser() {
     let version = Command::new("chromium").arg("--version").output();

@@ -156,6 +156,8 @@ pub fn write_gzip(path: &Path, bytes: &[u8]) {
 /// Writes JSON rows as Parquet the way pyarrow does: every array field an optional
 /// `list<int64>` (or `list<int32>`) of optional elements, plus a string column `text` that
 /// maskaudit must skip. A missing field is a null list. Row groups hold `group_rows` rows.
+/// Long because the parquet crate's writer wants the schema, each column's definition and
+/// repetition levels and the row groups spelt out, in that order.
 pub fn write_parquet(
     path: &Path,
     rows: &[serde_json::Value],
