@@ -27,7 +27,8 @@ use maskaudit::data::batch::Batcher;
 use maskaudit::data::{FieldNames, RowSource};
 use maskaudit::loss::batch::BatchTensors;
 use maskaudit::model::{
-    apply_tf32, DeviceChoice, DtypeChoice, LanguageModel, LoadOptions, Tf32, TorchScriptLm,
+    apply_tf32, DeviceChoice, DtypeChoice, LanguageModel, LoadOptions, LoadedModel, Tf32,
+    TorchScriptLm,
 };
 
 /// Long because it is the floor's whole measurement, read top to bottom: arguments, the

@@ -72,7 +72,7 @@ impl BatchTensors {
 
 /// Runs one batch through the model and returns its per-token losses `[B, T-1]` as a host
 /// vector. Also the building block of the user-loss audit.
-pub fn batch_losses<M: LanguageModel>(
+pub fn batch_losses<M: LanguageModel + ?Sized>(
     model: &M,
     batch: &Batch,
     model_path: &std::path::Path,
@@ -123,7 +123,7 @@ pub fn batch_losses<M: LanguageModel>(
 /// cross-entropy when they are in another dtype. A batch that cannot fit is refused before
 /// the forward, with the option that fixes it, rather than killed by the kernel halfway.
 /// Only on the CPU: MemAvailable says nothing about a GPU.
-fn check_memory<M: LanguageModel>(
+fn check_memory<M: LanguageModel + ?Sized>(
     model: &M,
     batch: &Batch,
     path: &str,

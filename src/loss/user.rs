@@ -22,7 +22,7 @@ use crate::loss::diagnosis::{
     ProbeResult,
 };
 use crate::loss::weights::{self, BatchGradient, GradientSummary};
-use crate::model::{self, describe, torch_message, ModelError, TorchScriptLm};
+use crate::model::{self, describe, torch_message, LoadedModel, ModelError};
 
 /// Batches the probes run on: the first ones with a trained target. Enough to catch a loss
 /// that moves, cheap on a large dataset.
@@ -157,7 +157,7 @@ impl UserLoss {
 
     /// Calls the loss and returns its scalar. The loss gets copies: one that writes into its
     /// inputs (zeroing the logits, say) cannot change what maskaudit computes from them.
-    pub fn call(&self, model: &TorchScriptLm, t: &LossTensors) -> Result<f64, UserLossError> {
+    pub fn call(&self, model: &dyn LoadedModel, t: &LossTensors) -> Result<f64, UserLossError> {
         let values = self.copies(t)?;
         let out = self.invoke(model, &values)?;
         Ok(self.finite(&values, scalar(out))?.0)
@@ -167,7 +167,7 @@ impl UserLoss {
     /// (None when the loss takes no logits or its value does not depend on them).
     pub fn call_with_gradient(
         &self,
-        model: &TorchScriptLm,
+        model: &dyn LoadedModel,
         t: &LossTensors,
     ) -> Result<(f64, Option<Tensor>), UserLossError> {
         let torch = |e: tch::TchError| UserLossError::Threw {
@@ -232,14 +232,19 @@ impl UserLoss {
             .join(", ")
     }
 
-    fn invoke(&self, model: &TorchScriptLm, values: &[Tensor]) -> Result<IValue, UserLossError> {
+    fn invoke(&self, model: &dyn LoadedModel, values: &[Tensor]) -> Result<IValue, UserLossError> {
         let inputs: Vec<IValue> = values
             .iter()
             .map(|v| IValue::Tensor(v.shallow_clone()))
             .collect();
         match &self.source {
             Source::Module { module, .. } => module.forward_is(&inputs),
-            Source::Method { name, .. } => model.module().method_is(name, &inputs),
+            Source::Method { name, .. } => match model.torchscript() {
+                Some(module) => module.method_is(name, &inputs),
+                None => Err(tch::TchError::Torch(format!(
+                    "--loss-method {name}: the model is not TorchScript, so it has no methods to call"
+                ))),
+            },
         }
         .map_err(|e| UserLossError::Threw {
             source_name: self.source_name(),
@@ -538,7 +543,7 @@ impl LossAudit {
     /// losses under its mask, as `check` took them for the dataset's totals.
     pub fn observe(
         &mut self,
-        model: &TorchScriptLm,
+        model: &dyn LoadedModel,
         batch: &Batch,
         tensors: &BatchTensors,
         logits: &Tensor,
@@ -636,7 +641,7 @@ impl LossAudit {
 
     fn probe(
         &mut self,
-        model: &TorchScriptLm,
+        model: &dyn LoadedModel,
         inputs: &LossTensors,
         user: f64,
         seq_len: i64,
@@ -826,6 +831,66 @@ fn misaligned_losses(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{
+        record::ExportRecord, ArgsSource, ForwardArg, LanguageModel, OutputForm, Signature,
+    };
+
+    /// A model of a format with no TorchScript module behind it.
+    struct NotTorchScript(Signature);
+
+    impl LanguageModel for NotTorchScript {
+        fn vocab_size(&self) -> i64 {
+            5
+        }
+        fn device(&self) -> Device {
+            Device::Cpu
+        }
+        fn logits(&self, ids: &Tensor, _: &Tensor) -> Result<Tensor, ModelError> {
+            Ok(ids.f_zeros_like()?.f_to_kind(Kind::Float)?)
+        }
+    }
+
+    impl LoadedModel for NotTorchScript {
+        fn path(&self) -> &str {
+            "m.pte"
+        }
+        fn signature(&self) -> &Signature {
+            &self.0
+        }
+        fn output_form(&self) -> OutputForm {
+            OutputForm::Tensor
+        }
+        fn dtype(&self) -> &str {
+            "float32"
+        }
+        fn run_kind(&self) -> Kind {
+            Kind::Float
+        }
+        fn record(&self) -> Option<&ExportRecord> {
+            None
+        }
+        fn torchscript(&self) -> Option<&tch::CModule> {
+            None
+        }
+    }
+
+    #[test]
+    fn a_loss_method_needs_a_torchscript_model() {
+        let model = NotTorchScript(Signature {
+            args: vec![ForwardArg::InputIds],
+            source: ArgsSource::Probe,
+            note: String::new(),
+        });
+        let loss = UserLoss::method("loss", Path::new("m.pte"), vec![LossArg::InputIds]);
+        let ids = Tensor::from_slice(&[1i64, 2, 3]).view([1, 3]);
+        let logits = Tensor::zeros([1, 3, 5], (Kind::Float, Device::Cpu));
+        let inputs = LossTensors::new(&logits, &ids, &ids.ones_like(), &ids.ones_like(), 2);
+        let err = loss.call(&model, &inputs).unwrap_err().to_string();
+        assert!(
+            err.contains("--loss-method loss: the model is not TorchScript"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn a_failed_padded_batch_stays_in_the_note() {

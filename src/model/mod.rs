@@ -15,6 +15,41 @@ pub trait LanguageModel {
     fn logits(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor, ModelError>;
 }
 
+/// A model file loaded for `check`: the forward, and what the report says of it. One
+/// implementation a model format ([`TorchScriptLm`] today); [`load`] picks it.
+pub trait LoadedModel: LanguageModel {
+    /// The file, for messages and the report.
+    fn path(&self) -> &str;
+    /// The forward's arguments, and how they were found.
+    fn signature(&self) -> &Signature;
+    /// Where the logits are in the forward's output.
+    fn output_form(&self) -> OutputForm;
+    /// The parameters' dtype (`float32`, `bfloat16`, …), as recorded or as found.
+    fn dtype(&self) -> &str;
+    /// The dtype the forward runs in (`--dtype`, else the model's own).
+    fn run_kind(&self) -> tch::Kind;
+    /// [`Self::run_kind`] by PyTorch's name: `float32`, `bfloat16`, `float16`.
+    fn run_dtype(&self) -> &'static str {
+        kind_name(self.run_kind())
+    }
+    /// The maskaudit-export record, when the file has one.
+    fn record(&self) -> Option<&record::ExportRecord>;
+    /// The TorchScript module behind the model, for `--loss-method` (a method of the model's
+    /// own module); `None` for a format that has no methods to call.
+    fn torchscript(&self) -> Option<&tch::CModule>;
+}
+
+/// Loads a model file, in whatever format it is: today TorchScript, the only one (a file of
+/// another kind is named for what it is by [`TorchScriptLm::load`]). A new format is told apart
+/// here, by its contents, and returns its own [`LoadedModel`].
+pub fn load(
+    path: &Path,
+    device: Device,
+    opts: &LoadOptions,
+) -> Result<Box<dyn LoadedModel>, ModelError> {
+    Ok(Box::new(TorchScriptLm::load(path, device, opts)?))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     #[error("{path}: no such file")]

@@ -7,7 +7,7 @@ use serde::Serialize;
 use tch::{CModule, Device, IValue, Kind, Tensor};
 
 use super::record::{self, ExportRecord, FileKind};
-use super::{torch_message, LanguageModel, ModelError};
+use super::{torch_message, LanguageModel, LoadedModel, ModelError};
 
 /// Where the logits were found in the module's output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -271,43 +271,6 @@ impl TorchScriptLm {
             run_kind,
             record,
         })
-    }
-
-    pub fn signature(&self) -> &Signature {
-        &self.signature
-    }
-
-    pub fn output_form(&self) -> OutputForm {
-        self.output_form
-    }
-
-    /// The parameters' dtype (`float32`, `bfloat16`, …), as recorded or as found.
-    pub fn dtype(&self) -> &str {
-        &self.dtype
-    }
-
-    /// The dtype the forward runs in (`--dtype`, else the model's own).
-    pub fn run_kind(&self) -> Kind {
-        self.run_kind
-    }
-
-    /// [`Self::run_kind`] by PyTorch's name: `float32`, `bfloat16`, `float16`.
-    pub fn run_dtype(&self) -> &'static str {
-        kind_name(self.run_kind)
-    }
-
-    /// The exporter's record, when the file has one.
-    pub fn record(&self) -> Option<&ExportRecord> {
-        self.record.as_ref()
-    }
-
-    pub fn path(&self) -> &str {
-        &self.path
-    }
-
-    /// The underlying module, for methods other than forward (a user's loss method).
-    pub fn module(&self) -> &CModule {
-        &self.module
     }
 }
 
@@ -789,6 +752,36 @@ pub fn describe(v: &IValue) -> String {
         IValue::Object(_) => "an object".into(),
         IValue::Device(_) => "a device".into(),
         _ => "an unsupported value".into(),
+    }
+}
+
+impl LoadedModel for TorchScriptLm {
+    fn path(&self) -> &str {
+        &self.path
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn output_form(&self) -> OutputForm {
+        self.output_form
+    }
+
+    fn dtype(&self) -> &str {
+        &self.dtype
+    }
+
+    fn run_kind(&self) -> Kind {
+        self.run_kind
+    }
+
+    fn record(&self) -> Option<&ExportRecord> {
+        self.record.as_ref()
+    }
+
+    fn torchscript(&self) -> Option<&CModule> {
+        Some(&self.module)
     }
 }
 

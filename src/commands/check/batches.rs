@@ -12,7 +12,7 @@ use crate::loss::batch::{batch_losses, BatchTensors};
 use crate::loss::steps::{self, MicroBatch, Step, UserMicroBatch};
 use crate::loss::user::{LossArg, LossAudit};
 use crate::model::consistency::{self, Consistency};
-use crate::model::{self, LanguageModel, TorchScriptLm};
+use crate::model::{self, LoadedModel};
 use crate::report::token_rows::{self, TokenRow};
 
 /// What `check` learns batch by batch beyond the loss totals.
@@ -84,7 +84,7 @@ impl RunState {
     /// Findings about the model and the losses it produced.
     pub(super) fn findings(
         &self,
-        model: &TorchScriptLm,
+        model: &dyn LoadedModel,
         losses: &crate::loss::aggregate::Aggregates,
     ) -> Vec<Finding> {
         let unit = self.unit;
@@ -163,7 +163,7 @@ impl RunState {
 
 /// What [`run_step`] needs besides the running state.
 pub(super) struct StepContext<'a> {
-    pub(super) model: &'a TorchScriptLm,
+    pub(super) model: &'a dyn LoadedModel,
     pub(super) opts: &'a CheckOptions,
     /// False for the last, partial step.
     pub(super) full: bool,
@@ -223,7 +223,7 @@ pub(super) fn run_step(
 /// indexes its position table out of range, which on a GPU is a device-side assert that
 /// poisons the CUDA context.
 pub(super) fn check_length_limit(
-    model: &TorchScriptLm,
+    model: &dyn LoadedModel,
     batch: &Batch,
     unit: Unit,
     line: usize,
@@ -242,7 +242,7 @@ pub(super) fn check_length_limit(
 }
 
 pub(super) fn process_batch(
-    model: &TorchScriptLm,
+    model: &dyn LoadedModel,
     batch: &Batch,
     totals: &mut LossTotals,
     run: &mut RunState,
@@ -303,7 +303,7 @@ pub(super) fn process_batch(
 /// The trace-consistency probe on the first batch (`model::consistency`), with the limits
 /// this run needs: no padding past an unknown position table on a GPU, TF32's tolerance.
 fn probe_consistency(
-    model: &TorchScriptLm,
+    model: &dyn LoadedModel,
     batch: &Batch,
     tensors: &BatchTensors,
     logits: &Tensor,

@@ -20,8 +20,8 @@ use crate::loss::steps::{StepConfig, StepReport};
 use crate::loss::user::{LossArg, LossAudit, UserLoss, UserLossReport};
 use crate::model::consistency::Consistency;
 use crate::model::{
-    self, device_name, ArgsSource, DeviceChoice, DtypeChoice, ForwardArg, LanguageModel,
-    LoadOptions, Tf32, TorchScriptLm,
+    self, device_name, ArgsSource, DeviceChoice, DtypeChoice, ForwardArg, LoadOptions, LoadedModel,
+    Tf32,
 };
 use crate::report::{DataSummary, ModelInfo, Report, Verdict, SCHEMA_VERSION};
 use crate::sys;
@@ -107,7 +107,8 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
         // NVRTC compiles the fused cross-entropy while the model loads.
         crate::loss::cuda_ce::prepare_in_background(index);
     }
-    let model = TorchScriptLm::load(&opts.model, device, &load_options(opts))?;
+    let model = model::load(&opts.model, device, &load_options(opts))?;
+    let model = model.as_ref();
     let tf32 = model::apply_tf32(opts.tf32, device, model.run_kind());
     check_special_ids(opts, model.vocab_size())?;
     let mut audit = open_audit(opts, device)?;
@@ -125,7 +126,7 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
         simulation: Simulation::default(),
     };
     stream(
-        &model,
+        model,
         opts,
         batches,
         audit.as_mut(),
@@ -149,7 +150,7 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
     let contamination = Contamination::of(&losses);
     let (statistics, lint_findings) = lint.finish();
     let concluded = Conclusion {
-        model: &model,
+        model,
         opts,
         totals: &totals,
         run: &run,
@@ -162,7 +163,7 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
 
     Ok(Report {
         schema_version: SCHEMA_VERSION,
-        model: model_info(&model, opts, device, tf32, run.consistency.clone()),
+        model: model_info(model, opts, device, tf32, run.consistency.clone()),
         data: data_summary(opts, &totals, &run, data_path, unit, &statistics),
         statistics,
         losses,
@@ -177,7 +178,7 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
 
 /// What the findings of a run are drawn from, once its batches have run.
 struct Conclusion<'a> {
-    model: &'a TorchScriptLm,
+    model: &'a dyn LoadedModel,
     opts: &'a CheckOptions,
     totals: &'a LossTotals,
     run: &'a RunState,
@@ -246,7 +247,7 @@ struct Pass {
 /// and --world-size) so that each knows its step's trained-target count before it runs; the
 /// last, partial step too.
 fn stream(
-    model: &TorchScriptLm,
+    model: &dyn LoadedModel,
     opts: &CheckOptions,
     batches: mpsc::Receiver<Result<(Batch, u64)>>,
     mut audit: Option<&mut LossAudit>,
@@ -403,7 +404,7 @@ fn data_summary(
 }
 
 fn model_info(
-    model: &TorchScriptLm,
+    model: &dyn LoadedModel,
     opts: &CheckOptions,
     device: Device,
     tf32: bool,

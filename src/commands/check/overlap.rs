@@ -8,7 +8,7 @@ use super::CheckOptions;
 use crate::data::batch::Batch;
 use crate::loss::aggregate::LossTotals;
 use crate::loss::batch::BatchTensors;
-use crate::model::{self, CudaEvent, LanguageModel, ModelError, TorchScriptLm};
+use crate::model::{self, CudaEvent, LoadedModel, ModelError};
 
 /// One batch in flight on a GPU: its losses are computed and copied (non-blocking, into pinned
 /// host memory) on the device's queue, and an event marks the end of that copy. The host reads
@@ -50,7 +50,7 @@ impl Overlap {
     /// Queues `batch` on the device, then reads the batch queued before it.
     pub(super) fn push(
         &mut self,
-        model: &TorchScriptLm,
+        model: &dyn LoadedModel,
         batch: Batch,
         totals: &mut LossTotals,
         run: &mut RunState,
@@ -74,7 +74,7 @@ impl Overlap {
     /// Reads the last batch in flight.
     pub(super) fn finish(
         &mut self,
-        model: &TorchScriptLm,
+        model: &dyn LoadedModel,
         totals: &mut LossTotals,
         run: &mut RunState,
     ) -> Result<()> {
@@ -86,7 +86,7 @@ impl Overlap {
 
     pub(super) fn queue(
         &self,
-        model: &TorchScriptLm,
+        model: &dyn LoadedModel,
         batch: Batch,
         run: &RunState,
         opts: &CheckOptions,
@@ -155,7 +155,7 @@ impl Overlap {
     pub(super) fn read(
         &self,
         flight: InFlight,
-        model: &TorchScriptLm,
+        model: &dyn LoadedModel,
         totals: &mut LossTotals,
         run: &mut RunState,
     ) -> Result<()> {

@@ -4,7 +4,7 @@ use std::io::Write;
 
 use tch::{Device, Kind};
 
-use crate::model::{LanguageModel, TorchScriptLm};
+use crate::model::LoadedModel;
 
 /// `MASKAUDIT_TIMING=1`: the wall time of each phase of a run on stderr (for measuring; on a
 /// GPU the device is synchronised at each mark).
@@ -40,7 +40,7 @@ impl Timing {
     }
 
     /// Which cross-entropy a GPU run took, and how bf16 logits were upcast on libtorch's path.
-    pub(super) fn cross_entropy(&self, model: &TorchScriptLm) {
+    pub(super) fn cross_entropy(&self, model: &dyn LoadedModel) {
         if self.on && model.device().is_cuda() {
             let _ = writeln!(
                 std::io::stderr(),
