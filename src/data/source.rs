@@ -192,7 +192,7 @@ impl RowSource {
         })
     }
 
-    /// Lines of JSONL longer than this are an error ([`DEFAULT_MAX_LINE_BYTES`] unless set);
+    /// Lines of JSONL longer than this are an error ([`DEFAULT_MAX_LINE_BYTES`](super::DEFAULT_MAX_LINE_BYTES) unless set);
     /// Parquet has no lines.
     pub fn with_max_line_bytes(mut self, max: usize) -> Self {
         if let Inner::Jsonl(r) = &mut self.inner {

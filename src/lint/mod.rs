@@ -2,7 +2,7 @@
 //! and 17), as a streaming accumulator: [`LintState::observe`] every row, then
 //! [`LintState::finish`] for the statistics and the findings. No I/O; memory does not grow
 //! with the number of rows (histograms of lengths, counters, at most
-//! [`Finding::MAX_RECORDS`] record numbers a check).
+//! [`Finding::MAX_RECORDS`](crate::findings::Finding::MAX_RECORDS) record numbers a check).
 //!
 //! **Targets.** Unless the data is declared pre-shifted, labels and masks are aligned with
 //! `input_ids` and the loss shifts: the target slots of a row of T tokens are the tokens

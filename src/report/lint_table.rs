@@ -31,7 +31,7 @@ fn percent(x: f64) -> String {
 }
 
 /// One line a topic, each indented by two spaces; topics with nothing to say are left out.
-/// Here the rows, their lengths and how much of them is trained; then [`write_structure`].
+/// Here the rows, their lengths and how much of them is trained; then `write_structure`.
 pub fn write_statistics<W: Write>(out: &mut W, s: &LintStats) -> std::io::Result<()> {
     writeln!(
         out,
