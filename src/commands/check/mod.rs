@@ -99,14 +99,7 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
     model::configure_libtorch();
     let _no_grad = tch::no_grad_guard();
 
-    let device = opts.device.resolve()?;
-    if device == Device::Cpu {
-        sys::cap_address_space();
-    }
-    if let Device::Cuda(index) = device {
-        // NVRTC compiles the fused cross-entropy while the model loads.
-        crate::loss::cuda_ce::prepare_in_background(index);
-    }
+    let device = prepare_device(opts.device)?;
     let model = model::load(&opts.model, device, &load_options(opts))?;
     let model = model.as_ref();
     let tf32 = model::apply_tf32(opts.tf32, device, model.run_kind());
@@ -314,6 +307,20 @@ fn stream(
         run_step(&ctx, &pending, totals, run, audit, simulation)?;
     }
     Ok(())
+}
+
+/// The device of `--device`, made ready: on the CPU the address space is capped (so an
+/// allocation too large fails in libtorch instead of being killed later); on CUDA, NVRTC
+/// compiles the fused cross-entropy while the model loads.
+fn prepare_device(choice: DeviceChoice) -> Result<Device> {
+    let device = choice.resolve()?;
+    if device == Device::Cpu {
+        sys::cap_address_space();
+    }
+    if let Device::Cuda(index) = device {
+        crate::loss::cuda_ce::prepare_in_background(index);
+    }
+    Ok(device)
 }
 
 /// Padding and end-of-sequence ids go through the embedding like any token: same rule as the
