@@ -1,8 +1,61 @@
 //! Process-level guards for `check`: memory it can count on, an address-space cap so that an
 //! impossible allocation fails instead of the process being killed, and standard output kept
-//! for the report while the user's TorchScript code runs.
+//! for the report while the user's TorchScript code runs; and libraries opened at run time.
 
+use std::ffi::{c_void, CStr, CString};
 use std::io::{self, Write};
+
+/// A library opened with `dlopen`, never closed: what is taken from it (functions, a
+/// backend's registrations) lives as long as the process. The CUDA backend, the driver, NVRTC
+/// and the CUDA runtime are reached this way, so that CPU runs never load them.
+pub struct Library(*mut c_void);
+
+impl Library {
+    /// `dlopen(name, RTLD_NOW | RTLD_LOCAL)`: its symbols stay out of the global scope.
+    pub fn open(name: &str) -> Result<Self, String> {
+        Self::dlopen(name, libc::RTLD_NOW | libc::RTLD_LOCAL)
+    }
+
+    /// `dlopen(name, RTLD_NOW | RTLD_GLOBAL)`: its symbols serve the libraries loaded after it.
+    pub fn open_global(name: &str) -> Result<Self, String> {
+        Self::dlopen(name, libc::RTLD_NOW | libc::RTLD_GLOBAL)
+    }
+
+    /// The process's global scope (`RTLD_DEFAULT`): every library loaded globally so far.
+    pub fn global_scope() -> Self {
+        Self(libc::RTLD_DEFAULT)
+    }
+
+    fn dlopen(name: &str, flags: libc::c_int) -> Result<Self, String> {
+        let c_name = CString::new(name).map_err(|e| e.to_string())?;
+        // SAFETY: a NUL-terminated name; dlerror's string is copied before any other dl* call.
+        unsafe {
+            let handle = libc::dlopen(c_name.as_ptr(), flags);
+            if handle.is_null() {
+                let err = libc::dlerror();
+                return Err(if err.is_null() {
+                    format!("{name}: dlopen failed")
+                } else {
+                    CStr::from_ptr(err).to_string_lossy().into_owned()
+                });
+            }
+            Ok(Self(handle))
+        }
+    }
+
+    /// The function `name`, as a pointer of type `F`.
+    ///
+    /// # Safety
+    /// `F` must be an `extern "C" fn` type matching the symbol's C declaration.
+    pub unsafe fn get<F: Copy>(&self, name: &CStr) -> Result<F, String> {
+        let p = libc::dlsym(self.0, name.as_ptr());
+        if p.is_null() {
+            return Err(format!("{} not found", name.to_string_lossy()));
+        }
+        debug_assert_eq!(std::mem::size_of::<F>(), std::mem::size_of::<*mut c_void>());
+        Ok(std::mem::transmute_copy::<*mut c_void, F>(&p))
+    }
+}
 
 /// `MemAvailable` from /proc/meminfo, in bytes: what the kernel can hand out without swapping.
 pub fn available_memory() -> Option<u64> {

@@ -32,6 +32,8 @@ use std::sync::{Mutex, OnceLock};
 
 use tch::{Device, Kind, Tensor};
 
+use crate::sys::Library;
+
 use super::QueuedLosses;
 
 /// The kernel, one `extern "C"` entry point per logits dtype. No headers (NVRTC has none of
@@ -500,41 +502,6 @@ struct Nvrtc {
     get_error_string: unsafe extern "C" fn(NvrtcResult) -> *const c_char,
     /// Where it was loaded from, for messages.
     path: String,
-}
-
-/// A `dlopen` handle, never closed (the functions taken from it live as long as the process).
-struct Library(*mut c_void);
-
-impl Library {
-    fn open(name: &str) -> Result<Self, String> {
-        let c_name = CString::new(name).map_err(|e| e.to_string())?;
-        // SAFETY: a NUL-terminated name; dlerror's string is copied before any other dl* call.
-        unsafe {
-            let handle = libc::dlopen(c_name.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL);
-            if handle.is_null() {
-                let err = libc::dlerror();
-                return Err(if err.is_null() {
-                    format!("{name}: dlopen failed")
-                } else {
-                    CStr::from_ptr(err).to_string_lossy().into_owned()
-                });
-            }
-            Ok(Self(handle))
-        }
-    }
-
-    /// The function `name`, as a pointer of type `F`.
-    ///
-    /// # Safety
-    /// `F` must be an `extern "C" fn` type matching the symbol's C declaration.
-    unsafe fn get<F: Copy>(&self, name: &CStr) -> Result<F, String> {
-        let p = libc::dlsym(self.0, name.as_ptr());
-        if p.is_null() {
-            return Err(format!("{} not found", name.to_string_lossy()));
-        }
-        debug_assert_eq!(std::mem::size_of::<F>(), std::mem::size_of::<*mut c_void>());
-        Ok(std::mem::transmute_copy::<*mut c_void, F>(&p))
-    }
 }
 
 fn driver() -> Result<&'static Driver, String> {

@@ -43,8 +43,19 @@ impl Consistency {
 /// example's length to meet one it never saw, and cheap.
 const EXTRA_COLUMNS: i64 = 8;
 
+/// How far past the batch's length the probe may pad a row.
+#[derive(Debug, Clone, Copy)]
+pub enum Padding {
+    /// [`EXTRA_COLUMNS`] more.
+    Free,
+    /// Up to this many positions in all (the model's position limit).
+    UpTo(i64),
+    /// None, for the reason given (the report's note).
+    Off(&'static str),
+}
+
 /// Runs the probe on one batch. `logits` are the batch's own; `lengths` each row's length up
-/// to its last real token; `max_len` caps the padded length (the model's position limit).
+/// to its last real token; `padding` says how far the padded call may go.
 pub fn probe<M: LanguageModel + ?Sized>(
     model: &M,
     input_ids: &Tensor,
@@ -52,7 +63,7 @@ pub fn probe<M: LanguageModel + ?Sized>(
     logits: &Tensor,
     lengths: &[i64],
     pad_id: i64,
-    max_len: Option<i64>,
+    padding: Padding,
 ) -> Result<Consistency, ModelError> {
     let t = input_ids.size()[1];
     let mut out = Consistency {
@@ -80,9 +91,10 @@ pub fn probe<M: LanguageModel + ?Sized>(
         logits,
         real: attention_mask.f_ne(0)?,
     };
-    let extra = match max_len {
-        Some(max) => EXTRA_COLUMNS.min(max - t),
-        None => EXTRA_COLUMNS,
+    let extra = match padding {
+        Padding::Free => EXTRA_COLUMNS,
+        Padding::UpTo(max) => EXTRA_COLUMNS.min(max - t),
+        Padding::Off(_) => 0,
     };
     if extra > 0 {
         match calls.padded(shortest, lengths[shortest], extra, pad_id)? {
@@ -97,6 +109,8 @@ pub fn probe<M: LanguageModel + ?Sized>(
                 short(&e)
             )),
         }
+    } else if let Padding::Off(why) = padding {
+        notes.push(why.into());
     } else {
         notes.push("the batch is at the model's position limit: no padding appended".into());
     }
@@ -226,13 +240,13 @@ mod tests {
         for (leak, pass) in [(false, true), (true, false)] {
             let toy = Toy { length_leak: leak };
             let logits = toy.logits(&ids, &mask).unwrap();
-            let c = probe(&toy, &ids, &mask, &logits, &[4, 2], 0, None).unwrap();
+            let c = probe(&toy, &ids, &mask, &logits, &[4, 2], 0, Padding::Free).unwrap();
             assert_eq!(c.passed(), pass, "{c:?}");
             assert_eq!((c.rows_alone, c.longest_length), (2, 12));
         }
         let toy = Toy { length_leak: false };
         let logits = toy.logits(&ids, &mask).unwrap();
-        let c = probe(&toy, &ids, &mask, &logits, &[4, 2], 0, Some(6)).unwrap();
+        let c = probe(&toy, &ids, &mask, &logits, &[4, 2], 0, Padding::UpTo(6)).unwrap();
         assert_eq!(c.longest_length, 6);
     }
 }

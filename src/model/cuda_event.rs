@@ -9,8 +9,10 @@
 //! Events are recorded on the legacy default stream (`0`), the stream libtorch queues all its
 //! work on unless told otherwise; so an event completes once everything queued before it has.
 
-use std::ffi::{c_int, c_void, CStr};
+use std::ffi::{c_int, c_void};
 use std::sync::OnceLock;
+
+use crate::sys::Library;
 
 type Event = *mut c_void;
 type Stream = *mut c_void;
@@ -31,42 +33,24 @@ struct Runtime {
 /// `cudaEventDisableTiming`: the event only orders work.
 const DISABLE_TIMING: u32 = 2;
 
-#[cfg(unix)]
 fn runtime() -> Option<&'static Runtime> {
     static RUNTIME: OnceLock<Option<Runtime>> = OnceLock::new();
     RUNTIME
         .get_or_init(|| {
-            let find = |name: &CStr| {
-                // SAFETY: a NUL-terminated name; RTLD_DEFAULT searches the global scope.
-                let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
-                (!p.is_null()).then_some(p)
-            };
+            let scope = Library::global_scope();
             // SAFETY: these are the CUDA runtime's functions of these names, whose C signatures
             // are the ones declared in `Runtime` (cuda_runtime_api.h).
             unsafe {
                 Some(Runtime {
-                    set_device: std::mem::transmute::<*mut c_void, SetDevice>(find(
-                        c"cudaSetDevice",
-                    )?),
-                    create: std::mem::transmute::<*mut c_void, Create>(find(
-                        c"cudaEventCreateWithFlags",
-                    )?),
-                    record: std::mem::transmute::<*mut c_void, Record>(find(c"cudaEventRecord")?),
-                    synchronize: std::mem::transmute::<*mut c_void, OnEvent>(find(
-                        c"cudaEventSynchronize",
-                    )?),
-                    destroy: std::mem::transmute::<*mut c_void, OnEvent>(find(
-                        c"cudaEventDestroy",
-                    )?),
+                    set_device: scope.get(c"cudaSetDevice").ok()?,
+                    create: scope.get(c"cudaEventCreateWithFlags").ok()?,
+                    record: scope.get(c"cudaEventRecord").ok()?,
+                    synchronize: scope.get(c"cudaEventSynchronize").ok()?,
+                    destroy: scope.get(c"cudaEventDestroy").ok()?,
                 })
             }
         })
         .as_ref()
-}
-
-#[cfg(not(unix))]
-fn runtime() -> Option<&'static Runtime> {
-    None
 }
 
 /// An event recorded after the work queued so far on a GPU's default stream.

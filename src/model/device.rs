@@ -95,29 +95,8 @@ fn cuda_driver_present() -> bool {
 }
 
 /// `dlopen(name, RTLD_NOW | RTLD_GLOBAL)`, never closed: libtorch keeps pointers into it.
-#[cfg(unix)]
 fn dlopen_global(name: &str) -> Result<(), String> {
-    let c_name = std::ffi::CString::new(name).map_err(|e| e.to_string())?;
-    // SAFETY: a NUL-terminated name; the handle is deliberately leaked. dlerror's string is
-    // copied before any other dl* call.
-    unsafe {
-        let handle = libc::dlopen(c_name.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL);
-        if handle.is_null() {
-            let err = libc::dlerror();
-            return Err(if err.is_null() {
-                "dlopen failed".into()
-            } else {
-                std::ffi::CStr::from_ptr(err).to_string_lossy().into_owned()
-            });
-        }
-    }
-    Ok(())
-}
-
-/// Elsewhere the backend is not loaded at run time (and maskaudit is built for Linux).
-#[cfg(not(unix))]
-fn dlopen_global(name: &str) -> Result<(), String> {
-    Err(format!("{name}: loading at run time needs a Unix dlopen"))
+    crate::sys::Library::open_global(name).map(|_| ())
 }
 
 /// `cpu`, `cuda:0`, …

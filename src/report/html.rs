@@ -21,7 +21,7 @@ use crate::findings::Finding;
 use crate::lint::view::{escape as escape_control, TokenText};
 use crate::loss::user::UserLossReport;
 use crate::report::junit::records_text;
-use crate::report::table::{aggregate_rows, formula_rows, percent};
+use crate::report::table::{aggregate_rows, formula_rows, percent, probe_outcomes, ProbeOutcome};
 use crate::report::token_rows::{TokenCell, TokenRow};
 use crate::report::{LintReport, Report, Verdict};
 
@@ -143,14 +143,11 @@ fn user_loss(out: &mut String, user: &UserLossReport) {
         );
     }
     out.push_str("</table>\n<ul>\n");
-    for (name, probe) in [
-        ("padding", &user.probes.padding),
-        ("masked logits", &user.probes.masked_logits),
-    ] {
-        let outcome = match (probe.passed, probe.max_relative_change) {
-            (Some(true), Some(c)) => format!("moved {} at most: pass", percent(c)),
-            (Some(false), Some(c)) => format!("moved {}: <b>FAIL</b>", percent(c)),
-            _ => format!("not run: {}", escape(&probe.note)),
+    for (name, _, outcome) in probe_outcomes(user) {
+        let outcome = match outcome {
+            ProbeOutcome::Pass(c) => format!("moved {} at most: pass", percent(c)),
+            ProbeOutcome::Fail(c) => format!("moved {}: <b>FAIL</b>", percent(c)),
+            ProbeOutcome::NotRun(note) => format!("not run: {}", escape(note)),
         };
         let _ = writeln!(out, "<li>probe {name}: {outcome}</li>");
     }

@@ -13,7 +13,7 @@ use crate::data::Unit;
 use crate::findings::Finding;
 use crate::loss::user::UserLossReport;
 use crate::report::junit::records_text;
-use crate::report::table::{aggregate_rows, formula_rows, percent};
+use crate::report::table::{aggregate_rows, formula_rows, percent, probe_outcomes, ProbeOutcome};
 use crate::report::{LintReport, Report, Verdict};
 
 /// GitHub refuses a step summary of 1 MiB or more.
@@ -103,14 +103,11 @@ fn user_loss(out: &mut String, user: &UserLossReport) {
         );
     }
     out.push('\n');
-    for (name, probe) in [
-        ("padding", &user.probes.padding),
-        ("masked logits", &user.probes.masked_logits),
-    ] {
-        let outcome = match (probe.passed, probe.max_relative_change) {
-            (Some(true), Some(c)) => format!("moved {} at most: pass", percent(c)),
-            (Some(false), Some(c)) => format!("moved {}: **FAIL**", percent(c)),
-            _ => format!("not run: {}", cell(&probe.note)),
+    for (name, _, outcome) in probe_outcomes(user) {
+        let outcome = match outcome {
+            ProbeOutcome::Pass(c) => format!("moved {} at most: pass", percent(c)),
+            ProbeOutcome::Fail(c) => format!("moved {}: **FAIL**", percent(c)),
+            ProbeOutcome::NotRun(note) => format!("not run: {}", cell(note)),
         };
         let _ = writeln!(out, "- probe {name}: {outcome}");
     }

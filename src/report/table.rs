@@ -6,6 +6,7 @@ use comfy_table::presets::UTF8_FULL_CONDENSED;
 use comfy_table::{Cell, CellAlignment, Table};
 
 use crate::findings::Finding;
+use crate::loss::diagnosis::ProbeResult;
 use crate::loss::steps::StepReport;
 use crate::loss::user::UserLossReport;
 use crate::loss::weights::GradientSummary;
@@ -85,6 +86,34 @@ pub(crate) struct FormulaRow {
     pub difference: String,
     pub worst_batch: String,
     pub matches: &'static str,
+}
+
+/// How a user-loss probe ended, as every renderer words it.
+pub(crate) enum ProbeOutcome<'a> {
+    /// Passed; the largest relative change of the loss.
+    Pass(f64),
+    Fail(f64),
+    /// Why it did not run.
+    NotRun(&'a str),
+}
+
+fn outcome(p: &ProbeResult) -> ProbeOutcome<'_> {
+    match (p.passed, p.max_relative_change) {
+        (Some(true), Some(c)) => ProbeOutcome::Pass(c),
+        (Some(false), Some(c)) => ProbeOutcome::Fail(c),
+        _ => ProbeOutcome::NotRun(&p.note),
+    }
+}
+
+/// The user-loss probes, named, in the order every renderer lists them, with their outcomes.
+pub(crate) fn probe_outcomes(
+    user: &UserLossReport,
+) -> [(&'static str, &ProbeResult, ProbeOutcome<'_>); 2] {
+    let (padding, masked) = (&user.probes.padding, &user.probes.masked_logits);
+    [
+        ("padding", padding, outcome(padding)),
+        ("masked logits", masked, outcome(masked)),
+    ]
 }
 
 /// The user-loss table's rows: the table, Markdown and HTML writers share them.
@@ -283,20 +312,17 @@ fn write_user_loss<W: Write>(out: &mut W, user: &UserLossReport) -> std::io::Res
     }
     writeln!(out, "{table}")?;
     writeln!(out, "{}", user.verdict)?;
-    for (name, probe) in [
-        ("padding", &user.probes.padding),
-        ("masked logits", &user.probes.masked_logits),
-    ] {
-        let outcome = match (probe.passed, probe.max_relative_change) {
-            (Some(true), Some(c)) => format!(
+    for (name, probe, outcome) in probe_outcomes(user) {
+        let outcome = match outcome {
+            ProbeOutcome::Pass(c) => format!(
                 "moved {} at most over {} batches: pass",
                 percent(c),
                 probe.batches
             ),
-            (Some(false), Some(c)) => {
+            ProbeOutcome::Fail(c) => {
                 format!("moved {} over {} batches: FAIL", percent(c), probe.batches)
             }
-            _ => format!("not run: {}", probe.note),
+            ProbeOutcome::NotRun(note) => format!("not run: {note}"),
         };
         writeln!(out, "probe {name}: {outcome}")?;
     }

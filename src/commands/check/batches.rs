@@ -11,7 +11,7 @@ use crate::loss::aggregate::LossTotals;
 use crate::loss::batch::{batch_losses, BatchTensors};
 use crate::loss::steps::{self, MicroBatch, Step, UserMicroBatch};
 use crate::loss::user::{LossArg, LossAudit};
-use crate::model::consistency::{self, Consistency};
+use crate::model::consistency::{self, Consistency, Padding};
 use crate::model::{self, LoadedModel};
 use crate::report::token_rows::{self, TokenRow};
 
@@ -314,11 +314,12 @@ fn probe_consistency(
     // table out of range: on the CPU the forward fails and the probe says so, but on a GPU
     // that is a device-side assert that poisons the CUDA context for the rest of the run.
     // So on a GPU the padded call needs the record; rows alone are checked either way.
-    let unknown_on_gpu = recorded.is_none() && model.device().is_cuda();
-    let limit = if unknown_on_gpu {
-        Some(batch.seq_len as i64)
-    } else {
-        recorded
+    let padding = match recorded {
+        Some(limit) => Padding::UpTo(limit),
+        None if model.device().is_cuda() => Padding::Off(
+            "no padding appended: on a GPU, padding past the model's position table (unknown without a maskaudit-export record) would abort the run",
+        ),
+        None => Padding::Free,
     };
     let mut probed = consistency::probe(
         model,
@@ -327,14 +328,8 @@ fn probe_consistency(
         logits,
         &batch.row_lengths(),
         opts.pad_id.unwrap_or(0),
-        limit,
+        padding,
     )?;
-    if unknown_on_gpu {
-        probed.note = probed.note.replace(
-            "the batch is at the model's position limit: no padding appended",
-            "no padding appended: on a GPU, padding past the model's position table (unknown without a maskaudit-export record) would abort the run",
-        );
-    }
     if model::allow_tf32_cublas() && model.run_kind() == Kind::Float {
         // TF32 rounds the matrix products' inputs to float16's 10-bit mantissa.
         probed.tolerance = probed.tolerance.max(model::logit_tolerance(Kind::Half));
