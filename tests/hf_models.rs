@@ -184,3 +184,30 @@ fn rows_past_a_recorded_length_limit_are_refused_before_the_forward() {
         "has rows of 70 tokens, but the model accepts at most 64",
     );
 }
+
+/// A model that creates a tensor on a device of its own fails where it runs; with a record
+/// saying where it was traced, the error names the cause and the export that fixes it (a
+/// Hugging Face model traced on the CPU and run on a GPU fails this way).
+#[test]
+fn a_trace_from_another_device_is_named_as_such() {
+    let dir = models_dir();
+    let out = check(
+        &dir.join("other_device.pt"),
+        &dir.join("llama/data.jsonl"),
+        &[],
+    );
+    assert_usage_error(&out, "same device");
+    assert!(
+        out.stderr.contains(
+            "it was traced on cuda and runs on cpu: a trace keeps the device of the tensors it creates"
+        ) && out.stderr.contains("EXPORT_ARGS='--device cpu'"),
+        "{out:?}"
+    );
+    // A record with no device (every export before --device) means the CPU: no hint on it.
+    let out = check(
+        &dir.join("llama/model.pt"),
+        &dir.join("llama/data.jsonl"),
+        &[],
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+}

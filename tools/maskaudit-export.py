@@ -57,6 +57,10 @@ in the zip, `<archive name>/extra/maskaudit.json`), a JSON object:
     exporter                 "maskaudit-export 1"
     torch_version            torch.__version__ of the export
     transformers_version     transformers.__version__ of the export
+    device                   where it was traced and verified ("cpu", "cuda", "cuda:0"; --device).
+                             A trace keeps the device of the tensors the model creates (causal
+                             mask, positions): a CPU trace of most models fails on a GPU, and
+                             maskaudit says so, naming this key
 """
 
 import argparse
@@ -289,6 +293,15 @@ class Exporter:
             args.tolerance if args.tolerance is not None else DEFAULT_TOLERANCE[args.dtype]
         )
         self.gen = torch.Generator().manual_seed(SEED)
+        try:
+            self.device = torch.device(args.device)
+        except RuntimeError as exc:
+            raise ExportError(f"--device {args.device}: {first_line(exc)}", 2)
+
+    def batch(self, lengths: List[int], vocab: int):
+        """make_batch's rows, on the device the model is traced on."""
+        ids, mask = make_batch(lengths, vocab, self.gen)
+        return ids.to(self.device), mask.to(self.device)
 
     def say(self, line: str) -> None:
         print(line, flush=True)
@@ -301,10 +314,13 @@ class Exporter:
             raise ExportError("--trace-length must be at least 4", 2)
         if not out.parent.is_dir():
             raise ExportError(f"{out}: its directory does not exist", 2)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ExportError(f"--device {args.device}: PyTorch sees no CUDA device here", 2)
 
         import transformers
 
         config, model = load_model(model_dir, self.dtype)
+        model.to(self.device)
         self.config = config
         architecture = (getattr(config, "architectures", None) or [type(model).__name__])[0]
         model_type = getattr(config, "model_type", None)
@@ -317,7 +333,7 @@ class Exporter:
         trace_len = args.trace_length
         if max_pos is not None and trace_len > max_pos:
             trace_len = max_pos
-        example = make_batch([trace_len, max(1, trace_len - trace_len // 3)], vocab, self.gen)
+        example = self.batch([trace_len, max(1, trace_len - trace_len // 3)], vocab)
         self.say(
             f"maskaudit-export: {architecture} ({model_type}) from {model_dir}, {self.dtype_name}, "
             f"traced at length {trace_len} (2 rows, one right-padded)"
@@ -361,7 +377,7 @@ class Exporter:
         """A next-token loss is meaningless if the logits at t see token t+1 (a bidirectional
         encoder loaded as a causal LM), or if one row's logits depend on another row."""
         rows = padded_rows(length)
-        ids, mask = make_batch(rows, vocab, self.gen)
+        ids, mask = self.batch(rows, vocab)
         k = length // 2
         changed = ids.clone()
         changed[0, k] = changed[0, k] % (vocab - 1) + 1
@@ -392,7 +408,7 @@ class Exporter:
         # Save, then verify what was saved: the file the user gets is the one checked.
         try:
             torch.jit.save(traced, str(tmp))
-            loaded = torch.jit.load(str(tmp))
+            loaded = torch.jit.load(str(tmp), map_location=self.device)
         except Exception as exc:  # noqa: BLE001
             hint = ""
             if "Could not export Python function" in str(exc):
@@ -434,7 +450,7 @@ class Exporter:
         length_limit = None
         failures = []
         for n, rows in cases:
-            ids, mask = make_batch(rows, vocab, self.gen)
+            ids, mask = self.batch(rows, vocab)
             if len(rows) == 1:
                 what = f"batch 1,  length {n:5d}"
             elif rows[0] == rows[-1]:
@@ -523,6 +539,7 @@ class Exporter:
             "exporter": EXPORTER,
             "torch_version": torch.__version__,
             "transformers_version": tf_version,
+            "device": str(self.device),
         }
         text = json.dumps(record, indent=2) + "\n"
         try:
@@ -549,6 +566,10 @@ def parse_args(argv):
     p.add_argument("model_dir", metavar="MODEL_DIR")
     p.add_argument("out", metavar="OUT.pt")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--device", default="cpu",
+                   help="where to trace and verify: cpu, cuda or cuda:N (default cpu). A trace "
+                        "keeps the device of the tensors the model creates, so export on the kind "
+                        "of device you will audit on")
     p.add_argument("--trace-length", type=int, default=16,
                    help="padded length of the traced example batch (default 16)")
     p.add_argument("--tolerance", type=float, default=None,

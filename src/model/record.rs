@@ -50,12 +50,22 @@ pub struct ExportRecord {
     pub max_relative_difference: Option<f64>,
     #[serde(default)]
     pub exporter: Option<String>,
+    /// The device the trace was made on (`cpu`, `cuda`); absent in records of exporters that
+    /// traced on the CPU only.
+    #[serde(default)]
+    pub device: Option<String>,
 }
 
 impl ExportRecord {
     /// The longest input the model accepts, as far as the record knows.
     pub fn position_limit(&self) -> Option<i64> {
         self.length_limit.or(self.max_position_embeddings)
+    }
+
+    /// The kind of device the trace was made on: `cpu` or `cuda`.
+    pub fn trace_device(&self) -> &str {
+        let device = self.device.as_deref().unwrap_or("cpu");
+        device.split(':').next().unwrap_or(device)
     }
 
     /// The longest length the exporter checked the trace at.

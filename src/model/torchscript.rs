@@ -223,7 +223,8 @@ impl TorchScriptLm {
                 named_signature(&module, args, source, note, device, &display)
             }
             None => probe_signature(&module, device, &display),
-        };
+        }
+        .map_err(|e| traced_elsewhere(e, record.as_ref(), device));
         let (signature, first) = match (found, converted) {
             (Ok(found), _) => found,
             (Err(e), None) => return Err(e),
@@ -271,6 +272,27 @@ impl TorchScriptLm {
             run_kind,
             record,
         })
+    }
+}
+
+/// A forward that fails on a device other than the one its record says it was traced on: the
+/// likely cause, said. Tracing fixes the device of every tensor the model creates (a causal
+/// mask, position ids, a rotary table), so a Hugging Face model traced on the CPU fails on a
+/// GPU ("Expected all tensors to be on the same device") and the reverse.
+fn traced_elsewhere(e: ModelError, record: Option<&ExportRecord>, device: Device) -> ModelError {
+    let kind = if device.is_cuda() { "cuda" } else { "cpu" };
+    match (e, record) {
+        (ModelError::ForwardArgs { path, message }, Some(r)) if r.trace_device() != kind => {
+            ModelError::ForwardArgs {
+                path,
+                message: format!(
+                    "{message}; it was traced on {} and runs on {}: a trace keeps the device of                      the tensors it creates, so export it on this device                      (make export MODEL=… OUT=… EXPORT_ARGS='--device {kind}')",
+                    r.trace_device(),
+                    super::device_name(device)
+                ),
+            }
+        }
+        (e, _) => e,
     }
 }
 

@@ -105,9 +105,32 @@ def stamp_text() -> str:
 
 def expected_files() -> List[Path]:
     files = [OUT / f"llama_{k}.pt" for k in ("posids", "labels", "3arg")]
+    files.append(OUT / "other_device.pt")
     for arch in list(ARCHS) + ["llama-bf16"]:
         files += [OUT / arch / n for n in ("model.pt", "data.jsonl", "expected.json")]
     return files
+
+
+def other_device() -> str:
+    """other_device.pt: a module that creates a tensor on a device of its own, as a Hugging
+    Face model traced on the CPU does (its causal mask, its positions) when it runs on a GPU,
+    with a record saying it was traced on CUDA. Scripted, not traced: tracing would run it. On
+    the CPU it fails ("not on the expected device"), and maskaudit must say why."""
+    import torch
+    import torch.nn.functional as F
+    from torch import Tensor, nn
+
+    class Fixed(nn.Module):
+        def forward(self, input_ids: Tensor) -> Tensor:
+            pos = torch.arange(input_ids.shape[1], device=torch.device("meta"))
+            return F.one_hot(input_ids, 16).float() + pos.unsqueeze(0).unsqueeze(-1).float()
+
+    record = {"format_version": 1, "forward_args": ["input_ids"], "output": "logits",
+              "vocab_size": 16, "exporter": "maskaudit-export 1", "device": "cuda"}
+    path = OUT / "other_device.pt"
+    torch.jit.save(torch.jit.script(Fixed()), str(path),
+                   _extra_files={"maskaudit.json": json.dumps(record)})
+    return path.name
 
 
 def load_exporter():
@@ -473,6 +496,11 @@ def main() -> int:
         return note + " (exported with the stand-in)"
 
     checks.run("fails: dynamic RoPE without the stand-in", dynamic_rope)
+
+    checks.run("fails: --device nonsense",
+               lambda: fails([str(no_config), str(scratch / "m.pt"), "--device", "nonsense"], 2,
+                             "--device nonsense"))
+    checks.run("a module fixed to another device than it runs on", other_device)
 
     shutil.rmtree(tmp_root, ignore_errors=True)
     elapsed = time.monotonic() - started
