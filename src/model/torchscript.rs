@@ -286,7 +286,7 @@ fn traced_elsewhere(e: ModelError, record: Option<&ExportRecord>, device: Device
             ModelError::ForwardArgs {
                 path,
                 message: format!(
-                    "{message}; it was traced on {} and runs on {}: a trace keeps the device of                      the tensors it creates, so export it on this device                      (make export MODEL=… OUT=… EXPORT_ARGS='--device {kind}')",
+                    "{message}; it was traced on {} and runs on {}: a trace keeps the device of the tensors it creates, so export it on this device (make export MODEL=… OUT=… EXPORT_ARGS='--device {kind}')",
                     r.trace_device(),
                     super::device_name(device)
                 ),
