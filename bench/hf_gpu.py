@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""The exported Hugging Face models on a GPU (bench/gpu.sh, section 0).
+
+    hf_gpu.py MODELS_DIR MASKAUDIT FIXTURES [--device cuda]
+
+MODELS_DIR is what `tests/export/build_models.py --device cuda --out MODELS_DIR` wrote: tiny
+random-init configs of five architectures (and Llama in bfloat16) exported with
+`maskaudit-export --device cuda`, each with the aggregates of its eager model run on the GPU
+(expected.json). For each, `maskaudit check --device cuda --tf32 off` runs twice, with the fused
+cross-entropy and with libtorch's (MASKAUDIT_FUSED_CE=0); every aggregate must match the eager
+model's to 1e-5 relative (bfloat16: 1e-3), and the number of positions. all_positions_mean,
+which reads the padding's logits, to 1e-3 (left out in bfloat16): those come from attention rows
+whose every key is masked, which a GPU rounds apart in trace and eager. Then each export on
+the CPU, where it was not traced: maskaudit must either agree with the same aggregates or stop
+with exit 2 and say where the export was traced, never report other numbers. Last, the
+fixtures' odd models on the GPU (non-finite and huge logits, a float16 model, two user losses)
+must give the verdicts they give on the CPU. Prints a line per run; exit 1 on any mismatch.
+"""
+import json
+import os
+import subprocess
+import sys
+
+ARCHS = ["llama", "qwen2", "gemma2", "gpt2", "phi3", "llama-bf16"]
+
+
+def run(binary, args, env=None):
+    p = subprocess.run([binary] + args, capture_output=True, text=True,
+                       env=dict(os.environ, **(env or {})))
+    try:
+        return p.returncode, json.loads(p.stdout), p.stderr.strip()
+    except ValueError:
+        return p.returncode, None, p.stderr.strip()
+
+
+def check(binary, models, device):
+    bad = 0
+    for arch in ARCHS:
+        d = f"{models}/{arch}"
+        exp = json.load(open(f"{d}/expected.json"))
+        bf16 = arch.endswith("bf16")
+        for where, fused in ((device, "1"), (device, "0"), ("cpu", "1")):
+            rc, out, err = run(binary, ["check", f"{d}/model.pt", f"{d}/data.jsonl", "--pad-id",
+                                        "0", "--batch-size", str(exp["batch_size"]), "--device",
+                                        where, "--tf32", "off", "--format", "json", "--quiet"],
+                               {"MASKAUDIT_FUSED_CE": fused})
+            tag = f"{arch:10s} on {where:6s} fused={fused}"
+            if out is None:
+                # Off its own device, a clear refusal naming the export's device is right.
+                ok = where == "cpu" and rc == 2 and "traced" in err and "\n" not in err
+                print(f"{tag} exit {rc}: {err[:300]} {'ok' if ok else 'FAILED'}")
+                bad += not ok
+                continue
+            tol = 1e-3 if bf16 else 1e-5
+            rels = {k: abs(out["losses"][k] - v) / abs(v) for k, v in exp["losses"].items()
+                    if not (bf16 and k == "all_positions_mean")}
+            # build_models.py's note: the padding's logits round apart on a GPU.
+            pad = rels.pop("all_positions_mean", 0.0)
+            worst = max(rels.values())
+            ok = worst <= tol and pad <= 1e-3 and out["data"]["positions"] == exp["positions"]
+            bad += not ok
+            print(f"{tag} exit {rc} verdict {out['verdict']} ce {out['model'].get('cross_entropy')} "
+                  f"max relative difference from eager {worst:.2e} (tolerance {tol}; "
+                  f"all_positions_mean {pad:.1e}, tolerance 1e-3) "
+                  f"{'ok' if ok else 'MISMATCH ' + json.dumps(rels)}")
+    return bad
+
+
+def odd_fixtures(binary, fixtures, device):
+    bad = 0
+    cases = [["nan_logits.pt", "ragged.jsonl"], ["odd/huge_logits.pt", "ragged.jsonl"],
+             ["tiny_lm_half.pt", "ragged.jsonl"],
+             ["tiny_lm.pt", "padded_labels.jsonl", "--loss", "losses/reduce_then_mask.pt",
+              "--loss-args", "shift_logits,targets,loss_mask"],
+             ["tiny_lm.pt", "padded_labels.jsonl", "--loss", "losses/correct_labels.pt"]]
+    for case in cases:
+        args = [f"{fixtures}/{a}" if a.endswith((".pt", ".jsonl")) else a for a in case]
+        seen = []
+        for where in ("cpu", device):
+            rc, out, err = run(binary, ["check", args[0], args[1], "--pad-id", "0",
+                                        "--batch-size", "4", "--device", where, "--format",
+                                        "json", "--quiet"] + args[2:])
+            seen.append((rc, out["verdict"] if out else err[:120],
+                         sorted(f["code"] for f in out["findings"]) if out else None))
+        ok = seen[0] == seen[1]
+        bad += not ok
+        print(f"{' '.join(case)}: cpu {seen[0]} {device} {seen[1]} {'ok' if ok else 'DIFFERENT'}")
+    return bad
+
+
+def main():
+    if len(sys.argv) < 4:
+        sys.exit(__doc__.split("\n\n")[1])
+    models, binary, fixtures = sys.argv[1:4]
+    device = sys.argv[5] if len(sys.argv) > 5 and sys.argv[4] == "--device" else "cuda"
+    bad = check(os.path.abspath(binary), models, device)
+    bad += odd_fixtures(os.path.abspath(binary), fixtures, device)
+    print(f"hf_gpu: {'all ok' if bad == 0 else f'{bad} failed'}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
