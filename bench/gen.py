@@ -15,8 +15,15 @@ returns logits [B, T, V]. `--arch qwen2` makes a Qwen2/Llama-shaped one instead:
 positions (theta 1e6), grouped-query attention with biased q/k/v, SwiGLU MLP, head tied to the
 embedding (Qwen2-0.5B's shape with the arguments above: 494M parameters). `--dtype` saves the
 weights in that dtype (norms and rotary tables are computed in float32 inside, as Hugging Face's
-Qwen2 does). A sidecar OUT.pt.json records the parameter count. Dataset rows are SFT-shaped: `input_ids`, `labels` with the prompt part
-set to -100, and a `text` field that readers must skip.
+Qwen2 does). A sidecar OUT.pt.json records the parameter count. Dataset rows are SFT-shaped:
+`input_ids`, `labels` with the prompt part set to -100, and a `text` field that readers must skip.
+
+`--arch qwen2 --exporter` builds the model a user would bring instead: transformers'
+Qwen2ForCausalLM with that shape (random init, seed 0), saved with save_pretrained in --dtype to
+a temporary directory, then exported by tools/maskaudit-export.py (or a maskaudit-export.py
+beside this script) with `--device` (default cuda when there is one), so maskaudit, the peer and
+the floor run what the exporter writes: `forward(input_ids, attention_mask)`, eager attention.
+This one needs transformers.
 """
 
 import argparse
@@ -164,6 +171,39 @@ def make_model(path: Path, vocab: int, width: int, layers: int, heads: int, max_
           f"{layers}x{width}, {dtype}")
 
 
+def export_model(path: Path, vocab: int, width: int, layers: int, heads: int, max_pos: int,
+                 kv_heads: int, ffn: int, dtype: str, device: str) -> None:
+    import subprocess
+    import sys
+    import tempfile
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(
+        vocab_size=vocab, hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads or heads, intermediate_size=ffn or 4 * width,
+        max_position_embeddings=max_pos, tie_word_embeddings=True, rope_theta=1e6,
+        rms_norm_eps=1e-6)
+    model = transformers.Qwen2ForCausalLM(config).to(DTYPES[dtype])
+    params = sum(p.numel() for p in model.parameters())
+    here = Path(__file__).resolve().parent
+    exporter = here / "maskaudit-export.py"
+    if not exporter.exists():
+        exporter = here.parent / "tools" / "maskaudit-export.py"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="maskaudit-gen-") as tmp:
+        model.save_pretrained(tmp)
+        del model
+        subprocess.run([sys.executable, str(exporter), tmp, str(path), "--dtype", dtype,
+                        "--device", device, "--max-verify-length", "2048"], check=True)
+    Path(str(path) + ".json").write_text(json.dumps({"params": params, "arch": "qwen2-hf",
+                                                      "dtype": dtype}))
+    print(f"{path}: Qwen2ForCausalLM through the exporter on {device}, {params / 1e6:.1f}M "
+          f"parameters, vocabulary {vocab}, {layers}x{width}, {dtype}")
+
+
 def make_data(path: Path, rows: int, min_len: int, max_len: int, vocab: int, seed: int) -> None:
     rng = random.Random(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -194,6 +234,9 @@ def main() -> None:
     m.add_argument("--kv-heads", type=int, default=0)
     m.add_argument("--ffn", type=int, default=0)
     m.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    m.add_argument("--exporter", action="store_true",
+                   help="transformers' Qwen2 through maskaudit-export (--arch qwen2 only)")
+    m.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     d = sub.add_parser("data")
     d.add_argument("out", type=Path)
     d.add_argument("--rows", type=int, required=True)
@@ -203,7 +246,12 @@ def main() -> None:
     d.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
     start = time.perf_counter()
-    if args.what == "model":
+    if args.what == "model" and args.exporter:
+        if args.arch != "qwen2":
+            ap.error("--exporter builds --arch qwen2 only")
+        export_model(args.out, args.vocab, args.width, args.layers, args.heads, args.max_pos,
+                     args.kv_heads, args.ffn, args.dtype, args.device)
+    elif args.what == "model":
         make_model(args.out, args.vocab, args.width, args.layers, args.heads, args.max_pos,
                    args.arch, args.kv_heads, args.ffn, args.dtype)
     else:

@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# The GPU measurement (docs/performance.md). LIBTORCH.md: build here, run there. Copy next
-# to this script: bench.py, gen.py, peer.py, and the release builds `maskaudit` and
-# `forward_only` (target/release/examples/); run it on a machine whose python3 has PyTorch 2.11
-# with CUDA. It generates the workloads with that PyTorch under /tmp/bench (a GPT-2-small-shaped
-# model with 2000 rows of 1024 tokens; a Qwen2-0.5B-shaped one in bf16 with 256 rows of 2048),
-# then, in one go:
+# The GPU measurement (docs/performance.md). LIBTORCH.md: build here, run there. Copy the
+# release builds `maskaudit` and `forward_only` (target/release/examples/) into bench/ of a
+# checkout and run it there, on a machine whose python3 has PyTorch 2.11 with CUDA and
+# transformers. It generates the workloads with that PyTorch under /tmp/bench (a
+# GPT-2-small-shaped model with 2000 rows of 1024 tokens; transformers' Qwen2 in Qwen2-0.5B's
+# shape, bf16, through tools/maskaudit-export.py, with 256 rows of 2048), then, in one go:
+#   0. the exporter's models on the GPU against eager (bench/hf_gpu.py);
 #   1. the fixture on the GPU in float32 without and with TF32, in bfloat16 and float16 (the
 #      numeric effect of --tf32 and --dtype against fixtures/expected.json);
-#   2. gpt2-small in bfloat16 (with maskaudit's overlap turned off, and libtorch's cross-entropy
-#      instead of the fused kernel, as variants) and in float32
-#      with TF32, and qwen2-0.5b in its bf16: maskaudit, the peer and the forward-only floor each
-#      time, bench.py's targets;
+#   2. gpt2-small in bfloat16 and in float32 with TF32, and qwen2-0.5b in its bf16: maskaudit,
+#      the peer and the forward-only floor each time, bench.py's targets (VARIANTS=1 adds
+#      maskaudit without the overlap, without the probe, with libtorch's cross-entropy);
 #   3. a batch of 48 x 2048 tokens of the 152k-vocabulary model, maskaudit against the peer,
 #      with the GPU's memory in use sampled every 50 ms;
 #   4. gpt2-small in float32 without TF32 (the slowest, last).
@@ -21,6 +21,7 @@ cd "$(dirname "$0")"
 OUT="${OUT:-$PWD/out}"
 FIXTURES="${FIXTURES:-../fixtures}"
 mkdir -p "$OUT"
+status=0
 torch_lib="$(python3 -c 'import os, torch; print(os.path.dirname(torch.__file__))')/lib"
 export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 {
@@ -29,6 +30,19 @@ export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name(), "threads", torch.get_num_threads())'
     ./maskaudit --version
 } 2>&1 | tee "$OUT/machine.txt"
+
+# 0. The exporter's models on the GPU: tiny configs of five architectures exported with
+#    --device cuda, against their eager models; the odd fixtures against their CPU verdicts.
+#    Needs transformers in python3 and the repository around this folder.
+#    HF=0 skips it.
+if [ "${HF:-1}" = 1 ] && [ -f ../tests/export/build_models.py ]; then
+    {
+        echo "== exported Hugging Face models on cuda against eager (bench/hf_gpu.py)"
+        python3 ../tests/export/build_models.py --device cuda --out /tmp/hf-cuda | tail -2
+        python3 hf_gpu.py /tmp/hf-cuda ./maskaudit "$FIXTURES"
+    } 2>&1 | tee "$OUT/hf.txt"
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
 
 # 1. The fixture: dtype and TF32 on the GPU.
 {
@@ -73,7 +87,6 @@ cat >maskaudit-libtorch-ce <<EOF
 MASKAUDIT_FUSED_CE=0 exec "$PWD/maskaudit" "\$@"
 EOF
 chmod +x maskaudit-libtorch-ce
-status=0
 bench() {
     local tag=$1
     shift
@@ -85,26 +98,33 @@ bench() {
     [ "$rc" = 0 ] || status=$rc
     echo | tee -a "$OUT/summary.txt"
 }
-bench gpt2_bf16 --only gpt2-small --dtype bfloat16 --variant "no-overlap=./maskaudit-no-overlap" \
-    --variant "libtorch-ce=./maskaudit-libtorch-ce" "$@"
+# VARIANTS=1 times maskaudit with a part turned off beside it (about 3 minutes more).
+variants() {
+    [ "${VARIANTS:-0}" = 1 ] || return 0
+    for v in "$@"; do printf -- '--variant\n%s\n' "$v"; done
+}
+mapfile -t gpt2_variants < <(variants "no-overlap=./maskaudit-no-overlap" \
+    "libtorch-ce=./maskaudit-libtorch-ce")
+bench gpt2_bf16 --only gpt2-small --dtype bfloat16 ${gpt2_variants[@]+"${gpt2_variants[@]}"} "$@"
 bench gpt2_tf32 --only gpt2-small --dtype float32 --tf32 on "$@"
 cat >maskaudit-no-probe <<EOF
 #!/bin/sh
 exec "$PWD/maskaudit" "\$@" --no-model-probe
 EOF
 chmod +x maskaudit-no-probe
-bench qwen2_bf16 --only qwen2-0.5b --dtype auto --variant "no-probe=./maskaudit-no-probe" \
-    --variant "no-overlap=./maskaudit-no-overlap" --variant "libtorch-ce=./maskaudit-libtorch-ce" "$@"
+mapfile -t qwen2_variants < <(variants "no-probe=./maskaudit-no-probe" \
+    "no-overlap=./maskaudit-no-overlap" "libtorch-ce=./maskaudit-libtorch-ce")
+bench qwen2_bf16 --only qwen2-0.5b --dtype auto ${qwen2_variants[@]+"${qwen2_variants[@]}"} "$@"
 {
     echo "== qwen2-0.5b phases (MASKAUDIT_TIMING=1), then the floor"
-    MASKAUDIT_TIMING=1 ./maskaudit check /tmp/bench/qwen2_0.5b_bf16.pt /tmp/bench/qwen2_2048.jsonl \
+    MASKAUDIT_TIMING=1 ./maskaudit check /tmp/bench/qwen2_0.5b_hf_bf16.pt /tmp/bench/qwen2_2048.jsonl \
         --pad-id 0 --batch-size 8 --device cuda --format json --quiet 2>&1 >/dev/null | grep timing
-    ./forward_only /tmp/bench/qwen2_0.5b_bf16.pt /tmp/bench/qwen2_2048.jsonl 8 0 cuda
+    ./forward_only /tmp/bench/qwen2_0.5b_hf_bf16.pt /tmp/bench/qwen2_2048.jsonl 8 0 cuda
 } 2>&1 | tee -a "$OUT/extra.txt"
 
 # 3. Memory: 48 rows of 2048 tokens in one batch, 152k vocabulary (logits alone: 30 GB in bf16).
 {
-    echo "== memory: qwen2_0.5b_bf16, 96 rows of 2048 tokens, batch 48"
+    echo "== memory: qwen2_0.5b_hf_bf16, 96 rows of 2048 tokens, batch 48"
     python3 gen.py data /tmp/bench/qwen2_mem.jsonl --rows 96 --min-len 2048 --max-len 2048 \
         --vocab 151936 >/dev/null
     for who in maskaudit peer; do
@@ -112,10 +132,10 @@ bench qwen2_bf16 --only qwen2-0.5b --dtype auto --variant "no-probe=./maskaudit-
         smi=$!
         start=$(date +%s.%N)
         if [ $who = maskaudit ]; then
-            ./maskaudit check /tmp/bench/qwen2_0.5b_bf16.pt /tmp/bench/qwen2_mem.jsonl --pad-id 0 \
+            ./maskaudit check /tmp/bench/qwen2_0.5b_hf_bf16.pt /tmp/bench/qwen2_mem.jsonl --pad-id 0 \
                 --batch-size 48 --device cuda --format json --quiet >/tmp/mem_out.txt 2>&1
         else
-            python3 peer.py /tmp/bench/qwen2_0.5b_bf16.pt /tmp/bench/qwen2_mem.jsonl --pad-id 0 \
+            python3 peer.py /tmp/bench/qwen2_0.5b_hf_bf16.pt /tmp/bench/qwen2_mem.jsonl --pad-id 0 \
                 --batch-size 48 --device cuda >/tmp/mem_out.txt 2>&1
         fi
         rc=$?
