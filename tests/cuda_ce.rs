@@ -200,3 +200,58 @@ fn the_fixture_on_the_gpu_matches_pytorch() {
         );
     }
 }
+
+/// `check` on the GPU with `env`, with an HTML report: the JSON, and the HTML's token-view rows.
+fn audit_with_html(model: &str, env: &[(&str, &str)]) -> (serde_json::Value, usize) {
+    let dir = fixtures();
+    let html = std::env::temp_dir().join(format!(
+        "maskaudit-cuda-{}-{}.html",
+        std::process::id(),
+        env.len()
+    ));
+    let out = Command::new(binary())
+        .arg("check")
+        .arg(dir.join(model))
+        .arg(dir.join("ragged.jsonl"))
+        .args(["--pad-id", "0", "--batch-size", "2", "--device", "cuda"])
+        .args(["--format", "json", "--quiet", "--html-rows", "40", "--html"])
+        .arg(&html)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run maskaudit");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("{e}: {stdout}\n{}", String::from_utf8_lossy(&out.stderr)));
+    let rows = std::fs::read_to_string(&html)
+        .unwrap()
+        .matches("<tr class=\"token-row\"")
+        .count();
+    std::fs::remove_file(&html).unwrap();
+    (report, rows)
+}
+
+/// A plain audit on the GPU probes on a thread of its own, beside the batches (`check`'s
+/// overlap); with the overlap off, the probe runs inline on the first batch. Both must report
+/// the same probe, findings, losses and HTML rows (the threaded path reads its batches' rows
+/// for the token view as they come back), for float32 and float16 models and for one whose
+/// logits depend on the batch's length.
+#[test]
+fn the_probe_beside_the_batches_reports_what_the_inline_probe_does() {
+    if cuda().is_none() {
+        return;
+    }
+    for model in ["tiny_lm.pt", "tiny_lm_half.pt", "odd/length_leak.pt"] {
+        let (threaded, threaded_rows) = audit_with_html(model, &[]);
+        let (inline, inline_rows) = audit_with_html(model, &[("MASKAUDIT_OVERLAP", "0")]);
+        let probe = &threaded["model"]["consistency"];
+        assert_eq!(probe["ran"], true, "{model}: {probe}");
+        assert_eq!(probe, &inline["model"]["consistency"], "{model}");
+        assert_eq!(threaded["findings"], inline["findings"], "{model}");
+        assert_eq!(threaded["losses"], inline["losses"], "{model}");
+        assert_eq!(threaded["verdict"], inline["verdict"], "{model}");
+        // ragged.jsonl has more rows than one batch of 2, fewer than the 40 the view shows.
+        let rows = threaded["data"]["rows"].as_u64().unwrap() as usize;
+        assert!(rows > 2 && rows < 40, "{rows}");
+        assert_eq!((threaded_rows, inline_rows), (rows, rows), "{model}");
+    }
+}

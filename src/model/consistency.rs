@@ -132,6 +132,59 @@ pub fn probe<M: LanguageModel + ?Sized>(
     Ok(out)
 }
 
+/// The rows of a batch the probe calls the model with (its shortest and its longest), with
+/// their logits, copied out of the batch: the probe can then run later, on a thread of its own,
+/// once the batch's tensors are gone. [`probe`] on these rows gives what it gives on the whole
+/// batch (same rows, same width, same logits).
+pub struct ProbeRows {
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    logits: Tensor,
+    lengths: Vec<i64>,
+}
+
+impl ProbeRows {
+    /// `None` when no row has a real token (the probe would not run on this batch).
+    pub fn copy(
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        logits: &Tensor,
+        lengths: &[i64],
+    ) -> Result<Option<Self>, tch::TchError> {
+        let (Some(longest), Some(shortest)) = (longest_row(lengths), shortest_row(lengths)) else {
+            return Ok(None);
+        };
+        // In batch order, so that ties pick the same rows as on the whole batch.
+        let mut rows = vec![shortest.min(longest), shortest.max(longest)];
+        rows.dedup();
+        let index: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+        let index = Tensor::f_from_slice(&index)?.f_to_device(input_ids.device())?;
+        Ok(Some(Self {
+            input_ids: input_ids.f_index_select(0, &index)?,
+            attention_mask: attention_mask.f_index_select(0, &index)?,
+            logits: logits.f_index_select(0, &index)?,
+            lengths: rows.iter().map(|&r| lengths[r]).collect(),
+        }))
+    }
+
+    pub fn probe<M: LanguageModel + ?Sized>(
+        &self,
+        model: &M,
+        pad_id: i64,
+        padding: Padding,
+    ) -> Result<Consistency, ModelError> {
+        probe(
+            model,
+            &self.input_ids,
+            &self.attention_mask,
+            &self.logits,
+            &self.lengths,
+            pad_id,
+            padding,
+        )
+    }
+}
+
 /// The probe's calls on rows of one batch, compared with the batch's own logits.
 struct Calls<'a, M: ?Sized> {
     model: &'a M,
@@ -248,5 +301,33 @@ mod tests {
         let logits = toy.logits(&ids, &mask).unwrap();
         let c = probe(&toy, &ids, &mask, &logits, &[4, 2], 0, Padding::UpTo(6)).unwrap();
         assert_eq!(c.longest_length, 6);
+    }
+
+    #[test]
+    fn the_copied_rows_give_what_the_whole_batch_gives() {
+        // Four rows: the probe takes the shortest (row 2) and the longest (row 1).
+        let ids =
+            Tensor::from_slice(&[1i64, 2, 0, 0, 1, 2, 3, 4, 3, 0, 0, 0, 2, 2, 1, 0]).view([4, 4]);
+        let mask = ids.ne(0).to_kind(Kind::Int64);
+        let lengths = [2, 4, 1, 3];
+        for leak in [false, true] {
+            let toy = Toy { length_leak: leak };
+            let logits = toy.logits(&ids, &mask).unwrap();
+            let whole = probe(&toy, &ids, &mask, &logits, &lengths, 0, Padding::Free).unwrap();
+            let rows = ProbeRows::copy(&ids, &mask, &logits, &lengths)
+                .unwrap()
+                .unwrap();
+            assert_eq!(rows.lengths, [4, 1]);
+            let copied = rows.probe(&toy, 0, Padding::Free).unwrap();
+            assert_eq!(format!("{whole:?}"), format!("{copied:?}"));
+            assert_eq!(whole.passed(), !leak);
+        }
+        let none = ProbeRows::copy(
+            &ids,
+            &mask,
+            &Tensor::zeros([4, 4, 5], (Kind::Float, Device::Cpu)),
+            &[0; 4],
+        );
+        assert!(none.unwrap().is_none());
     }
 }

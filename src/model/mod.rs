@@ -16,8 +16,9 @@ pub trait LanguageModel {
 }
 
 /// A model file loaded for `check`: the forward, and what the report says of it. One
-/// implementation a model format ([`TorchScriptLm`] today); [`load`] picks it.
-pub trait LoadedModel: LanguageModel {
+/// implementation a model format ([`TorchScriptLm`] today); [`load`] picks it. `Sync`: `check`
+/// calls the forward from two threads at once (the consistency probe beside the batches).
+pub trait LoadedModel: LanguageModel + Sync {
     /// The file, for messages and the report.
     fn path(&self) -> &str;
     /// The forward's arguments, and how they were found.

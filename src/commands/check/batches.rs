@@ -301,7 +301,7 @@ pub(super) fn process_batch(
 }
 
 /// The trace-consistency probe on the first batch (`model::consistency`), with the limits
-/// this run needs: no padding past an unknown position table on a GPU, TF32's tolerance.
+/// this run needs.
 fn probe_consistency(
     model: &dyn LoadedModel,
     batch: &Batch,
@@ -309,30 +309,40 @@ fn probe_consistency(
     logits: &Tensor,
     opts: &CheckOptions,
 ) -> Result<Consistency> {
-    let recorded = model.record().and_then(|r| r.position_limit());
-    // Without a recorded position limit, padding columns may take a learned position
-    // table out of range: on the CPU the forward fails and the probe says so, but on a GPU
-    // that is a device-side assert that poisons the CUDA context for the rest of the run.
-    // So on a GPU the padded call needs the record; rows alone are checked either way.
-    let padding = match recorded {
-        Some(limit) => Padding::UpTo(limit),
-        None if model.device().is_cuda() => Padding::Off(
-            "no padding appended: on a GPU, padding past the model's position table (unknown without a maskaudit-export record) would abort the run",
-        ),
-        None => Padding::Free,
-    };
-    let mut probed = consistency::probe(
+    let probed = consistency::probe(
         model,
         &tensors.input_ids,
         &tensors.attention_mask,
         logits,
         &batch.row_lengths(),
         opts.pad_id.unwrap_or(0),
-        padding,
+        probe_padding(model),
     )?;
+    Ok(with_tf32_tolerance(model, probed))
+}
+
+/// How far the probe may pad the first batch: no further than a recorded position limit, and
+/// on a GPU not at all without one.
+pub(super) fn probe_padding(model: &dyn LoadedModel) -> Padding {
+    let recorded = model.record().and_then(|r| r.position_limit());
+    // Without a recorded position limit, padding columns may take a learned position
+    // table out of range: on the CPU the forward fails and the probe says so, but on a GPU
+    // that is a device-side assert that poisons the CUDA context for the rest of the run.
+    // So on a GPU the padded call needs the record; rows alone are checked either way.
+    match recorded {
+        Some(limit) => Padding::UpTo(limit),
+        None if model.device().is_cuda() => Padding::Off(
+            "no padding appended: on a GPU, padding past the model's position table (unknown without a maskaudit-export record) would abort the run",
+        ),
+        None => Padding::Free,
+    }
+}
+
+/// TF32 rounds the matrix products' inputs to float16's 10-bit mantissa: float32 logits then
+/// get float16's tolerance.
+pub(super) fn with_tf32_tolerance(model: &dyn LoadedModel, mut probed: Consistency) -> Consistency {
     if model::allow_tf32_cublas() && model.run_kind() == Kind::Float {
-        // TF32 rounds the matrix products' inputs to float16's 10-bit mantissa.
         probed.tolerance = probed.tolerance.max(model::logit_tolerance(Kind::Half));
     }
-    Ok(probed)
+    probed
 }

@@ -130,6 +130,7 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
     let ReadSummary { bytes_read, lint } = reading
         .join()
         .map_err(|_| anyhow::anyhow!("the thread reading {data_path} panicked"))?;
+    timing.mark("the reading thread joined");
     progress.set_position(bytes_read);
     if lint.rows() == 0 {
         return Err(DataError::Empty { path: data_path }.into());
@@ -153,6 +154,7 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
     let (mut findings, user_loss, steps) = concluded.findings(lint_findings, audit, simulation)?;
     opts.overrides.apply(&mut findings);
     let verdict = Verdict::of(&findings);
+    timing.mark("findings");
 
     Ok(Report {
         schema_version: SCHEMA_VERSION,
@@ -238,7 +240,7 @@ struct Pass {
 
 /// The batches through the model, a step at a time (W×K micro-batches; one without --accum
 /// and --world-size) so that each knows its step's trained-target count before it runs; the
-/// last, partial step too.
+/// last, partial step too. A plain audit on a GPU goes through [`overlap::stream`] instead.
 fn stream(
     model: &dyn LoadedModel,
     opts: &CheckOptions,
@@ -253,25 +255,24 @@ fn stream(
         run,
         simulation,
     } = pass;
+    let overlap = Overlap::new(model.device(), opts);
+    if overlap.active {
+        overlap::stream(
+            model,
+            opts,
+            batches,
+            (totals, run),
+            progress,
+            timing,
+            overlap,
+        )?;
+        timing.cross_entropy(model);
+        return Ok(());
+    }
     let per_step = opts.steps.map_or(1, |c| c.micro_batches_per_step());
     let mut pending = Vec::with_capacity(per_step);
-    // On a GPU, a plain audit (no user loss, no step simulation) keeps one batch in flight:
-    // batch k+1 is queued on the device before batch k's losses are read (overlap).
-    let mut overlap = Overlap::new(model.device(), opts);
     for item in batches {
-        let (batch, bytes_read) = match item {
-            Ok(item) => item,
-            Err(e) => {
-                // The batch in flight comes first in the file: its error first.
-                overlap.finish(model, totals, run)?;
-                return Err(e);
-            }
-        };
-        if overlap.active && (!run.probe || run.consistency.ran) {
-            overlap.push(model, batch, totals, run, opts)?;
-            progress.set_position(bytes_read);
-            continue;
-        }
+        let (batch, bytes_read) = item?;
         let probing = run.probe && !run.consistency.ran;
         pending.push(batch);
         if pending.len() == per_step {
@@ -295,7 +296,6 @@ fn stream(
             }
         }
     }
-    overlap.finish(model, totals, run)?;
     timing.mark("the other batches");
     timing.cross_entropy(model);
     if !pending.is_empty() {
