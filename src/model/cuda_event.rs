@@ -21,6 +21,7 @@ type SetDevice = unsafe extern "C" fn(c_int) -> c_int;
 type Create = unsafe extern "C" fn(*mut Event, u32) -> c_int;
 type Record = unsafe extern "C" fn(Event, Stream) -> c_int;
 type OnEvent = unsafe extern "C" fn(Event) -> c_int;
+type Elapsed = unsafe extern "C" fn(*mut f32, Event, Event) -> c_int;
 
 struct Runtime {
     set_device: SetDevice,
@@ -28,6 +29,7 @@ struct Runtime {
     record: Record,
     synchronize: OnEvent,
     destroy: OnEvent,
+    elapsed: Elapsed,
 }
 
 /// `cudaEventDisableTiming`: the event only orders work.
@@ -47,6 +49,7 @@ fn runtime() -> Option<&'static Runtime> {
                     record: scope.get(c"cudaEventRecord").ok()?,
                     synchronize: scope.get(c"cudaEventSynchronize").ok()?,
                     destroy: scope.get(c"cudaEventDestroy").ok()?,
+                    elapsed: scope.get(c"cudaEventElapsedTime").ok()?,
                 })
             }
         })
@@ -63,14 +66,23 @@ impl CudaEvent {
     /// Records an event on device `index`'s default stream; `None` when the CUDA runtime's
     /// functions are not at hand or a call fails.
     pub fn record(index: usize) -> Option<Self> {
+        Self::record_with(index, DISABLE_TIMING)
+    }
+
+    /// [`Self::record`], with the time the GPU reached it, for [`Self::elapsed_ms`]
+    /// (`MASKAUDIT_TIMING=1`).
+    pub fn record_timed(index: usize) -> Option<Self> {
+        Self::record_with(index, 0)
+    }
+
+    fn record_with(index: usize, flags: u32) -> Option<Self> {
         let runtime = runtime()?;
         let mut event: Event = std::ptr::null_mut();
         // SAFETY: plain CUDA runtime calls on a pointer we own; libtorch made the device's
         // context. libtorch sets the current device around each of its calls and puts back the
         // one it found, so setting it here changes nothing for libtorch.
         unsafe {
-            if (runtime.set_device)(index as c_int) != 0
-                || (runtime.create)(&mut event, DISABLE_TIMING) != 0
+            if (runtime.set_device)(index as c_int) != 0 || (runtime.create)(&mut event, flags) != 0
             {
                 return None;
             }
@@ -91,6 +103,16 @@ impl CudaEvent {
                 "cudaEventSynchronize failed with CUDA error {code}"
             )),
         }
+    }
+}
+
+impl CudaEvent {
+    /// Milliseconds of GPU time from this event to `later`, both from [`Self::record_timed`]
+    /// and both complete; `None` otherwise.
+    pub fn elapsed_ms(&self, later: &CudaEvent) -> Option<f32> {
+        let mut ms = 0f32;
+        // SAFETY: both events were created and recorded by `record_with`.
+        (unsafe { (self.runtime.elapsed)(&mut ms, self.event, later.event) } == 0).then_some(ms)
     }
 }
 

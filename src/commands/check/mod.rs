@@ -255,7 +255,7 @@ fn stream(
         run,
         simulation,
     } = pass;
-    let overlap = Overlap::new(model.device(), opts);
+    let overlap = Overlap::new(model.device(), opts, timing.on);
     if overlap.active {
         overlap::stream(
             model,

@@ -56,6 +56,9 @@ pub(super) fn stream(
         }
         overlap.finish(model, totals, run, opts)?;
         timing.mark("the batches");
+        if let Some(times) = &overlap.times {
+            timing.note(&times.summary());
+        }
         if let Some(probe) = probe {
             let probed = probe
                 .join()
@@ -78,6 +81,8 @@ pub(super) struct Overlap {
     pub(super) active: bool,
     pub(super) device_index: usize,
     pub(super) in_flight: Option<InFlight>,
+    /// With `MASKAUDIT_TIMING=1`: where the GPU's time went, batch by batch.
+    pub(super) times: Option<GpuTimes>,
 }
 
 /// A batch whose losses are on their way to the host.
@@ -88,10 +93,53 @@ pub(super) struct InFlight {
     pub(super) finite: Tensor,
     /// `None` when CUDA events are not at hand: reading `losses` then waits for the device.
     pub(super) done: Option<CudaEvent>,
+    /// With [`GpuTimes`]: events before the upload and after the forward.
+    pub(super) marks: Option<(CudaEvent, CudaEvent)>,
+}
+
+/// `MASKAUDIT_TIMING=1` on a GPU: GPU time by part of a batch, from CUDA events recorded
+/// around each batch's work (the consistency probe's work, queued on the same stream from its
+/// thread, falls in whichever part it lands in).
+#[derive(Default)]
+pub(super) struct GpuTimes {
+    batches: usize,
+    /// The upload of the ids and mask, and the forward.
+    forward_ms: f64,
+    /// The cross-entropy and the copies of its results to the host.
+    loss_ms: f64,
+    /// From one batch's end to the next one's start: the GPU waiting for the host.
+    idle_ms: f64,
+    last_end: Option<CudaEvent>,
+}
+
+impl GpuTimes {
+    fn add(&mut self, marks: Option<(CudaEvent, CudaEvent)>, done: Option<CudaEvent>) {
+        let (Some((start, forwarded)), Some(done)) = (marks, done) else {
+            return;
+        };
+        let ms = |a: &CudaEvent, b: &CudaEvent| f64::from(a.elapsed_ms(b).unwrap_or(0.0));
+        self.batches += 1;
+        self.forward_ms += ms(&start, &forwarded);
+        self.loss_ms += ms(&forwarded, &done);
+        if let Some(last) = &self.last_end {
+            self.idle_ms += ms(last, &start);
+        }
+        self.last_end = Some(done);
+    }
+
+    pub(super) fn summary(&self) -> String {
+        format!(
+            "GPU time over {} batches: upload and forward {:.3} s, cross-entropy and copies to the host {:.3} s, idle between batches {:.3} s",
+            self.batches,
+            self.forward_ms / 1e3,
+            self.loss_ms / 1e3,
+            self.idle_ms / 1e3
+        )
+    }
 }
 
 impl Overlap {
-    pub(super) fn new(device: Device, opts: &CheckOptions) -> Self {
+    pub(super) fn new(device: Device, opts: &CheckOptions, timed: bool) -> Self {
         let device_index = match device {
             Device::Cuda(n) => Some(n),
             _ => None,
@@ -101,6 +149,7 @@ impl Overlap {
             active: device_index.is_some() && opts.loss.is_none() && opts.steps.is_none() && !off,
             device_index: device_index.unwrap_or(0),
             in_flight: None,
+            times: timed.then(GpuTimes::default),
         }
     }
 
@@ -162,6 +211,8 @@ impl Overlap {
         }
         check_length_limit(model, &batch, run.unit, line)?;
         let path = model::path_string(&opts.model);
+        let timed = self.times.is_some();
+        let start = timed.then(|| CudaEvent::record_timed(self.device_index));
         let tensors = BatchTensors::new(&batch, model.device())?;
         let in_batch = |e: tch::TchError| ModelError::Forward {
             path: path.clone(),
@@ -178,6 +229,7 @@ impl Overlap {
                 },
                 other => other,
             })?;
+        let forwarded = timed.then(|| CudaEvent::record_timed(self.device_index));
         let (losses, finite) = queue_losses(&logits, &tensors.input_ids, &path, line)?;
         let rows = if want_rows {
             ProbeRows::copy(
@@ -198,20 +250,25 @@ impl Overlap {
         };
         let losses = to_host(&losses)?;
         let finite = to_host(&finite)?;
-        let done = CudaEvent::record(self.device_index);
+        let done = if timed {
+            CudaEvent::record_timed(self.device_index)
+        } else {
+            CudaEvent::record(self.device_index)
+        };
         Ok(Queued::InFlight(
             InFlight {
                 batch,
                 losses,
                 finite,
                 done,
+                marks: start.flatten().zip(forwarded.flatten()),
             },
             rows,
         ))
     }
 
     pub(super) fn read(
-        &self,
+        &mut self,
         flight: InFlight,
         model: &dyn LoadedModel,
         totals: &mut LossTotals,
@@ -234,6 +291,9 @@ impl Overlap {
         run.observe(batch, &losses);
         totals.add_batch(&losses, &batch.target_mask(), batch.rows);
         run.keep_rows(batch, &losses, None, opts);
+        if let Some(times) = &mut self.times {
+            times.add(flight.marks, flight.done);
+        }
         Ok(())
     }
 }

@@ -39,6 +39,13 @@ impl Timing {
         self.last = now;
     }
 
+    /// A measurement of its own, on its line.
+    pub(super) fn note(&self, text: &str) {
+        if self.on {
+            let _ = writeln!(std::io::stderr(), "maskaudit timing: {text}");
+        }
+    }
+
     /// Which cross-entropy a GPU run took, and how bf16 logits were upcast on libtorch's path.
     pub(super) fn cross_entropy(&self, model: &dyn LoadedModel) {
         if self.on && model.device().is_cuda() {
