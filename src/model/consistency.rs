@@ -65,6 +65,39 @@ pub fn probe<M: LanguageModel + ?Sized>(
     pad_id: i64,
     padding: Padding,
 ) -> Result<Consistency, ModelError> {
+    let rows: Vec<usize> = (0..lengths.len()).collect();
+    let batch = Rows {
+        input_ids,
+        attention_mask,
+        logits,
+        lengths,
+        numbers: &rows,
+    };
+    probe_rows(model, batch, pad_id, padding)
+}
+
+/// Rows of a batch, with each one's number in the batch (0-based), for the notes.
+struct Rows<'a> {
+    input_ids: &'a Tensor,
+    attention_mask: &'a Tensor,
+    logits: &'a Tensor,
+    lengths: &'a [i64],
+    numbers: &'a [usize],
+}
+
+fn probe_rows<M: LanguageModel + ?Sized>(
+    model: &M,
+    batch: Rows,
+    pad_id: i64,
+    padding: Padding,
+) -> Result<Consistency, ModelError> {
+    let Rows {
+        input_ids,
+        attention_mask,
+        logits,
+        lengths,
+        numbers,
+    } = batch;
     let t = input_ids.size()[1];
     let mut out = Consistency {
         ran: true,
@@ -115,17 +148,10 @@ pub fn probe<M: LanguageModel + ?Sized>(
         notes.push("the batch is at the model's position limit: no padding appended".into());
     }
     let len = lengths[longest];
+    let row = numbers[longest] + 1;
     match calls.alone(longest, len)? {
         Ok(difference) => out.row_difference = Some(difference),
-        // It ran in the batch, so a shorter, narrower call must run too.
-        Err(e) => {
-            out.row_difference = Some(f64::INFINITY);
-            notes.push(format!(
-                "the forward failed on row {} of the batch alone ({len} tokens): {}",
-                longest + 1,
-                short(&e)
-            ));
-        }
+        Err(e) => notes.push(alone_failed(&mut out, &e, row, len)),
     }
     out.rows_alone = if longest == shortest { 1 } else { 2 };
     out.note = notes.join("; ");
@@ -141,6 +167,8 @@ pub struct ProbeRows {
     attention_mask: Tensor,
     logits: Tensor,
     lengths: Vec<i64>,
+    /// Each copied row's number in the batch.
+    numbers: Vec<usize>,
 }
 
 impl ProbeRows {
@@ -164,6 +192,7 @@ impl ProbeRows {
             attention_mask: attention_mask.f_index_select(0, &index)?,
             logits: logits.f_index_select(0, &index)?,
             lengths: rows.iter().map(|&r| lengths[r]).collect(),
+            numbers: rows,
         }))
     }
 
@@ -173,15 +202,14 @@ impl ProbeRows {
         pad_id: i64,
         padding: Padding,
     ) -> Result<Consistency, ModelError> {
-        probe(
-            model,
-            &self.input_ids,
-            &self.attention_mask,
-            &self.logits,
-            &self.lengths,
-            pad_id,
-            padding,
-        )
+        let rows = Rows {
+            input_ids: &self.input_ids,
+            attention_mask: &self.attention_mask,
+            logits: &self.logits,
+            lengths: &self.lengths,
+            numbers: &self.numbers,
+        };
+        probe_rows(model, rows, pad_id, padding)
     }
 }
 
@@ -253,6 +281,47 @@ fn shortest_row(lengths: &[i64]) -> Option<usize> {
         .min_by_key(|&i| (lengths[i], i))
 }
 
+/// The note on a row-alone call that failed: the row ran in the batch, so a shorter, narrower
+/// call must run too, and its failure is the model's (an infinite difference), unless memory
+/// ran out (on a GPU the probe's calls share it with the next batch): then it was not checked.
+fn alone_failed(out: &mut Consistency, e: &ModelError, row: usize, len: i64) -> String {
+    if out_of_memory(e) {
+        return format!("row {row} of the batch alone was not checked: {}", short(e));
+    }
+    out.row_difference = Some(f64::INFINITY);
+    format!(
+        "the forward failed on row {row} of the batch alone ({len} tokens): {}",
+        short(e)
+    )
+}
+
+fn out_of_memory(e: &ModelError) -> bool {
+    is_out_of_memory(&e.to_string())
+}
+
+/// Whether a libtorch error says memory ran out (CUDA's caching allocator, or the CPU's).
+pub fn is_out_of_memory(text: &str) -> bool {
+    [
+        "out of memory",
+        "can't allocate memory",
+        "not enough memory",
+    ]
+    .iter()
+    .any(|m| text.contains(m))
+}
+
+impl Consistency {
+    /// The probe did not get to compare anything, for the reason given.
+    pub fn not_checked(tolerance: f64, why: String) -> Self {
+        Self {
+            ran: true,
+            tolerance,
+            note: why,
+            ..Default::default()
+        }
+    }
+}
+
 fn short(e: &ModelError) -> String {
     torch_message(&e.to_string())
 }
@@ -303,6 +372,47 @@ mod tests {
         assert_eq!(c.longest_length, 6);
     }
 
+    /// The toy model, failing every one-row call with `message`.
+    struct FailsAlone(&'static str);
+
+    impl LanguageModel for FailsAlone {
+        fn vocab_size(&self) -> i64 {
+            5
+        }
+        fn device(&self) -> Device {
+            Device::Cpu
+        }
+        fn logits(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor, ModelError> {
+            if ids.size()[0] == 1 {
+                return Err(ModelError::Torch(self.0.into()));
+            }
+            Toy { length_leak: false }.logits(ids, mask)
+        }
+    }
+
+    /// A row that fails alone fails the probe, naming its row in the batch (also from copied
+    /// rows), unless memory ran out: then it was not checked.
+    #[test]
+    fn a_failing_row_alone_fails_the_probe_unless_memory_ran_out() {
+        let ids = Tensor::from_slice(&[1i64, 2, 0, 0, 1, 2, 3, 4, 3, 0, 0, 0]).view([3, 4]);
+        let mask = ids.ne(0).to_kind(Kind::Int64);
+        let lengths = [2, 4, 1];
+        for (message, passed) in [
+            ("RuntimeError: shape mismatch", false),
+            ("CUDA out of memory. Tried to allocate 2.00 GiB", true),
+        ] {
+            let model = FailsAlone(message);
+            let logits = model.logits(&ids, &mask).unwrap();
+            let rows = ProbeRows::copy(&ids, &mask, &logits, &lengths)
+                .unwrap()
+                .unwrap();
+            let c = rows.probe(&model, 0, Padding::Off("off")).unwrap();
+            assert_eq!(c.passed(), passed, "{c:?}");
+            assert_eq!(c.row_difference.is_some(), !passed, "{c:?}");
+            assert!(c.note.contains("row 2 of the batch alone"), "{c:?}");
+        }
+    }
+
     #[test]
     fn the_copied_rows_give_what_the_whole_batch_gives() {
         // Four rows: the probe takes the shortest (row 2) and the longest (row 1).
@@ -317,7 +427,10 @@ mod tests {
             let rows = ProbeRows::copy(&ids, &mask, &logits, &lengths)
                 .unwrap()
                 .unwrap();
-            assert_eq!(rows.lengths, [4, 1]);
+            assert_eq!(
+                (rows.lengths.as_slice(), rows.numbers.as_slice()),
+                (&[4, 1][..], &[1, 2][..])
+            );
             let copied = rows.probe(&toy, 0, Padding::Free).unwrap();
             assert_eq!(format!("{whole:?}"), format!("{copied:?}"));
             assert_eq!(whole.passed(), !leak);

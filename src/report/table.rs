@@ -245,35 +245,53 @@ fn write_model<W: Write>(out: &mut W, m: &ModelInfo) -> std::io::Result<()> {
         m.output
     )?;
     writeln!(out, "         arguments {}", m.forward_args_note)?;
-    let c = &m.consistency;
-    if c.ran {
-        let note = if c.note.is_empty() {
-            String::new()
-        } else {
-            format!("; {}", c.note)
-        };
-        if c.passed() {
-            writeln!(
-                out,
-                "         consistency: logits at real tokens unchanged (within {:.0e}) with padding appended and rows alone, up to {} positions{note}",
-                c.tolerance, c.longest_length
-            )?;
-        } else {
-            let show = |d: Option<f64>| {
-                d.map(|d| format!("{d:.1e}"))
-                    .unwrap_or_else(|| "not run".into())
-            };
-            writeln!(
-                out,
-                "         consistency: FAILED: logits at real tokens moved by {} with padding appended, {} with rows alone (tolerance {:.0e}), up to {} positions{note}",
-                show(c.padding_difference),
-                show(c.row_difference),
-                c.tolerance,
-                c.longest_length
-            )?;
-        }
+    if let Some(line) = consistency_line(&m.consistency) {
+        writeln!(out, "         consistency: {line}")?;
     }
     writeln!(out)
+}
+
+/// The consistency probe's line: what it compared (a call that failed or was skipped is in the
+/// note), or that it compared nothing; `None` when it did not run.
+fn consistency_line(c: &crate::model::consistency::Consistency) -> Option<String> {
+    if !c.ran {
+        return None;
+    }
+    let note = if c.note.is_empty() {
+        String::new()
+    } else {
+        format!("; {}", c.note)
+    };
+    let checked: Vec<&str> = [
+        (c.padding_difference, "padding appended"),
+        (c.row_difference, "rows alone"),
+    ]
+    .iter()
+    .filter(|(d, _)| d.is_some())
+    .map(|&(_, what)| what)
+    .collect();
+    if checked.is_empty() {
+        return Some(format!("not checked{note}"));
+    }
+    if c.passed() {
+        return Some(format!(
+            "logits at real tokens unchanged (within {:.0e}) with {}, up to {} positions{note}",
+            c.tolerance,
+            checked.join(" and "),
+            c.longest_length
+        ));
+    }
+    let show = |d: Option<f64>| {
+        d.map(|d| format!("{d:.1e}"))
+            .unwrap_or_else(|| "not run".into())
+    };
+    Some(format!(
+        "FAILED: logits at real tokens moved by {} with padding appended, {} with rows alone (tolerance {:.0e}), up to {} positions{note}",
+        show(c.padding_difference),
+        show(c.row_difference),
+        c.tolerance,
+        c.longest_length
+    ))
 }
 
 pub(crate) fn forward_display(args: &[crate::model::ForwardArg]) -> String {
@@ -435,5 +453,42 @@ pub fn write_verdict<W: Write>(out: &mut W, verdict: Verdict) -> std::io::Result
     match verdict {
         Verdict::Pass => writeln!(out, "verdict: pass"),
         Verdict::Fail => writeln!(out, "verdict: FAIL"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::consistency_line;
+    use crate::model::consistency::Consistency;
+
+    #[test]
+    fn the_consistency_line_names_only_what_the_probe_compared() {
+        let both = Consistency {
+            ran: true,
+            longest_length: 40,
+            padding_difference: Some(0.0),
+            row_difference: Some(0.0),
+            tolerance: 1e-4,
+            ..Default::default()
+        };
+        assert_eq!(
+            consistency_line(&both).unwrap(),
+            "logits at real tokens unchanged (within 1e-4) with padding appended and rows alone, up to 40 positions"
+        );
+        let alone = Consistency {
+            padding_difference: None,
+            note: "no padding appended".into(),
+            ..both.clone()
+        };
+        assert_eq!(
+            consistency_line(&alone).unwrap(),
+            "logits at real tokens unchanged (within 1e-4) with rows alone, up to 40 positions; no padding appended"
+        );
+        let none = Consistency::not_checked(1e-4, "out of memory".into());
+        assert_eq!(
+            consistency_line(&none).unwrap(),
+            "not checked; out of memory"
+        );
+        assert_eq!(consistency_line(&Consistency::default()), None);
     }
 }

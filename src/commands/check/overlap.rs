@@ -13,7 +13,7 @@ use super::CheckOptions;
 use crate::data::batch::Batch;
 use crate::loss::aggregate::LossTotals;
 use crate::loss::batch::BatchTensors;
-use crate::model::consistency::ProbeRows;
+use crate::model::consistency::{self, Consistency, ProbeRows};
 use crate::model::{self, CudaEvent, LoadedModel, ModelError};
 
 /// The batches of a plain audit on a GPU through [`Overlap`]. The consistency probe's rows are
@@ -34,35 +34,52 @@ pub(super) fn stream(
     let pad_id = opts.pad_id.unwrap_or(0);
     std::thread::scope(|scope| {
         let mut probe = None;
-        for item in batches {
-            let (batch, bytes_read) = match item {
-                Ok(item) => item,
-                Err(e) => {
-                    // The batch in flight comes first in the file: its error first.
-                    overlap.finish(model, totals, run, opts)?;
-                    return Err(e);
+        let batches_run = (|| -> Result<()> {
+            for item in batches {
+                let (batch, bytes_read) = match item {
+                    Ok(item) => item,
+                    Err(e) => {
+                        // The batch in flight comes first in the file: its error first.
+                        overlap.finish(model, totals, run, opts)?;
+                        return Err(e);
+                    }
+                };
+                let want = run.probe && probe.is_none() && !run.consistency.ran;
+                match overlap.push(model, batch, totals, run, opts, want)? {
+                    ProbeWork::Rows(rows) => {
+                        let padding = probe_padding(model);
+                        probe = Some(scope.spawn(move || {
+                            // Gradient mode is per thread.
+                            let _no_grad = tch::no_grad_guard();
+                            rows.probe(model, pad_id, padding)
+                        }));
+                    }
+                    ProbeWork::NotRun(probed) => {
+                        run.consistency = with_tf32_tolerance(model, probed);
+                    }
+                    ProbeWork::None => {}
                 }
-            };
-            let want_rows = run.probe && probe.is_none();
-            if let Some(rows) = overlap.push(model, batch, totals, run, opts, want_rows)? {
-                let padding = probe_padding(model);
-                probe = Some(scope.spawn(move || {
-                    // Gradient mode is per thread.
-                    let _no_grad = tch::no_grad_guard();
-                    rows.probe(model, pad_id, padding)
-                }));
+                progress.set_position(bytes_read);
             }
-            progress.set_position(bytes_read);
+            overlap.finish(model, totals, run, opts)
+        })();
+        // Joined before any error leaves the scope, which would panic on a panicked thread.
+        let probed = probe.map(|p| {
+            p.join()
+                .map_err(|_| anyhow::anyhow!("the consistency probe's thread panicked"))
+                .and_then(|r| r.map_err(anyhow::Error::from))
+        });
+        let probed = probed.map(|p| p.or_else(|e| out_of_memory(model, e)));
+        // The probed batch comes before the batches whose errors could follow it.
+        if let Some(Err(e)) = probed {
+            return Err(e);
         }
-        overlap.finish(model, totals, run, opts)?;
+        batches_run?;
         timing.mark("the batches");
         if let Some(times) = &overlap.times {
             timing.note(&times.summary());
         }
-        if let Some(probe) = probe {
-            let probed = probe
-                .join()
-                .map_err(|_| anyhow::anyhow!("the consistency probe's thread panicked"))??;
+        if let Some(Ok(probed)) = probed {
             run.consistency = with_tf32_tolerance(model, probed);
             timing.mark("the consistency probe, after the batches");
         }
@@ -154,7 +171,7 @@ impl Overlap {
     }
 
     /// Queues `batch` on the device, then reads the batch queued before it. With `want_rows`,
-    /// returns the consistency probe's rows of this batch when it has them.
+    /// returns the consistency probe's work on this batch.
     pub(super) fn push(
         &mut self,
         model: &dyn LoadedModel,
@@ -163,7 +180,7 @@ impl Overlap {
         run: &mut RunState,
         opts: &CheckOptions,
         want_rows: bool,
-    ) -> Result<Option<ProbeRows>> {
+    ) -> Result<ProbeWork> {
         let queued = self.queue(model, batch, run, opts, want_rows);
         // Errors in file order: the batch before this one first.
         let previous = self.in_flight.take();
@@ -171,14 +188,14 @@ impl Overlap {
             self.read(previous, model, totals, run, opts)?;
         }
         match queued? {
-            Queued::InFlight(next, rows) => {
+            Queued::InFlight(next, probe) => {
                 self.in_flight = Some(next);
-                Ok(rows)
+                Ok(probe)
             }
             Queued::Empty(batch) => {
                 totals.add_batch(&[], &[], batch.rows);
                 run.keep_rows(&batch, &[], None, opts);
-                Ok(None)
+                Ok(ProbeWork::None)
             }
         }
     }
@@ -231,16 +248,13 @@ impl Overlap {
             })?;
         let forwarded = timed.then(|| CudaEvent::record_timed(self.device_index));
         let (losses, finite) = queue_losses(&logits, &tensors.input_ids, &path, line)?;
-        let rows = if want_rows {
-            ProbeRows::copy(
-                &tensors.input_ids,
-                &tensors.attention_mask,
-                &logits,
-                &batch.row_lengths(),
-            )
-            .map_err(in_batch)?
+        let probe = if want_rows {
+            probe_work(model, &tensors, &logits, &batch, opts).map_err(|e| match e {
+                ProbeError::Torch(e) => in_batch(e).into(),
+                ProbeError::Model(e) => anyhow::Error::from(e),
+            })?
         } else {
-            None
+            ProbeWork::None
         };
         drop(logits);
         let to_host = |t: &Tensor| {
@@ -263,7 +277,7 @@ impl Overlap {
                 done,
                 marks: start.flatten().zip(forwarded.flatten()),
             },
-            rows,
+            probe,
         ))
     }
 
@@ -333,9 +347,70 @@ fn queue_losses(
     Ok((losses, finite))
 }
 
+/// Memory running out in the probe's own tensor work (its model calls are handled in
+/// `model::consistency`) leaves it unchecked rather than failing the run: beside the batches it
+/// shares the GPU's memory with the next one.
+fn out_of_memory(model: &dyn LoadedModel, e: anyhow::Error) -> Result<Consistency> {
+    let text = model::torch_message(&e.to_string());
+    if !consistency::is_out_of_memory(&text) {
+        return Err(e);
+    }
+    Ok(Consistency::not_checked(
+        model::logit_tolerance(model.run_kind()),
+        format!("the probe ran out of memory beside the batches: {text}"),
+    ))
+}
+
+enum ProbeError {
+    Torch(tch::TchError),
+    Model(ModelError),
+}
+
+/// The probe's rows of this batch, or, when no row has a real token, what the probe says of
+/// that (without a model call).
+fn probe_work(
+    model: &dyn LoadedModel,
+    tensors: &BatchTensors,
+    logits: &Tensor,
+    batch: &Batch,
+    opts: &CheckOptions,
+) -> Result<ProbeWork, ProbeError> {
+    let lengths = batch.row_lengths();
+    let copied = ProbeRows::copy(
+        &tensors.input_ids,
+        &tensors.attention_mask,
+        logits,
+        &lengths,
+    )
+    .map_err(ProbeError::Torch)?;
+    Ok(match copied {
+        Some(rows) => ProbeWork::Rows(rows),
+        None => ProbeWork::NotRun(
+            consistency::probe(
+                model,
+                &tensors.input_ids,
+                &tensors.attention_mask,
+                logits,
+                &lengths,
+                opts.pad_id.unwrap_or(0),
+                probe_padding(model),
+            )
+            .map_err(ProbeError::Model)?,
+        ),
+    })
+}
+
+/// The consistency probe's part in a queued batch.
+pub(super) enum ProbeWork {
+    None,
+    /// The rows to probe, on the probe's thread.
+    Rows(ProbeRows),
+    /// No row had a real token: the probe's report of that (it runs on a later batch).
+    NotRun(Consistency),
+}
+
 pub(super) enum Queued {
-    /// With the consistency probe's rows, when asked for and the batch has them.
-    InFlight(InFlight, Option<ProbeRows>),
+    InFlight(InFlight, ProbeWork),
     /// One-token rows: no next-token position, nothing to run.
     Empty(Batch),
 }
