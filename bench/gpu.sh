@@ -38,8 +38,11 @@ export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 if [ "${HF:-1}" = 1 ] && [ -f ../tests/export/build_models.py ]; then
     {
         echo "== exported Hugging Face models on cuda against eager (bench/hf_gpu.py)"
-        python3 ../tests/export/build_models.py --device cuda --out /tmp/hf-cuda | tail -2
-        python3 hf_gpu.py /tmp/hf-cuda ./maskaudit "$FIXTURES"
+        python3 ../tests/export/build_models.py --device cuda --out /tmp/hf-cuda \
+            >"$OUT/hf-build.txt" 2>&1
+        built=$?
+        tail -2 "$OUT/hf-build.txt"
+        python3 hf_gpu.py /tmp/hf-cuda ./maskaudit "$FIXTURES" && [ "$built" = 0 ]
     } 2>&1 | tee "$OUT/hf.txt"
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi

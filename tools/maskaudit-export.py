@@ -284,6 +284,10 @@ def relative_difference(eager: Tensor, traced: Tensor, mask: Tensor) -> float:
     return float((t - e).abs().max() / scale)
 
 
+class NotCheckedOnCpu(Exception):
+    """Exporter.eager_on_cpu could not tell whether the eager model fails past its limit."""
+
+
 class Exporter:
     def __init__(self, args):
         self.args = args
@@ -377,11 +381,17 @@ class Exporter:
         """The eager forward on the CPU, raising where it fails. Past max_position_embeddings a
         model with learned positions indexes past its table: an IndexError on the CPU, but on
         CUDA a device-side assert, after which nothing in this process can use the GPU. So off
-        the CPU, whether the eager model fails past its limit is asked on the CPU first."""
+        the CPU, whether the eager model fails past its limit is asked on the CPU first. A
+        failure of another kind (an operation or the memory the CPU lacks) says nothing either
+        way: it is raised as NotCheckedOnCpu, and the limit is recorded to be safe."""
         self.wrapper.to("cpu")
         try:
             with torch.no_grad():
                 self.wrapper(ids.cpu(), mask.cpu())
+        except IndexError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise NotCheckedOnCpu(first_line(exc, 120)) from exc
         finally:
             self.wrapper.to(self.device)
 
@@ -480,6 +490,13 @@ class Exporter:
             except Exception as exc:  # noqa: BLE001
                 if max_pos is not None and n > max_pos:
                     length_limit = max_pos
+                    if isinstance(exc, NotCheckedOnCpu):
+                        self.say(
+                            f"  {what}: {note}: not checked (on the CPU, where the check runs "
+                            f"off it, the eager model fails for another reason: {exc}); "
+                            f"{max_pos} tokens is recorded as its limit, to be safe"
+                        )
+                        continue
                     self.say(
                         f"  {what}: {note}: the eager model itself fails there "
                         f"({first_line(exc, 120)}); its limit, {max_pos} tokens, is recorded"

@@ -108,7 +108,8 @@ def stamp_text() -> str:
     h = hashlib.sha256()
     for path in (Path(__file__), EXPORTER):
         h.update(path.read_bytes())
-    return f"{h.hexdigest()} torch {version('torch')} transformers {version('transformers')}\n"
+    return (f"{h.hexdigest()} torch {version('torch')} transformers {version('transformers')} "
+            f"device {DEVICE}\n")
 
 
 def expected_files() -> List[Path]:
