@@ -64,19 +64,19 @@ pub struct CheckArgs {
     pub data_opts: DataArgs,
 
     /// cpu, cuda, cuda:N, or auto (CUDA when available)
-    #[arg(long, default_value = "auto", value_parser = parse_device, help_heading = "Model")]
+    #[arg(long, default_value = "auto", value_parser = parsed::<DeviceChoice>, help_heading = "Model")]
     pub device: DeviceChoice,
     /// The forward's tensors, in order, for a model without a maskaudit-export record: input_ids,
     /// attention_mask, position_ids, labels [default: probed, and an error when unclear]
-    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_forward_arg, help_heading = "Model")]
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parsed::<ForwardArg>, help_heading = "Model")]
     pub forward_args: Vec<ForwardArg>,
     /// The dtype the forward runs in: auto (the model's own: its export record's, else its
     /// parameters'), float32, bfloat16 or float16; the losses and sums stay float32/float64
-    #[arg(long, default_value = "auto", value_parser = parse_dtype, help_heading = "Model")]
+    #[arg(long, default_value = "auto", value_parser = parsed::<DtypeChoice>, help_heading = "Model")]
     pub dtype: DtypeChoice,
     /// TF32 for float32 matrix products on CUDA (tensor cores; inputs rounded to a 10-bit
     /// mantissa, float32 accumulation): on or off; no effect on the CPU or in other dtypes
-    #[arg(long, default_value = "on", value_parser = parse_tf32, help_heading = "Model")]
+    #[arg(long, default_value = "on", value_parser = parsed::<Tf32>, help_heading = "Model")]
     pub tf32: Tf32,
     /// Skip the trace-consistency probe (padding appended, rows alone) on the first batch
     #[arg(long, help_heading = "Model")]
@@ -163,7 +163,7 @@ pub struct UserLossArgs {
     pub loss_method: Option<String>,
     /// Tensors passed to the loss, in order: logits, input_ids, labels, attention_mask,
     /// shift_logits, targets, loss_mask [default: logits,labels; input_ids,labels with --loss-method]
-    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_loss_arg, requires = "loss_source", help_heading = "Your loss")]
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parsed::<LossArg>, requires = "loss_source", help_heading = "Your loss")]
     pub loss_args: Vec<LossArg>,
     /// Relative tolerance for matching your loss to a formula, in (0, 0.5) (raise it for half
     /// precision)
@@ -343,13 +343,13 @@ impl FieldArgs {
 #[derive(Debug, Args)]
 pub struct SeverityArgs {
     /// Make a finding code an error (exit 1); repeatable
-    #[arg(long, value_name = "CODE", value_parser = parse_code, help_heading = "Checks")]
+    #[arg(long, value_name = "CODE", value_parser = parsed::<Code>, help_heading = "Checks")]
     pub deny: Vec<Code>,
     /// Make a finding code a warning; repeatable
-    #[arg(long, value_name = "CODE", value_parser = parse_code, help_heading = "Checks")]
+    #[arg(long, value_name = "CODE", value_parser = parsed::<Code>, help_heading = "Checks")]
     pub warn: Vec<Code>,
     /// Make a finding code informational (never fails); repeatable
-    #[arg(long, value_name = "CODE", value_parser = parse_code, help_heading = "Checks")]
+    #[arg(long, value_name = "CODE", value_parser = parsed::<Code>, help_heading = "Checks")]
     pub allow: Vec<Code>,
 }
 
@@ -363,27 +363,8 @@ pub struct OutputArgs {
     pub quiet: bool,
 }
 
-fn parse_dtype(s: &str) -> Result<DtypeChoice, String> {
-    s.parse()
-}
-
-fn parse_tf32(s: &str) -> Result<Tf32, String> {
-    s.parse()
-}
-
-fn parse_device(s: &str) -> Result<DeviceChoice, String> {
-    s.parse()
-}
-
-fn parse_forward_arg(s: &str) -> Result<ForwardArg, String> {
-    s.parse()
-}
-
-fn parse_loss_arg(s: &str) -> Result<LossArg, String> {
-    s.parse()
-}
-
-fn parse_code(s: &str) -> Result<Code, String> {
+/// The options whose types parse themselves (`FromStr` with a message saying what is valid).
+fn parsed<T: std::str::FromStr<Err = String>>(s: &str) -> Result<T, String> {
     s.parse()
 }
 

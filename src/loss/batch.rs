@@ -88,19 +88,8 @@ pub fn batch_losses<M: LanguageModel + ?Sized>(
     let tensors = BatchTensors::new(batch, model.device())?;
     let logits = model
         .logits(&tensors.input_ids, &tensors.attention_mask)
-        .map_err(|e| match e {
-            ModelError::Torch(message) => ModelError::Forward {
-                path: path.clone(),
-                line: first_line,
-                message,
-            },
-            other => other,
-        })?;
-    let in_batch = |e: tch::TchError| ModelError::Forward {
-        path: path.clone(),
-        line: first_line,
-        message: model::torch_message(&e.to_string()),
-    };
+        .map_err(|e| e.at_batch(&path, first_line))?;
+    let in_batch = |e: tch::TchError| ModelError::in_batch(&path, first_line, &e);
     let losses =
         crate::loss::token_losses(&logits, &tensors.input_ids, crate::loss::CHUNK_ELEMENTS)
             .map_err(in_batch)?

@@ -100,6 +100,29 @@ pub enum ModelError {
     Torch(String),
 }
 
+impl ModelError {
+    /// A libtorch error in the work on the batch starting at `line`, with the file and line.
+    pub fn in_batch(path: &str, line: usize, e: &tch::TchError) -> Self {
+        ModelError::Forward {
+            path: path.to_string(),
+            line,
+            message: torch_message(&e.to_string()),
+        }
+    }
+
+    /// A forward's error, placed at its batch: libtorch's own gain the file and line.
+    pub fn at_batch(self, path: &str, line: usize) -> Self {
+        match self {
+            ModelError::Torch(message) => ModelError::Forward {
+                path: path.to_string(),
+                line,
+                message,
+            },
+            other => other,
+        }
+    }
+}
+
 impl From<tch::TchError> for ModelError {
     fn from(e: tch::TchError) -> Self {
         ModelError::Torch(torch_message(&e.to_string()))

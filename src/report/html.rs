@@ -21,7 +21,7 @@ use crate::findings::Finding;
 use crate::lint::view::{escape as escape_control, TokenText};
 use crate::loss::user::UserLossReport;
 use crate::report::junit::records_text;
-use crate::report::table::{aggregate_rows, formula_rows, percent, probe_outcomes, ProbeOutcome};
+use crate::report::table::{aggregate_rows, formula_rows, probe_outcomes, FORMULA_COLUMNS};
 use crate::report::token_rows::{TokenCell, TokenRow};
 use crate::report::{LintReport, Report, Verdict};
 
@@ -129,7 +129,11 @@ fn user_loss(out: &mut String, user: &UserLossReport) {
         user.rtol,
         escape(&user.verdict)
     );
-    out.push_str("<table class=\"numbers user-loss\">\n<tr><th>formula</th><th>value</th><th>your loss</th><th>difference</th><th>worst batch</th><th>match</th></tr>\n");
+    let _ = writeln!(
+        out,
+        "<table class=\"numbers user-loss\">\n<tr>{}</tr>",
+        FORMULA_COLUMNS.map(|c| format!("<th>{c}</th>")).concat()
+    );
     for row in formula_rows(user) {
         let _ = writeln!(
             out,
@@ -144,11 +148,7 @@ fn user_loss(out: &mut String, user: &UserLossReport) {
     }
     out.push_str("</table>\n<ul>\n");
     for (name, _, outcome) in probe_outcomes(user) {
-        let outcome = match outcome {
-            ProbeOutcome::Pass(c) => format!("moved {} at most: pass", percent(c)),
-            ProbeOutcome::Fail(c) => format!("moved {}: <b>FAIL</b>", percent(c)),
-            ProbeOutcome::NotRun(note) => format!("not run: {}", escape(note)),
-        };
+        let outcome = outcome.words("<b>FAIL</b>", escape);
         let _ = writeln!(out, "<li>probe {name}: {outcome}</li>");
     }
     out.push_str("</ul>\n");

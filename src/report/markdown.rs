@@ -13,7 +13,7 @@ use crate::data::Unit;
 use crate::findings::Finding;
 use crate::loss::user::UserLossReport;
 use crate::report::junit::records_text;
-use crate::report::table::{aggregate_rows, formula_rows, percent, probe_outcomes, ProbeOutcome};
+use crate::report::table::{aggregate_rows, formula_rows, probe_outcomes, FORMULA_COLUMNS};
 use crate::report::{LintReport, Report, Verdict};
 
 /// GitHub refuses a step summary of 1 MiB or more.
@@ -85,10 +85,7 @@ fn user_loss(out: &mut String, user: &UserLossReport) {
         user.rtol,
         cell(&user.verdict)
     );
-    let _ = writeln!(
-        out,
-        "| formula | value | your loss | difference | worst batch | match |"
-    );
+    let _ = writeln!(out, "| {} |", FORMULA_COLUMNS.join(" | "));
     let _ = writeln!(out, "|---|---:|---:|---:|---:|---|");
     for row in formula_rows(user) {
         let _ = writeln!(
@@ -104,11 +101,7 @@ fn user_loss(out: &mut String, user: &UserLossReport) {
     }
     out.push('\n');
     for (name, _, outcome) in probe_outcomes(user) {
-        let outcome = match outcome {
-            ProbeOutcome::Pass(c) => format!("moved {} at most: pass", percent(c)),
-            ProbeOutcome::Fail(c) => format!("moved {}: **FAIL**", percent(c)),
-            ProbeOutcome::NotRun(note) => format!("not run: {}", cell(note)),
-        };
+        let outcome = outcome.words("**FAIL**", cell);
         let _ = writeln!(out, "- probe {name}: {outcome}");
     }
     out.push('\n');

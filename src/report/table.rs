@@ -88,6 +88,16 @@ pub(crate) struct FormulaRow {
     pub matches: &'static str,
 }
 
+/// The user-loss table's columns, in every writer.
+pub(crate) const FORMULA_COLUMNS: [&str; 6] = [
+    "formula",
+    "value",
+    "your loss",
+    "difference",
+    "worst batch",
+    "match",
+];
+
 /// How a user-loss probe ended, as every renderer words it.
 pub(crate) enum ProbeOutcome<'a> {
     /// Passed; the largest relative change of the loss.
@@ -95,6 +105,18 @@ pub(crate) enum ProbeOutcome<'a> {
     Fail(f64),
     /// Why it did not run.
     NotRun(&'a str),
+}
+
+impl ProbeOutcome<'_> {
+    /// The outcome as the HTML and Markdown reports word it: `fail` is their bold FAIL,
+    /// `escape` makes the note safe in their markup.
+    pub(crate) fn words(&self, fail: &str, escape: impl Fn(&str) -> String) -> String {
+        match self {
+            ProbeOutcome::Pass(c) => format!("moved {} at most: pass", percent(*c)),
+            ProbeOutcome::Fail(c) => format!("moved {}: {fail}", percent(*c)),
+            ProbeOutcome::NotRun(note) => format!("not run: {}", escape(note)),
+        }
+    }
 }
 
 fn outcome(p: &ProbeResult) -> ProbeOutcome<'_> {
@@ -310,14 +332,7 @@ fn write_user_loss<W: Write>(out: &mut W, user: &UserLossReport) -> std::io::Res
     )?;
     let mut table = Table::new();
     table.load_preset(UTF8_FULL_CONDENSED);
-    table.set_header(vec![
-        "formula",
-        "value",
-        "your loss",
-        "difference",
-        "worst batch",
-        "match",
-    ]);
+    table.set_header(FORMULA_COLUMNS.to_vec());
     for row in formula_rows(user) {
         table.add_row(vec![
             Cell::new(row.name),

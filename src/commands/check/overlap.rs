@@ -231,28 +231,14 @@ impl Overlap {
         let timed = self.times.is_some();
         let start = timed.then(|| CudaEvent::record_timed(self.device_index));
         let tensors = BatchTensors::new(&batch, model.device())?;
-        let in_batch = |e: tch::TchError| ModelError::Forward {
-            path: path.clone(),
-            line,
-            message: model::torch_message(&e.to_string()),
-        };
+        let in_batch = |e: tch::TchError| ModelError::in_batch(&path, line, &e);
         let logits = model
             .logits(&tensors.input_ids, &tensors.attention_mask)
-            .map_err(|e| match e {
-                ModelError::Torch(message) => ModelError::Forward {
-                    path: path.clone(),
-                    line,
-                    message,
-                },
-                other => other,
-            })?;
+            .map_err(|e| e.at_batch(&path, line))?;
         let forwarded = timed.then(|| CudaEvent::record_timed(self.device_index));
         let (losses, finite) = queue_losses(&logits, &tensors.input_ids, &path, line)?;
         let probe = if want_rows {
-            probe_work(model, &tensors, &logits, &batch, opts).map_err(|e| match e {
-                ProbeError::Torch(e) => in_batch(e).into(),
-                ProbeError::Model(e) => anyhow::Error::from(e),
-            })?
+            probe_work(model, &tensors, &logits, &batch, opts, &path)?
         } else {
             ProbeWork::None
         };
@@ -321,11 +307,7 @@ fn queue_losses(
     path: &str,
     line: usize,
 ) -> Result<(Tensor, Tensor), ModelError> {
-    let in_batch = |e: tch::TchError| ModelError::Forward {
-        path: path.to_string(),
-        line,
-        message: model::torch_message(&e.to_string()),
-    };
+    let in_batch = |e: tch::TchError| ModelError::in_batch(path, line, &e);
     if logits.is_contiguous() && matches!(logits.kind(), Kind::Float | Kind::BFloat16 | Kind::Half)
     {
         let q = crate::loss::queue_flat_token_losses(
@@ -361,11 +343,6 @@ fn out_of_memory(model: &dyn LoadedModel, e: anyhow::Error) -> Result<Consistenc
     ))
 }
 
-enum ProbeError {
-    Torch(tch::TchError),
-    Model(ModelError),
-}
-
 /// The probe's rows of this batch, or, when no row has a real token, what the probe says of
 /// that (without a model call).
 fn probe_work(
@@ -374,7 +351,9 @@ fn probe_work(
     logits: &Tensor,
     batch: &Batch,
     opts: &CheckOptions,
-) -> Result<ProbeWork, ProbeError> {
+    path: &str,
+) -> Result<ProbeWork, ModelError> {
+    let line = batch.lines.first().copied().unwrap_or(0);
     let lengths = batch.row_lengths();
     let copied = ProbeRows::copy(
         &tensors.input_ids,
@@ -382,21 +361,18 @@ fn probe_work(
         logits,
         &lengths,
     )
-    .map_err(ProbeError::Torch)?;
+    .map_err(|e| ModelError::in_batch(path, line, &e))?;
     Ok(match copied {
         Some(rows) => ProbeWork::Rows(rows),
-        None => ProbeWork::NotRun(
-            consistency::probe(
-                model,
-                &tensors.input_ids,
-                &tensors.attention_mask,
-                logits,
-                &lengths,
-                opts.pad_id.unwrap_or(0),
-                probe_padding(model),
-            )
-            .map_err(ProbeError::Model)?,
-        ),
+        None => ProbeWork::NotRun(consistency::probe(
+            model,
+            &tensors.input_ids,
+            &tensors.attention_mask,
+            logits,
+            &lengths,
+            opts.pad_id.unwrap_or(0),
+            probe_padding(model),
+        )?),
     })
 }
 
