@@ -33,6 +33,12 @@ pub struct Consistency {
 }
 
 impl Consistency {
+    /// Whether any logits were compared: a probe that ran but compared nothing (every call
+    /// skipped or out of memory) checked nothing.
+    pub fn compared(&self) -> bool {
+        self.ran && (self.padding_difference.is_some() || self.row_difference.is_some())
+    }
+
     pub fn passed(&self) -> bool {
         let ok = |d: Option<f64>| d.is_none_or(|d| d <= self.tolerance);
         ok(self.padding_difference) && ok(self.row_difference)

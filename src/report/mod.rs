@@ -233,9 +233,9 @@ impl Report {
 
     /// The checks this run made, named by the finding codes each can emit: the lint checks
     /// (EOS checks with `--eos-id`), the contamination and trained-position checks, the
-    /// non-finite check, the model probe when it ran, the length check when the model has an
-    /// exporter record, the user-loss formulas and probes when a loss was given, the gradient
-    /// checks when its weights were recovered, the accumulation check with `--accum` or
+    /// non-finite check, the model probe when it compared logits, the length check when the
+    /// model has an exporter record, the user-loss formulas and probes when a loss was given, the
+    /// gradient checks when its weights were recovered, the accumulation check with `--accum` or
     /// `--world-size`; plus any code that was found. `no-padding` is the other outcome of
     /// `padding-contamination`, so it is listed only when found.
     pub fn checks(&self) -> Vec<Code> {
@@ -245,7 +245,7 @@ impl Report {
             Code::NoTrainedPositions,
             Code::NonFiniteLoss,
         ]);
-        if self.model.consistency.ran {
+        if self.model.consistency.compared() {
             checks.push(Code::ModelNotPadInvariant);
         }
         if self.model.forward_args_source == ArgsSource::Record {

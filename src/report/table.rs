@@ -504,6 +504,8 @@ mod tests {
             consistency_line(&none).unwrap(),
             "not checked; out of memory"
         );
+        // A probe that compared nothing is not reported as a check that passed (JUnit).
+        assert!(both.compared() && alone.compared() && !none.compared());
         assert_eq!(consistency_line(&Consistency::default()), None);
     }
 }
