@@ -100,8 +100,11 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
     let _no_grad = tch::no_grad_guard();
 
     let device = prepare_device(opts.device)?;
+    timing.device = device;
+    timing.mark("start and the device");
     let model = model::load(&opts.model, device, &load_options(opts))?;
     let model = model.as_ref();
+    timing.mark("model load and its first calls");
     let tf32 = model::apply_tf32(opts.tf32, device, model.run_kind());
     check_special_ids(opts, model.vocab_size())?;
     let mut audit = open_audit(opts, device)?;
@@ -111,8 +114,7 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
         path: data_path,
         unit,
     } = start_reading(opts, model.vocab_size(), progress)?;
-    timing.device = device;
-    timing.mark("start, model load and first calls");
+    timing.mark("the special ids and the reading thread");
     let mut pass = Pass {
         totals: LossTotals::default(),
         run: RunState::new(opts.model_probe, unit),
