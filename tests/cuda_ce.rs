@@ -139,8 +139,8 @@ fn fixtures() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures"))
 }
 
-/// `maskaudit check` of the fixture on the GPU, as JSON.
-fn audit(extra: &[&str], fused: bool) -> serde_json::Value {
+/// `maskaudit check` of the fixture on the GPU with `env`: the JSON report and stderr.
+fn fixture_check(extra: &[&str], env: &[(&str, &str)]) -> (serde_json::Value, String) {
     let dir = fixtures();
     let out = Command::new(binary())
         .arg("check")
@@ -149,12 +149,20 @@ fn audit(extra: &[&str], fused: bool) -> serde_json::Value {
         .args(["--pad-id", "0", "--batch-size", "4", "--device", "cuda"])
         .args(["--format", "json", "--quiet"])
         .args(extra)
-        .env("MASKAUDIT_FUSED_CE", if fused { "1" } else { "0" })
+        .envs(env.iter().copied())
         .output()
         .expect("run maskaudit");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(&stdout)
-        .unwrap_or_else(|e| panic!("{e}: {stdout}\n{}", String::from_utf8_lossy(&out.stderr)))
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let report =
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}\n{stderr}"));
+    (report, stderr)
+}
+
+/// `maskaudit check` of the fixture on the GPU, as JSON.
+fn audit(extra: &[&str], fused: bool) -> serde_json::Value {
+    let fused = if fused { "1" } else { "0" };
+    fixture_check(extra, &[("MASKAUDIT_FUSED_CE", fused)]).0
 }
 
 fn masked_mean(report: &serde_json::Value) -> f64 {
@@ -254,4 +262,65 @@ fn the_probe_beside_the_batches_reports_what_the_inline_probe_does() {
         assert!(rows > 2 && rows < 40, "{rows}");
         assert_eq!((threaded_rows, inline_rows), (rows, rows), "{model}");
     }
+}
+
+/// The fixture's audit with the kernel cache in `cache` (`MASKAUDIT_CACHE`): the masked mean,
+/// and where `MASKAUDIT_TIMING` says the fused kernels came from.
+fn audit_with_cache(cache: &str) -> (f64, String) {
+    let env = [
+        ("MASKAUDIT_CACHE", cache),
+        ("MASKAUDIT_TIMING", "1"),
+        ("MASKAUDIT_FUSED_CE", "1"),
+    ];
+    let (report, stderr) = fixture_check(&["--dtype", "bfloat16"], &env);
+    assert_eq!(report["model"]["cross_entropy"], "fused-cuda", "{stderr}");
+    let origin = stderr
+        .lines()
+        .find_map(|l| l.split_once("fused kernels: ").map(|(_, o)| o.to_string()))
+        .unwrap_or_else(|| panic!("no kernel origin in: {stderr}"));
+    (masked_mean(&report), origin)
+}
+
+/// The first run compiles and stores the machine code; the next reads it and computes the
+/// same losses; a damaged file is compiled again and replaced; `off` stores nothing.
+#[test]
+fn the_kernel_cache_is_filled_then_read_and_a_damaged_file_is_replaced() {
+    if cuda().is_none() {
+        return;
+    }
+    let root = std::env::temp_dir().join(format!("maskaudit-kcache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let cache = root.to_str().unwrap();
+    let files = || -> Vec<PathBuf> {
+        std::fs::read_dir(root.join("kernels"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    };
+
+    let (compiled, origin) = audit_with_cache(cache);
+    assert_eq!(origin, "compiled by NVRTC");
+    let stored = files();
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert!(stored[0].to_string_lossy().ends_with(".cubin"));
+
+    let (cached, origin) = audit_with_cache(cache);
+    assert_eq!(origin, "machine code from the cache");
+    assert_eq!(cached, compiled);
+
+    let whole = std::fs::read(&stored[0]).unwrap();
+    let mut damaged = whole.clone();
+    let mid = damaged.len() / 2;
+    damaged[mid] ^= 0x55;
+    std::fs::write(&stored[0], &damaged).unwrap();
+    let (again, origin) = audit_with_cache(cache);
+    assert_eq!(origin, "compiled by NVRTC");
+    assert_eq!(again, compiled);
+    assert_eq!(std::fs::read(&stored[0]).unwrap(), whole, "replaced whole");
+    assert_eq!(audit_with_cache(cache).1, "machine code from the cache");
+
+    std::fs::remove_dir_all(&root).unwrap();
+    let (off, origin) = audit_with_cache("off");
+    assert_eq!(origin, "compiled by NVRTC");
+    assert_eq!(off, compiled);
+    assert!(!root.exists(), "off stores nothing");
 }

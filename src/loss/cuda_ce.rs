@@ -38,7 +38,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::sys::Library;
 
-use super::QueuedLosses;
+use super::{kernel_cache, QueuedLosses};
 
 /// The kernel, one `extern "C"` entry point per logits dtype. No headers (NVRTC has none of
 /// the CUDA toolkit's at hand here): bf16 is widened by a shift, f16 by `cvt.f32.f16`.
@@ -410,15 +410,22 @@ pub fn queue_token_losses(
 
 /// Starts compiling and loading the kernels for CUDA device `index` on a thread of its own, so
 /// that NVRTC's fraction of a second of CPU overlaps the model's load instead of delaying the
-/// first batch (which then finds them ready, or waits for the rest). Nothing when
-/// `MASKAUDIT_FUSED_CE=0` or NVRTC cannot be found.
+/// first batch (which then finds them ready, or waits for the rest). Where the kernel cache
+/// ([`super::kernel_cache`]) holds this source's machine code, the thread only loads it, and
+/// NVRTC is not opened unless the first batch finds it was for another GPU. Nothing when
+/// `MASKAUDIT_FUSED_CE=0` or neither the cache nor NVRTC has the kernels.
 ///
 /// A process that exits while the thread compiles would run NVRTC's and the driver's static
 /// destructors under it, so both libraries are opened here, on the calling thread, before an
 /// `atexit` handler that waits for the thread is registered: handlers run in the reverse order
-/// of registration, so that one runs before theirs.
+/// of registration, so that one runs before theirs. The thread that only reads the cache never
+/// opens NVRTC.
 pub fn prepare_in_background(index: usize) {
-    if !enabled() || Library::open("libcuda.so.1").is_err() || nvrtc().is_err() {
+    if !enabled() || Library::open("libcuda.so.1").is_err() {
+        return;
+    }
+    let cached = kernel_cache::folder().is_some_and(|d| kernel_cache::has_any(&d, KERNEL_SOURCE));
+    if !cached && nvrtc().is_err() {
         return;
     }
     PREPARING.store(true, Ordering::SeqCst);
@@ -430,7 +437,8 @@ pub fn prepare_in_background(index: usize) {
     let spawned = std::thread::Builder::new()
         .name("maskaudit-nvrtc".into())
         .spawn(move || {
-            let _ = kernels(index);
+            let how = if cached { Get::CacheOnly } else { Get::Compile };
+            let _ = kernels_by(index, how);
             PREPARING.store(false, Ordering::SeqCst);
         });
     if spawned.is_err() {
@@ -766,22 +774,51 @@ unsafe impl Send for Kernels {}
 unsafe impl Sync for Kernels {}
 
 fn kernels(index: usize) -> Result<&'static Kernels, String> {
+    kernels_by(index, Get::Compile)
+}
+
+/// How [`kernels_by`] may get the kernels.
+#[derive(Clone, Copy, PartialEq)]
+enum Get {
+    /// From the cache, else compiled.
+    Compile,
+    /// From the cache only; a miss is not remembered, so that a later call compiles.
+    CacheOnly,
+}
+
+fn kernels_by(index: usize, how: Get) -> Result<&'static Kernels, String> {
     static CACHE: Mutex<Vec<(usize, Result<&'static Kernels, String>)>> = Mutex::new(Vec::new());
     let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
     if let Some((_, k)) = cache.iter().find(|(i, _)| *i == index) {
         return k.clone();
     }
     // Leaked once per device: the module stays loaded for the process.
-    let k = load(index).map(|k| &*Box::leak(Box::new(k)));
-    cache.push((index, k.clone()));
+    let k = load(index, how).map(|k| &*Box::leak(Box::new(k)));
+    if k.is_ok() || how == Get::Compile {
+        cache.push((index, k.clone()));
+    }
     k
 }
 
-/// Compiles and loads the kernels for device `index`: machine code for its compute capability,
-/// or PTX for the driver to compile where that fails.
-fn load(index: usize) -> Result<Kernels, String> {
+const FROM_CACHE: u8 = 1;
+const COMPILED: u8 = 2;
+static ORIGIN: AtomicU8 = AtomicU8::new(0);
+
+/// Where this process's kernels came from, for `MASKAUDIT_TIMING`: `the cache`, `NVRTC`, or
+/// both (several GPUs); `None` before any were loaded.
+pub fn kernels_origin() -> Option<&'static str> {
+    match ORIGIN.load(Ordering::Relaxed) {
+        FROM_CACHE => Some("machine code from the cache"),
+        COMPILED => Some("compiled by NVRTC"),
+        3 => Some("from the cache and compiled by NVRTC"),
+        _ => None,
+    }
+}
+
+/// Loads the kernels for device `index`: its compute capability's machine code from the cache,
+/// else compiled (then cached), else PTX for the driver to compile where that fails.
+fn load(index: usize, how: Get) -> Result<Kernels, String> {
     let driver = driver()?;
-    let nvrtc = nvrtc()?;
     let mut device: CuDevice = 0;
     let mut context: CuContext = std::ptr::null_mut();
     let (mut major, mut minor) = (0, 0);
@@ -805,6 +842,26 @@ fn load(index: usize) -> Result<Kernels, String> {
             "cuDevicePrimaryCtxRetain",
         )?;
     }
+    let machine_code = compile_options(major, minor, true);
+    let folder = kernel_cache::folder();
+    let key = kernel_cache::Key::new(
+        KERNEL_SOURCE,
+        &machine_code
+            .iter()
+            .map(|o| o.to_str().unwrap_or(""))
+            .collect::<Vec<_>>(),
+    );
+    if let Some(image) = folder.as_deref().and_then(|d| kernel_cache::read(d, &key)) {
+        // One the driver refuses is compiled again below, and replaced.
+        if let Ok(functions) = load_module(driver, context, &image) {
+            ORIGIN.fetch_or(FROM_CACHE, Ordering::Relaxed);
+            return Ok(Kernels { context, functions });
+        }
+    }
+    if how == Get::CacheOnly {
+        return Err("not in the kernel cache".into());
+    }
+    let nvrtc = nvrtc()?;
     let mut errors = Vec::new();
     for cubin in [true, false] {
         let image = match nvrtc.compile(&compile_options(major, minor, cubin), cubin) {
@@ -815,7 +872,14 @@ fn load(index: usize) -> Result<Kernels, String> {
             }
         };
         match load_module(driver, context, &image) {
-            Ok(functions) => return Ok(Kernels { context, functions }),
+            Ok(functions) => {
+                ORIGIN.fetch_or(COMPILED, Ordering::Relaxed);
+                if let (true, Some(dir)) = (cubin, &folder) {
+                    // Best effort: without it the next run compiles again.
+                    let _ = kernel_cache::write(dir, &key, &image);
+                }
+                return Ok(Kernels { context, functions });
+            }
             Err(e) => errors.push(e),
         }
     }

@@ -9,6 +9,7 @@ pub mod aggregate;
 pub mod batch;
 pub mod cuda_ce;
 pub mod diagnosis;
+pub mod kernel_cache;
 pub mod steps;
 pub mod token;
 pub mod user;

@@ -51,8 +51,9 @@ impl Timing {
         if self.on && model.device().is_cuda() {
             let _ = writeln!(
                 std::io::stderr(),
-                "maskaudit timing: cross-entropy {}",
-                crate::loss::cuda_ce::cross_entropy_used().unwrap_or("none")
+                "maskaudit timing: cross-entropy {}; fused kernels: {}",
+                crate::loss::cuda_ce::cross_entropy_used().unwrap_or("none"),
+                crate::loss::cuda_ce::kernels_origin().unwrap_or("none loaded")
             );
         }
         if self.on
