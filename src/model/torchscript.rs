@@ -663,6 +663,9 @@ fn difference_and_scale_whole(
     if a.numel() == 0 {
         return Ok((0.0, 0.0));
     }
+    if let Some(found) = host_difference_and_scale(a, b, keep)? {
+        return Ok(found);
+    }
     // In f32 (half-precision logits are upcast): a difference of two f32 values rounds at
     // 6e-8, far below any tolerance. Positions not kept are zeroed with masked_fill, which
     // also drops a NaN there; no boolean indexing, which would copy.
@@ -683,6 +686,52 @@ fn difference_and_scale_whole(
     let diff = f64::try_from(diff.f_max()?.f_to_kind(Kind::Double)?)?;
     let scale = f64::try_from(mag.f_max()?.f_to_kind(Kind::Double)?)?;
     Ok((diff, scale))
+}
+
+/// [`difference_and_scale_whole`] in one pass over contiguous f32 host logits of one shape,
+/// without its two temporaries of the logits' size: each is a fresh allocation whose pages the
+/// kernel zeroes, which on the development machine cost the CPU probe more than its compare.
+/// `None` for other tensors. Any non-finite value at a kept position (or a difference that
+/// overflows) makes both results NaN, as the tensor path's maximum does.
+fn host_difference_and_scale(
+    a: &Tensor,
+    b: &Tensor,
+    keep: Option<&Tensor>,
+) -> Result<Option<(f64, f64)>, tch::TchError> {
+    let host = |t: &Tensor| {
+        let ok = t.device() == tch::Device::Cpu && t.kind() == Kind::Float && t.is_contiguous();
+        // SAFETY: a contiguous f32 host tensor of numel() elements; the slice borrows it.
+        ok.then(|| unsafe { std::slice::from_raw_parts(t.data_ptr() as *const f32, t.numel()) })
+    };
+    let (Some(x), Some(y)) = (host(a), host(b)) else {
+        return Ok(None);
+    };
+    let v = a.size().last().copied().unwrap_or(1).max(1) as usize;
+    if a.size() != b.size() || x.len() % v != 0 {
+        return Ok(None);
+    }
+    let keep = match keep {
+        Some(k) => Vec::<bool>::try_from(k.f_flatten(0, -1)?.f_to_kind(Kind::Bool)?)?,
+        None => vec![true; x.len() / v],
+    };
+    if keep.len() != x.len() / v {
+        return Ok(None);
+    }
+    let (mut diff, mut scale, mut poison) = (0f32, 0f32, 0f32);
+    for (p, _) in keep.iter().enumerate().filter(|(_, &k)| k) {
+        for (xa, yb) in x[p * v..(p + 1) * v].iter().zip(&y[p * v..(p + 1) * v]) {
+            let d = xa - yb;
+            diff = diff.max(d.abs());
+            scale = scale.max(xa.abs());
+            // NaN exactly when the difference is not finite (NaN or infinite operands).
+            poison += d * 0.0;
+        }
+    }
+    Ok(Some(if poison.is_nan() {
+        (f64::NAN, f64::NAN)
+    } else {
+        (f64::from(diff), f64::from(scale))
+    }))
 }
 
 /// The dtype of the module's first floating-point parameter.
@@ -839,5 +888,67 @@ impl LanguageModel for TorchScriptLm {
             });
         }
         Ok(logits)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The one-pass host comparison gives what the tensor path gives (f64 copies of the same
+    /// values take it), with and without a mask, with non-finite values kept and dropped.
+    #[test]
+    fn the_host_comparison_matches_the_tensor_path() {
+        tch::manual_seed(5);
+        let a = Tensor::randn([1, 6, 37], (Kind::Float, tch::Device::Cpu)) * 3.0;
+        let b = &a + Tensor::randn([1, 6, 37], (Kind::Float, tch::Device::Cpu)) * 1e-3;
+        let keep = Tensor::from_slice(&[true, true, false, true, false, true]).view([1, 6]);
+        let poisoned = |t: &Tensor, at: i64, value: f64| {
+            let t = t.copy();
+            let _ = t.get(0).get(at).narrow(0, 11, 1).fill_(value);
+            t
+        };
+        let cases = [
+            (a.copy(), b.copy()),
+            (poisoned(&a, 2, f64::NAN), b.copy()),
+            (a.copy(), poisoned(&b, 4, f64::INFINITY)),
+            (poisoned(&a, 1, f64::NEG_INFINITY), b.copy()),
+            (
+                poisoned(&a, 3, f64::INFINITY),
+                poisoned(&b, 3, f64::INFINITY),
+            ),
+        ];
+        for (i, (a, b)) in cases.iter().enumerate() {
+            for keep in [None, Some(&keep)] {
+                let host = host_difference_and_scale(a, b, keep).unwrap().unwrap();
+                let (ad, bd) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));
+                assert!(host_difference_and_scale(&ad, &bd, keep).unwrap().is_none());
+                let tensor = difference_and_scale_whole(&ad, &bd, keep).unwrap();
+                let same = |x: f64, y: f64| {
+                    (x.is_nan() && y.is_nan()) || x == y || (x - y).abs() <= 1e-6 * y.abs()
+                };
+                let what = format!("case {i}, keep {}", keep.is_some());
+                let finite = tensor.0.is_finite() && tensor.1.is_finite();
+                if finite {
+                    assert!(same(host.0, tensor.0) && same(host.1, tensor.1), "{what}");
+                }
+                assert_eq!(
+                    relative_difference(a, b, keep).unwrap().is_finite(),
+                    finite,
+                    "{what}"
+                );
+                let (r, rd) = (
+                    relative_difference(a, b, keep).unwrap(),
+                    relative_difference(&ad, &bd, keep).unwrap(),
+                );
+                assert!(same(r, rd), "{what}: {r} vs {rd}");
+            }
+        }
+        // Masked-out poison is not seen.
+        let dropped = poisoned(&a, 2, f64::NAN);
+        assert!(relative_difference(&dropped, &b, Some(&keep))
+            .unwrap()
+            .is_finite());
+        assert!(!relative_difference(&dropped, &b, None).unwrap().is_finite());
     }
 }
