@@ -810,7 +810,7 @@ pub fn kernels_origin() -> Option<&'static str> {
     match ORIGIN.load(Ordering::Relaxed) {
         FROM_CACHE => Some("machine code from the cache"),
         COMPILED => Some("compiled by NVRTC"),
-        3 => Some("from the cache and compiled by NVRTC"),
+        o if o == FROM_CACHE | COMPILED => Some("from the cache and compiled by NVRTC"),
         _ => None,
     }
 }

@@ -442,13 +442,9 @@ pub mod fused_ce {
         let mut zc = z.chunks_exact(LANES);
         let mut gc = g.chunks_exact(LANES);
         let mut sc = scratch.chunks_exact_mut(LANES);
-        let (z_ahead, g_ahead) = (
-            z.as_ptr().wrapping_add(PREFETCH_AHEAD),
-            g.as_ptr().wrapping_add(PREFETCH_AHEAD),
-        );
         for (i, ((zs, gs), ss)) in (&mut zc).zip(&mut gc).zip(&mut sc).enumerate() {
-            prefetch(z_ahead.wrapping_add(i * LANES));
-            prefetch(g_ahead.wrapping_add(i * LANES));
+            prefetch(z, i);
+            prefetch(g, i);
             for l in 0..LANES {
                 let p = exp_nonpositive(zs[l] - lse);
                 ss[l] = p;
@@ -561,12 +557,7 @@ pub mod fused_ce {
 
     /// Host slices of a contiguous f32 CPU tensor `[B, T, V]`, if it is one.
     fn host_f32(t: &Tensor) -> Option<&[f32]> {
-        let ok = t.device() == tch::Device::Cpu
-            && t.kind() == Kind::Float
-            && t.is_contiguous()
-            && t.dim() == 3;
-        // SAFETY: a contiguous f32 host tensor of numel() elements; the slice borrows it.
-        ok.then(|| unsafe { std::slice::from_raw_parts(t.data_ptr() as *const f32, t.numel()) })
+        crate::model::host_f32(t).filter(|_| t.dim() == 3)
     }
 
     /// The log-sum-exp of every position of contiguous f32 CPU logits `[B, T, V]`, `[B·T]`:
@@ -711,9 +702,11 @@ pub mod fused_ce {
     /// with it, 0.089–0.093 s, the same from 1 KiB to 16 KiB ahead.
     const PREFETCH_AHEAD: usize = 1024;
 
-    /// Asks for the cache line at `p`; past the logits' end it asks for nothing that matters.
+    /// Asks for the cache line [`PREFETCH_AHEAD`] past `x`'s chunk `chunk` (of [`LANES`]); past
+    /// the logits' end it asks for nothing that matters.
     #[inline(always)]
-    fn prefetch(p: *const f32) {
+    fn prefetch(x: &[f32], chunk: usize) {
+        let p = x.as_ptr().wrapping_add(PREFETCH_AHEAD + chunk * LANES);
         #[cfg(target_arch = "x86_64")]
         // SAFETY: a prefetch reads nothing and cannot fault, whatever the address.
         unsafe {
@@ -735,9 +728,8 @@ pub mod fused_ce {
         let mut max = [f32::NEG_INFINITY; LANES];
         let mut sum = [0f32; LANES];
         let mut min = [f32::INFINITY; LANES];
-        let ahead = x.as_ptr().wrapping_add(PREFETCH_AHEAD);
         for (i, chunk) in chunks.enumerate() {
-            prefetch(ahead.wrapping_add(i * LANES));
+            prefetch(x, i);
             let mut raised = false;
             for (&m, &xi) in max.iter().zip(chunk) {
                 raised |= xi > m;

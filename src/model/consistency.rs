@@ -33,6 +33,16 @@ pub struct Consistency {
 }
 
 impl Consistency {
+    /// The probe did not get to compare anything, for the reason given.
+    pub fn not_checked(tolerance: f64, why: String) -> Self {
+        Self {
+            ran: true,
+            tolerance,
+            note: why,
+            ..Default::default()
+        }
+    }
+
     /// Whether any logits were compared: a probe that ran but compared nothing (every call
     /// skipped or out of memory) checked nothing.
     pub fn compared(&self) -> bool {
@@ -314,18 +324,6 @@ pub fn is_out_of_memory(text: &str) -> bool {
     ]
     .iter()
     .any(|m| text.contains(m))
-}
-
-impl Consistency {
-    /// The probe did not get to compare anything, for the reason given.
-    pub fn not_checked(tolerance: f64, why: String) -> Self {
-        Self {
-            ran: true,
-            tolerance,
-            note: why,
-            ..Default::default()
-        }
-    }
 }
 
 fn short(e: &ModelError) -> String {

@@ -104,9 +104,7 @@ impl CudaEvent {
             )),
         }
     }
-}
 
-impl CudaEvent {
     /// Milliseconds of GPU time from this event to `later`, both from [`Self::record_timed`]
     /// and both complete; `None` otherwise.
     pub fn elapsed_ms(&self, later: &CudaEvent) -> Option<f32> {

@@ -161,6 +161,13 @@ pub fn configure_libtorch() {
     tch::jit::set_profiling_mode(false);
 }
 
+/// The elements of a contiguous f32 CPU tensor, borrowed; `None` for any other tensor.
+pub fn host_f32(t: &Tensor) -> Option<&[f32]> {
+    let ok = t.device() == Device::Cpu && t.kind() == tch::Kind::Float && t.is_contiguous();
+    // SAFETY: a contiguous f32 host tensor of numel() elements; the slice borrows it.
+    ok.then(|| unsafe { std::slice::from_raw_parts(t.data_ptr() as *const f32, t.numel()) })
+}
+
 /// libtorch errors carry C++ backtraces over many lines; keep the line that says what happened.
 pub fn torch_message(raw: &str) -> String {
     let raw = raw.split("Exception raised from").next().unwrap_or(raw);

@@ -698,12 +698,7 @@ fn host_difference_and_scale(
     b: &Tensor,
     keep: Option<&Tensor>,
 ) -> Result<Option<(f64, f64)>, tch::TchError> {
-    let host = |t: &Tensor| {
-        let ok = t.device() == tch::Device::Cpu && t.kind() == Kind::Float && t.is_contiguous();
-        // SAFETY: a contiguous f32 host tensor of numel() elements; the slice borrows it.
-        ok.then(|| unsafe { std::slice::from_raw_parts(t.data_ptr() as *const f32, t.numel()) })
-    };
-    let (Some(x), Some(y)) = (host(a), host(b)) else {
+    let (Some(x), Some(y)) = (super::host_f32(a), super::host_f32(b)) else {
         return Ok(None);
     };
     let v = a.size().last().copied().unwrap_or(1).max(1) as usize;

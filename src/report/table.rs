@@ -284,18 +284,18 @@ fn consistency_line(c: &crate::model::consistency::Consistency) -> Option<String
     } else {
         format!("; {}", c.note)
     };
-    let checked: Vec<&str> = [
-        (c.padding_difference, "padding appended"),
-        (c.row_difference, "rows alone"),
-    ]
-    .iter()
-    .filter(|(d, _)| d.is_some())
-    .map(|&(_, what)| what)
-    .collect();
-    if checked.is_empty() {
+    if !c.compared() {
         return Some(format!("not checked{note}"));
     }
     if c.passed() {
+        let checked: Vec<&str> = [
+            (c.padding_difference, "padding appended"),
+            (c.row_difference, "rows alone"),
+        ]
+        .iter()
+        .filter(|(d, _)| d.is_some())
+        .map(|&(_, what)| what)
+        .collect();
         return Some(format!(
             "logits at real tokens unchanged (within {:.0e}) with {}, up to {} positions{note}",
             c.tolerance,

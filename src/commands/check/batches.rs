@@ -45,6 +45,17 @@ impl RunState {
         }
     }
 
+    /// A batch of one-token rows, which has no next-token position: counted, nothing run.
+    pub(super) fn count_empty(
+        &mut self,
+        batch: &Batch,
+        totals: &mut LossTotals,
+        opts: &CheckOptions,
+    ) {
+        totals.add_batch(&[], &[], batch.rows);
+        self.keep_rows(batch, &[], None, opts);
+    }
+
     /// Keeps the batch's rows, with their losses, while fewer than `limit` are kept.
     pub(super) fn keep_rows(
         &mut self,
@@ -252,9 +263,7 @@ pub(super) fn process_batch(
 ) -> Result<MicroBatch> {
     let line = batch.lines.first().copied().unwrap_or(0);
     if batch.seq_len < 2 {
-        // One-token rows have no next-token position: nothing to run.
-        totals.add_batch(&[], &[], batch.rows);
-        run.keep_rows(batch, &[], None, opts);
+        run.count_empty(batch, totals, opts);
         return Ok(MicroBatch {
             line,
             trained: 0,

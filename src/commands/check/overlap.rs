@@ -193,8 +193,7 @@ impl Overlap {
                 Ok(probe)
             }
             Queued::Empty(batch) => {
-                totals.add_batch(&[], &[], batch.rows);
-                run.keep_rows(&batch, &[], None, opts);
+                run.count_empty(&batch, totals, opts);
                 Ok(ProbeWork::None)
             }
         }
