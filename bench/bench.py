@@ -82,9 +82,9 @@ WORKLOADS = {
     "qwen2-0.5b": {
         "what": "Qwen2-0.5B shape through the exporter: 24x896, GQA 14/2, SwiGLU 4864, vocab "
                 "151936, 494M parameters, bf16; 256 rows of 2048 tokens",
-        "model": {"name": "qwen2_0.5b_hf_bf16", "arch": "qwen2", "vocab": 151936, "width": 896,
+        "model": {"name": "qwen2_0.5b_hf_bf16", "arch": "qwen2-hf", "vocab": 151936, "width": 896,
                   "layers": 24, "heads": 14, "kv_heads": 2, "ffn": 4864, "max_pos": 32768,
-                  "dtype": "bfloat16", "exporter": True},
+                  "dtype": "bfloat16"},
         "data": {"name": "qwen2_2048", "rows": 256, "min_len": 2048, "max_len": 2048,
                  "vocab": 151936},
         "batch_size": 8,
@@ -147,8 +147,6 @@ def generate(python, bench_dir, spec):
             for key in ("arch", "kv_heads", "ffn", "dtype"):
                 if key in s:
                     args += ["--" + key.replace("_", "-"), s[key]]
-            if s.get("exporter"):
-                args.append("--exporter")
         else:
             args = ["data", str(out), "--rows", s["rows"], "--min-len", s["min_len"],
                     "--max-len", s["max_len"], "--vocab", s["vocab"]]

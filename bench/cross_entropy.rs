@@ -41,7 +41,8 @@ fn main() -> anyhow::Result<()> {
         }
         let read = start.elapsed().as_secs_f64();
         println!(
-            "round {round}: cross-entropy {cross_entropy:.4} s, one read (amax) {read:.4} s, 13 batches"
+            "round {round}: cross-entropy {cross_entropy:.4} s, one read (amax) {read:.4} s, {} batches",
+            batches.len()
         );
     }
     Ok(())

@@ -18,10 +18,10 @@ weights in that dtype (norms and rotary tables are computed in float32 inside, a
 Qwen2 does). A sidecar OUT.pt.json records the parameter count. Dataset rows are SFT-shaped:
 `input_ids`, `labels` with the prompt part set to -100, and a `text` field that readers must skip.
 
-`--arch qwen2 --exporter` builds the model a user would bring instead: transformers'
+`--arch qwen2-hf` builds the model a user would bring instead: transformers'
 Qwen2ForCausalLM with that shape (random init, seed 0), saved with save_pretrained in --dtype to
-a temporary directory, then exported by tools/maskaudit-export.py (or a maskaudit-export.py
-beside this script) with `--device` (default cuda when there is one), so maskaudit, the peer and
+a temporary directory, then exported by tools/maskaudit-export.py with `--device` (default
+cuda when there is one), so maskaudit, the peer and
 the floor run what the exporter writes: `forward(input_ids, attention_mask)`, eager attention.
 This one needs transformers.
 """
@@ -188,10 +188,7 @@ def export_model(path: Path, vocab: int, width: int, layers: int, heads: int, ma
         rms_norm_eps=1e-6)
     model = transformers.Qwen2ForCausalLM(config).to(DTYPES[dtype])
     params = sum(p.numel() for p in model.parameters())
-    here = Path(__file__).resolve().parent
-    exporter = here / "maskaudit-export.py"
-    if not exporter.exists():
-        exporter = here.parent / "tools" / "maskaudit-export.py"
+    exporter = Path(__file__).resolve().parents[1] / "tools" / "maskaudit-export.py"
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="maskaudit-gen-") as tmp:
         model.save_pretrained(tmp)
@@ -230,13 +227,11 @@ def main() -> None:
     m.add_argument("--layers", type=int, required=True)
     m.add_argument("--heads", type=int, required=True)
     m.add_argument("--max-pos", type=int, required=True)
-    m.add_argument("--arch", choices=("gpt", "qwen2"), default="gpt")
+    m.add_argument("--arch", choices=("gpt", "qwen2", "qwen2-hf"), default="gpt")
     m.add_argument("--kv-heads", type=int, default=0)
     m.add_argument("--ffn", type=int, default=0)
     m.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
-    m.add_argument("--exporter", action="store_true",
-                   help="transformers' Qwen2 through maskaudit-export (--arch qwen2 only)")
-    m.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    m.add_argument("--device", help="where qwen2-hf is traced (default: cuda when available)")
     d = sub.add_parser("data")
     d.add_argument("out", type=Path)
     d.add_argument("--rows", type=int, required=True)
@@ -246,11 +241,10 @@ def main() -> None:
     d.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
     start = time.perf_counter()
-    if args.what == "model" and args.exporter:
-        if args.arch != "qwen2":
-            ap.error("--exporter builds --arch qwen2 only")
+    if args.what == "model" and args.arch == "qwen2-hf":
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         export_model(args.out, args.vocab, args.width, args.layers, args.heads, args.max_pos,
-                     args.kv_heads, args.ffn, args.dtype, args.device)
+                     args.kv_heads, args.ffn, args.dtype, device)
     elif args.what == "model":
         make_model(args.out, args.vocab, args.width, args.layers, args.heads, args.max_pos,
                    args.arch, args.kv_heads, args.ffn, args.dtype)

@@ -20,6 +20,8 @@ set -uo pipefail
 cd "$(dirname "$0")"
 OUT="${OUT:-$PWD/out}"
 FIXTURES="${FIXTURES:-../fixtures}"
+# bench.py's qwen2-0.5b model, which sections 2 and 3 also run by hand.
+QWEN=/tmp/bench/qwen2_0.5b_hf_bf16.pt
 mkdir -p "$OUT"
 status=0
 torch_lib="$(python3 -c 'import os, torch; print(os.path.dirname(torch.__file__))')/lib"
@@ -102,12 +104,13 @@ bench() {
     echo | tee -a "$OUT/summary.txt"
 }
 # VARIANTS=1 times maskaudit with a part turned off beside it (about 3 minutes more).
-variants() {
-    [ "${VARIANTS:-0}" = 1 ] || return 0
-    for v in "$@"; do printf -- '--variant\n%s\n' "$v"; done
-}
-mapfile -t gpt2_variants < <(variants "no-overlap=./maskaudit-no-overlap" \
-    "libtorch-ce=./maskaudit-libtorch-ce")
+gpt2_variants=()
+qwen2_variants=()
+if [ "${VARIANTS:-0}" = 1 ]; then
+    gpt2_variants=(--variant no-overlap=./maskaudit-no-overlap
+        --variant libtorch-ce=./maskaudit-libtorch-ce)
+    qwen2_variants=(--variant no-probe=./maskaudit-no-probe "${gpt2_variants[@]}")
+fi
 bench gpt2_bf16 --only gpt2-small --dtype bfloat16 ${gpt2_variants[@]+"${gpt2_variants[@]}"} "$@"
 bench gpt2_tf32 --only gpt2-small --dtype float32 --tf32 on "$@"
 cat >maskaudit-no-probe <<EOF
@@ -115,14 +118,12 @@ cat >maskaudit-no-probe <<EOF
 exec "$PWD/maskaudit" "\$@" --no-model-probe
 EOF
 chmod +x maskaudit-no-probe
-mapfile -t qwen2_variants < <(variants "no-probe=./maskaudit-no-probe" \
-    "no-overlap=./maskaudit-no-overlap" "libtorch-ce=./maskaudit-libtorch-ce")
 bench qwen2_bf16 --only qwen2-0.5b --dtype auto ${qwen2_variants[@]+"${qwen2_variants[@]}"} "$@"
 {
     echo "== qwen2-0.5b phases (MASKAUDIT_TIMING=1), then the floor"
-    MASKAUDIT_TIMING=1 ./maskaudit check /tmp/bench/qwen2_0.5b_hf_bf16.pt /tmp/bench/qwen2_2048.jsonl \
+    MASKAUDIT_TIMING=1 ./maskaudit check "$QWEN" /tmp/bench/qwen2_2048.jsonl \
         --pad-id 0 --batch-size 8 --device cuda --format json --quiet 2>&1 >/dev/null | grep timing
-    ./forward_only /tmp/bench/qwen2_0.5b_hf_bf16.pt /tmp/bench/qwen2_2048.jsonl 8 0 cuda
+    ./forward_only "$QWEN" /tmp/bench/qwen2_2048.jsonl 8 0 cuda
 } 2>&1 | tee -a "$OUT/extra.txt"
 
 # 3. Memory: 48 rows of 2048 tokens in one batch, 152k vocabulary (logits alone: 30 GB in bf16).
@@ -135,10 +136,10 @@ bench qwen2_bf16 --only qwen2-0.5b --dtype auto ${qwen2_variants[@]+"${qwen2_var
         smi=$!
         start=$(date +%s.%N)
         if [ $who = maskaudit ]; then
-            ./maskaudit check /tmp/bench/qwen2_0.5b_hf_bf16.pt /tmp/bench/qwen2_mem.jsonl --pad-id 0 \
+            ./maskaudit check "$QWEN" /tmp/bench/qwen2_mem.jsonl --pad-id 0 \
                 --batch-size 48 --device cuda --format json --quiet >/tmp/mem_out.txt 2>&1
         else
-            python3 peer.py /tmp/bench/qwen2_0.5b_hf_bf16.pt /tmp/bench/qwen2_mem.jsonl --pad-id 0 \
+            python3 peer.py "$QWEN" /tmp/bench/qwen2_mem.jsonl --pad-id 0 \
                 --batch-size 48 --device cuda >/tmp/mem_out.txt 2>&1
         fi
         rc=$?

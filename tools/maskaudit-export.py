@@ -491,16 +491,13 @@ class Exporter:
                 if max_pos is not None and n > max_pos:
                     length_limit = max_pos
                     if isinstance(exc, NotCheckedOnCpu):
-                        self.say(
-                            f"  {what}: {note}: not checked (on the CPU, where the check runs "
-                            f"off it, the eager model fails for another reason: {exc}); "
-                            f"{max_pos} tokens is recorded as its limit, to be safe"
-                        )
-                        continue
-                    self.say(
-                        f"  {what}: {note}: the eager model itself fails there "
-                        f"({first_line(exc, 120)}); its limit, {max_pos} tokens, is recorded"
-                    )
+                        why = (f"not checked (on the CPU, where the check runs off it, the eager "
+                               f"model fails for another reason: {exc}); {max_pos} tokens is "
+                               f"recorded as its limit, to be safe")
+                    else:
+                        why = (f"the eager model itself fails there ({first_line(exc, 120)}); "
+                               f"its limit, {max_pos} tokens, is recorded")
+                    self.say(f"  {what}: {note}: {why}")
                     continue
                 raise ExportError(f"{architecture}: the eager model fails at length {n}: "
                                   f"{first_line(exc)}")
