@@ -443,18 +443,17 @@ fn negative_numbers_are_refused_with_the_valid_range() {
         (
             "--rtol",
             "-1",
-            "'-1' is not a relative tolerance in (0, 0.5)",
+            "'-1' is not a relative tolerance in [0, 0.5)",
         ),
-        ("--rtol", "0", "'0' is not a relative tolerance in (0, 0.5)"),
         (
             "--rtol",
             "0.5",
-            "'0.5' is not a relative tolerance in (0, 0.5)",
+            "'0.5' is not a relative tolerance in [0, 0.5)",
         ),
         (
             "--rtol",
             "1e300",
-            "'1e300' is not a relative tolerance in (0, 0.5)",
+            "'1e300' is not a relative tolerance in [0, 0.5)",
         ),
     ];
     for (option, value, expect) in cases {

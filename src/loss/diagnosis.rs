@@ -3,19 +3,22 @@
 //! Pure code. For every batch, the user's scalar is compared with candidate formulas
 //! ("hypotheses") computed from the same per-token cross-entropies: the correct masked token
 //! mean and the aggregates that common masking and normalisation bugs produce (DOMAIN.md). A
-//! hypothesis matches when it agrees with the user's value within a relative tolerance on
-//! every batch where it is defined. The invariance probes (run by `loss::user`) settle what the
-//! batches alone cannot tell apart.
+//! hypothesis matches when it agrees with the user's value within its tolerance on every batch
+//! where it is defined. The tolerance is derived, not fixed: each formula applied to the
+//! per-position float32 rounding bounds (`loss::weights::f32_error_scale`) gives how far a
+//! correct float32 loss may stray from it (so a confident model, whose losses are far below
+//! the rounding of its logits, is not called wrong), plus the rounding of the sum itself and
+//! the user's `--rtol`. The invariance probes (run by `loss::user`) and the gradient's weights
+//! settle what the batches alone cannot tell apart.
 
 use serde::Serialize;
 
 use crate::findings::{Code, Finding, Severity};
 use crate::loss::aggregate::BatchSums;
 
-/// Default `--rtol`. A float32 loss summed over ~10⁵ tokens carries a relative rounding error
-/// of about 10⁻⁶–10⁻⁵; 10⁻⁴ leaves headroom while still separating formulas that differ by
-/// more than 0.01%. Raise it for half-precision losses.
-pub const DEFAULT_RTOL: f64 = 1e-4;
+/// Default `--rtol`: no slack beyond the derived float32 tolerance. Raise it for a loss that
+/// computes in half precision.
+pub const DEFAULT_RTOL: f64 = 0.0;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -136,16 +139,32 @@ pub fn relative_error(value: f64, reference: f64) -> f64 {
     (value - reference).abs() / reference.abs().max(f64::MIN_POSITIVE)
 }
 
+/// |value − reference| over an absolute tolerance, with `rtol` of the reference on top; 0 for
+/// equal values, infinite when the value is not finite.
+pub fn error_over_tolerance(value: f64, reference: f64, tolerance: f64, rtol: f64) -> f64 {
+    if !value.is_finite() {
+        return f64::INFINITY;
+    }
+    if value == reference {
+        return 0.0;
+    }
+    (value - reference).abs() / (tolerance + rtol * reference.abs()).max(f64::MIN_POSITIVE)
+}
+
 #[derive(Debug, Clone, Copy, Default)]
 struct Tally {
     compared: u64,
     sum: f64,
     max_relative_error: f64,
+    /// The largest [`error_over_tolerance`]: at most 1 on every batch for a match.
+    max_excess: f64,
+    /// The largest tolerance relative to the formula's value.
+    max_relative_tolerance: f64,
 }
 
 impl Tally {
-    fn matches(&self, rtol: f64) -> bool {
-        self.compared > 0 && self.max_relative_error <= rtol
+    fn matches(&self) -> bool {
+        self.compared > 0 && self.max_excess <= 1.0
     }
 }
 
@@ -171,20 +190,37 @@ impl Diagnosis {
         &self.tallies[Hypothesis::MaskedTokenMean.index()]
     }
 
-    /// Records one batch. Batches where nothing is trained are skipped: every mean is 0/0 there.
-    pub fn observe(&mut self, user: f64, hypotheses: &[Option<f64>; 7]) {
+    /// Records one batch: the value of each hypothesis and its absolute tolerance (see the
+    /// module's doc). Batches where nothing is trained are skipped: every mean is 0/0 there.
+    pub fn observe(
+        &mut self,
+        user: f64,
+        hypotheses: &[Option<f64>; 7],
+        tolerances: &[Option<f64>; 7],
+    ) {
         if hypotheses[Hypothesis::MaskedTokenMean.index()].is_none() {
             return;
         }
         self.user_sum += user;
-        for (tally, value) in self.tallies.iter_mut().zip(hypotheses) {
+        for ((tally, value), tolerance) in self.tallies.iter_mut().zip(hypotheses).zip(tolerances) {
             if let Some(value) = *value {
+                let tolerance = tolerance.unwrap_or(0.0);
                 tally.compared += 1;
                 tally.sum += value;
                 tally.max_relative_error =
                     tally.max_relative_error.max(relative_error(user, value));
+                tally.max_excess = tally
+                    .max_excess
+                    .max(error_over_tolerance(user, value, tolerance, self.rtol));
+                let relative = tolerance / value.abs().max(f64::MIN_POSITIVE) + self.rtol;
+                tally.max_relative_tolerance = tally.max_relative_tolerance.max(relative);
             }
         }
+    }
+
+    /// The largest tolerance the masked token mean was held to, relative to its value.
+    pub fn max_relative_tolerance(&self) -> f64 {
+        self.reference().max_relative_tolerance
     }
 
     pub fn batches(&self) -> u64 {
@@ -196,7 +232,7 @@ impl Diagnosis {
         Hypothesis::ALL
             .iter()
             .copied()
-            .filter(|h| self.tallies[h.index()].matches(self.rtol))
+            .filter(|h| self.tallies[h.index()].matches())
             .collect()
     }
 
@@ -209,7 +245,8 @@ impl Diagnosis {
                     name: h.name(),
                     value: (t.compared > 0).then(|| t.sum / t.compared as f64),
                     max_relative_error: (t.compared > 0).then_some(t.max_relative_error),
-                    matches: t.matches(self.rtol),
+                    max_error_over_tolerance: (t.compared > 0).then_some(t.max_excess),
+                    matches: t.matches(),
                 }
             })
             .collect()
@@ -251,6 +288,8 @@ pub struct HypothesisSummary {
     /// Mean over compared batches.
     pub value: Option<f64>,
     pub max_relative_error: Option<f64>,
+    /// The worst batch's error over its tolerance: at most 1 for a match.
+    pub max_error_over_tolerance: Option<f64>,
     pub matches: bool,
 }
 
@@ -261,6 +300,8 @@ pub struct ProbeResult {
     pub batches: u64,
     /// Largest |changed − original| / |original| over the probed batches.
     pub max_relative_change: Option<f64>,
+    /// The largest change over what float32 rounding allows on that batch (passes at ≤ 1).
+    pub max_change_over_tolerance: Option<f64>,
     pub passed: Option<bool>,
     /// Why it did not run, or what it did.
     pub note: String,
@@ -274,16 +315,21 @@ impl ProbeResult {
         }
     }
 
-    pub fn record(&mut self, original: f64, changed: f64) {
+    /// One batch's value before and after the probe changed it; `tolerance` is the batch's
+    /// absolute tolerance for a correct loss, `rtol` the user's extra relative one.
+    pub fn record(&mut self, original: f64, changed: f64, tolerance: f64, rtol: f64) {
         self.ran = true;
         self.batches += 1;
         let change = relative_error(changed, original);
         self.max_relative_change = Some(self.max_relative_change.unwrap_or(0.0).max(change));
+        let excess = error_over_tolerance(changed, original, tolerance, rtol);
+        self.max_change_over_tolerance =
+            Some(self.max_change_over_tolerance.unwrap_or(0.0).max(excess));
     }
 
-    pub fn finish(&mut self, rtol: f64) {
+    pub fn finish(&mut self) {
         if self.ran {
-            self.passed = self.max_relative_change.map(|c| c <= rtol);
+            self.passed = self.max_change_over_tolerance.map(|c| c <= 1.0);
         }
     }
 }
@@ -297,13 +343,50 @@ pub enum Conclusion {
     NoBatches,
 }
 
-/// Narrows the matching hypotheses with the padding probe: when appended padding moves the
-/// loss, only padding-dependent formulas remain, and the other way round.
-pub fn conclude(diagnosis: &Diagnosis, padding: &ProbeResult) -> Conclusion {
+/// What the gradient's weights say of a formula (`loss::weights`): whether the weights of
+/// every batch are that formula's own, at scale 1.
+pub trait WeightEvidence {
+    /// `Some(true)`: the weights are exactly this formula's; `Some(false)`: they are not;
+    /// `None`: no weight map, or none for this formula (a shifted target).
+    fn follows(&self, h: Hypothesis) -> Option<bool>;
+}
+
+/// No weight map.
+impl WeightEvidence for () {
+    fn follows(&self, _: Hypothesis) -> Option<bool> {
+        None
+    }
+}
+
+/// Narrows the matching hypotheses. Among formulas whose values all match (a confident model's
+/// losses all sit within rounding of 0), the weights decide when they name exactly one (or
+/// none); else the padding probe: when appended padding moves the loss, only
+/// padding-dependent formulas remain, and the other way round.
+pub fn conclude(
+    diagnosis: &Diagnosis,
+    padding: &ProbeResult,
+    weights: &dyn WeightEvidence,
+) -> Conclusion {
     if diagnosis.batches() == 0 {
         return Conclusion::NoBatches;
     }
     let mut candidates = diagnosis.matching();
+    if candidates.len() > 1 {
+        let followed: Vec<Hypothesis> = candidates
+            .iter()
+            .copied()
+            .filter(|&h| weights.follows(h) == Some(true))
+            .collect();
+        let decided = candidates.iter().all(|&h| weights.follows(h).is_some());
+        if followed.len() == 1 {
+            return Conclusion::Matched(followed[0]);
+        }
+        if decided && followed.is_empty() {
+            return Conclusion::NoMatch {
+                closest: diagnosis.closest(),
+            };
+        }
+    }
     if candidates.len() > 1 {
         if let Some(passed) = padding.passed {
             let narrowed: Vec<Hypothesis> = candidates
@@ -444,9 +527,9 @@ pub fn findings(
             Code::PaddingVariance,
             Severity::Error,
             format!(
-                "appending padding columns moved your loss by {:.3}% (tolerance {:.3}%): padding enters it",
+                "appending padding columns moved your loss by {:.3}% ({:.3e}× what float32 rounding allows): padding enters it",
                 padding.max_relative_change.unwrap_or(0.0) * 100.0,
-                diagnosis.rtol() * 100.0
+                padding.max_change_over_tolerance.unwrap_or(0.0)
             ),
         ));
     }
@@ -506,9 +589,14 @@ mod tests {
     }
 
     fn diagnose(user: f64) -> Diagnosis {
-        let mut d = Diagnosis::new(1e-4);
-        d.observe(user, &batch());
+        let mut d = Diagnosis::new(0.0);
+        d.observe(user, &batch(), &tolerances(&batch(), 1e-4));
         d
+    }
+
+    /// A relative tolerance as the absolute one `observe` takes.
+    fn tolerances(values: &[Option<f64>; 7], rtol: f64) -> [Option<f64>; 7] {
+        values.map(|v| v.map(|v| v.abs() * rtol))
     }
 
     #[test]
@@ -517,7 +605,7 @@ mod tests {
             let value = batch()[h.index()].unwrap();
             let d = diagnose(value * (1.0 + 1e-6));
             assert_eq!(
-                conclude(&d, &ProbeResult::default()),
+                conclude(&d, &ProbeResult::default(), &()),
                 Conclusion::Matched(h),
                 "{h:?}"
             );
@@ -527,7 +615,7 @@ mod tests {
     #[test]
     fn nothing_matches_and_the_closest_is_named() {
         let d = diagnose(2.5 * 1.05);
-        match conclude(&d, &ProbeResult::default()) {
+        match conclude(&d, &ProbeResult::default(), &()) {
             Conclusion::NoMatch {
                 closest: Some((h, err)),
             } => {
@@ -537,7 +625,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let f = findings(
-            &conclude(&d, &ProbeResult::default()),
+            &conclude(&d, &ProbeResult::default(), &()),
             &d,
             &ProbeResult::default(),
             &ProbeResult::default(),
@@ -558,8 +646,8 @@ mod tests {
             unshifted: (&[5.0, 5.0, 5.0], &[1, 1, 1]),
             double_shifted: (&[8.0], &[1]),
         });
-        let mut d = Diagnosis::new(1e-4);
-        d.observe(2.0, &hyps);
+        let mut d = Diagnosis::new(0.0);
+        d.observe(2.0, &hyps, &tolerances(&hyps, 1e-4));
         let all = vec![
             Hypothesis::MaskedTokenMean,
             Hypothesis::AllPositionsMean,
@@ -568,25 +656,25 @@ mod tests {
         ];
         assert_eq!(d.matching(), all);
         assert_eq!(
-            conclude(&d, &ProbeResult::default()),
+            conclude(&d, &ProbeResult::default(), &()),
             Conclusion::Ambiguous(all.clone())
         );
         // Padding moved the loss: only the formulas that count padding remain.
         let mut moved = ProbeResult::default();
-        moved.record(2.0, 1.0);
-        moved.finish(1e-4);
+        moved.record(2.0, 1.0, 2e-4, 0.0);
+        moved.finish();
         assert_eq!(
-            conclude(&d, &moved),
+            conclude(&d, &moved, &()),
             Conclusion::Ambiguous(vec![
                 Hypothesis::AllPositionsMean,
                 Hypothesis::MaskedSumOverAllPositions
             ])
         );
         let mut still = ProbeResult::default();
-        still.record(2.0, 2.0);
-        still.finish(1e-4);
+        still.record(2.0, 2.0, 2e-4, 0.0);
+        still.finish();
         // Token mean and sequence mean both ignore padding: still ambiguous, and said so.
-        let c = conclude(&d, &still);
+        let c = conclude(&d, &still, &());
         assert_eq!(
             c,
             Conclusion::Ambiguous(vec![Hypothesis::MaskedTokenMean, Hypothesis::SequenceMean])
@@ -600,11 +688,11 @@ mod tests {
     fn probes_turn_into_findings() {
         let d = diagnose(2.5);
         let mut padding = ProbeResult::default();
-        padding.record(2.5, 2.0);
-        padding.finish(1e-4);
+        padding.record(2.5, 2.0, 2.5e-4, 0.0);
+        padding.finish();
         let mut leak = ProbeResult::default();
-        leak.record(2.5, 2.5);
-        leak.finish(1e-4);
+        leak.record(2.5, 2.5, 2.5e-4, 0.0);
+        leak.finish();
         let f = findings(
             &Conclusion::Matched(Hypothesis::MaskedTokenMean),
             &d,

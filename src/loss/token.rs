@@ -303,15 +303,15 @@ pub fn shifted_token_losses_each(
 
 /// Next-token cross-entropy of contiguous f32 logits on the CPU, fused.
 ///
-/// For each position, one pass over its V logits keeps a running maximum m and Σ exp(x − m)
-/// (the online log-sum-exp of `position_loss_lanes`), and the loss is m + ln Σ − x[target]:
-/// libtorch's log-softmax arithmetic (max-shifted, f32 sums), without writing it. libtorch's
-/// path reads the logits four times (aminmax, then max, Σexp and the write of its log-softmax)
-/// and writes them once; in a profile of the compute-bound benchmark the cross-entropy's CPU
-/// time halved (755 samples to 358, of about 9000). exp is Cephes' `expf` (range reduction by
-/// ln 2, a degree-6 polynomial; about 1 ulp). Compiled for AVX2 and FMA, and for AVX-512, and
-/// used only where the CPU has them, so that the lanes below become vector instructions;
-/// positions are split over libtorch's intra-op thread count.
+/// For each position, two passes over its V logits (the second from cache) find the maximum m
+/// and Σ exp(x − m), summed in f64 (see `position_loss_lanes`), and the loss is
+/// m − x[target] + ln Σ: libtorch's log-softmax arithmetic (max-shifted), without writing it,
+/// and exact to float32 where libtorch's f32 sums lose a confident model's small losses.
+/// libtorch's path reads the logits four times (aminmax, then max, Σexp and the write of its
+/// log-softmax) and writes them once. exp is Cephes' `expf` (range reduction by ln 2, a
+/// degree-6 polynomial; about 1 ulp). Compiled for AVX2 and FMA, and for AVX-512, and used
+/// only where the CPU has them, so that the lanes below become vector instructions; positions
+/// are split over libtorch's intra-op thread count. Its speed is in docs/performance.md.
 pub mod fused_ce {
     use tch::{Kind, Tensor};
 
@@ -425,11 +425,12 @@ pub mod fused_ce {
         position_loss_lanes(x, target)
     }
 
-    /// One position's weight, residual and gradient norm (see `crate::loss::weights`), from its f32
-    /// logits `z` and the loss's gradient `g` there; `scratch` holds V floats. Three passes:
-    /// the log-sum-exp (as the cross-entropy above), then p = softmax(z) into `scratch` with
-    /// ⟨g,p⟩, ⟨p,p⟩ and ⟨g,g⟩, then ‖g − w·d‖² directly, f32 lanes summed in f64 (not
-    /// ‖g‖² − w⟨g,d⟩, which cancels for a pure cross-entropy). `None` for non-finite logits.
+    /// One position's weight, residual, residual tolerance and gradient norm (see
+    /// `crate::loss::weights` for the fit and the error model), from its f32 logits `z` and the
+    /// loss's gradient `g` there; `scratch` holds V floats. Two passes: p = softmax(z) into
+    /// `scratch` with the fit's sums in f64 lanes (the target's own term apart, see
+    /// `weights::fit`), then ‖g − w·d‖² directly (not ‖g‖² − w⟨g,d⟩, which
+    /// cancels for a pure cross-entropy).
     #[inline(always)]
     pub(super) fn gradient_lanes(
         z: &[f32],
@@ -437,61 +438,110 @@ pub mod fused_ce {
         target: usize,
         lse: f32,
         scratch: &mut [f32],
-    ) -> (f64, f64, f64) {
-        let (mut gp, mut pp, mut gg) = ([0f32; LANES], [0f32; LANES], [0f32; LANES]);
-        let mut zc = z.chunks_exact(LANES);
-        let mut gc = g.chunks_exact(LANES);
-        let mut sc = scratch.chunks_exact_mut(LANES);
-        for (i, ((zs, gs), ss)) in (&mut zc).zip(&mut gc).zip(&mut sc).enumerate() {
-            prefetch(z, i);
-            prefetch(g, i);
-            for l in 0..LANES {
-                let p = exp_nonpositive(zs[l] - lse);
-                ss[l] = p;
-                gp[l] = gs[l].mul_add(p, gp[l]);
-                pp[l] = p.mul_add(p, pp[l]);
-                gg[l] = gs[l].mul_add(gs[l], gg[l]);
-            }
-        }
-        let (mut gp, mut pp, mut gg): (f64, f64, f64) = (
-            gp.iter().map(|&x| x as f64).sum(),
-            pp.iter().map(|&x| x as f64).sum(),
-            gg.iter().map(|&x| x as f64).sum(),
+    ) -> GradientTerm {
+        let mut off = OffTarget::default();
+        off.add_lanes(&z[..target], &g[..target], &mut scratch[..target], lse);
+        off.add_lanes(
+            &z[target + 1..],
+            &g[target + 1..],
+            &mut scratch[target + 1..],
+            lse,
         );
-        let done = z.len() - zc.remainder().len();
-        for i in done..z.len() {
-            let p = exp_nonpositive(z[i] - lse);
-            scratch[i] = p;
-            gp += (g[i] * p) as f64;
-            pp += (p * p) as f64;
-            gg += (g[i] * g[i]) as f64;
-        }
-        let (pt, gt) = (scratch[target] as f64, g[target] as f64);
-        let dd = pp - 2.0 * pt + 1.0;
-        let w = if dd > 0.0 { (gp - gt) / dd } else { 0.0 };
+        let pt = exp_nonpositive(z[target] - lse);
+        scratch[target] = pt;
+        let (gt, dt) = (f64::from(g[target]), f64::from(pt) - 1.0);
+        let big = off.big.max(z[target].abs());
+        let unit = crate::loss::weights::F32_UNIT
+            * crate::loss::weights::f32_error_scale(f64::from(lse), f64::from(big), z.len());
+        let sums = crate::loss::weights::FitSums {
+            off_gp: off.gp,
+            off_pp: off.pp,
+            off_gg: off.gg,
+            g_t: gt,
+            d_t: dt,
+        };
+        let w = crate::loss::weights::fit(sums, unit);
         let wf = w as f32;
         // scratch becomes d = p − onehot(target), so the residual needs no correction.
         scratch[target] -= 1.0;
-        let mut rr = [0f32; LANES];
+        let mut rr = [0f64; LANES];
         let mut gc = g.chunks_exact(LANES);
         let mut sc = scratch.chunks_exact(LANES);
         for (gs, ss) in (&mut gc).zip(&mut sc) {
             for l in 0..LANES {
-                let r = (-wf).mul_add(ss[l], gs[l]);
-                rr[l] = r.mul_add(r, rr[l]);
+                let r = f64::from((-wf).mul_add(ss[l], gs[l]));
+                rr[l] += r * r;
             }
         }
-        let mut rr: f64 = rr.iter().map(|&x| x as f64).sum();
-        for i in done..z.len() {
-            let r = (g[i] - wf * scratch[i]) as f64;
+        let mut rr: f64 = rr.iter().sum();
+        let done = g.len() - gc.remainder().len();
+        for i in done..g.len() {
+            let r = f64::from(g[i] - wf * scratch[i]);
             rr += r * r;
         }
+        let gg = off.gg + gt * gt;
         let residual = if gg > 0.0 {
             (rr.max(0.0) / gg).sqrt()
         } else {
             0.0
         };
-        (w, residual, gg.sqrt())
+        let sum_p2 = off.pp + f64::from(pt) * f64::from(pt);
+        GradientTerm {
+            weight: w,
+            residual,
+            tolerance: crate::loss::weights::residual_tolerance(unit, sum_p2, w, gg.sqrt()),
+            norm: gg.sqrt(),
+        }
+    }
+
+    /// The sums of [`gradient_lanes`]' fit over the components off the target, in f64 lanes.
+    #[derive(Default)]
+    struct OffTarget {
+        /// Σ g·p.
+        gp: f64,
+        /// Σ p².
+        pp: f64,
+        /// Σ g².
+        gg: f64,
+        /// max |z|.
+        big: f32,
+    }
+
+    impl OffTarget {
+        /// Adds the components of `z`, `g` (a stretch of one position's), writing p into `s`.
+        #[inline(always)]
+        fn add_lanes(&mut self, z: &[f32], g: &[f32], s: &mut [f32], lse: f32) {
+            let (mut gp, mut pp, mut gg) = ([0f64; LANES], [0f64; LANES], [0f64; LANES]);
+            let mut big = [0f32; LANES];
+            let mut zc = z.chunks_exact(LANES);
+            let mut gc = g.chunks_exact(LANES);
+            let mut sc = s.chunks_exact_mut(LANES);
+            for (i, ((zs, gs), ss)) in (&mut zc).zip(&mut gc).zip(&mut sc).enumerate() {
+                prefetch(z, i);
+                prefetch(g, i);
+                for l in 0..LANES {
+                    let p = exp_nonpositive(zs[l] - lse);
+                    ss[l] = p;
+                    gp[l] += f64::from(gs[l]) * f64::from(p);
+                    pp[l] += f64::from(p) * f64::from(p);
+                    gg[l] += f64::from(gs[l]) * f64::from(gs[l]);
+                    big[l] = big[l].max(zs[l].abs());
+                }
+            }
+            self.gp += gp.iter().sum::<f64>();
+            self.pp += pp.iter().sum::<f64>();
+            self.gg += gg.iter().sum::<f64>();
+            self.big = big.iter().fold(self.big, |a, &b| a.max(b));
+            let done = z.len() - zc.remainder().len();
+            for i in done..z.len() {
+                let p = exp_nonpositive(z[i] - lse);
+                s[i] = p;
+                self.gp += f64::from(g[i]) * f64::from(p);
+                self.pp += f64::from(p) * f64::from(p);
+                self.gg += f64::from(g[i]) * f64::from(g[i]);
+                self.big = self.big.max(z[i].abs());
+            }
+        }
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -502,7 +552,7 @@ pub mod fused_ce {
         target: usize,
         lse: f32,
         scratch: &mut [f32],
-    ) -> (f64, f64, f64) {
+    ) -> GradientTerm {
         gradient_lanes(z, g, target, lse, scratch)
     }
 
@@ -514,7 +564,7 @@ pub mod fused_ce {
         target: usize,
         lse: f32,
         scratch: &mut [f32],
-    ) -> (f64, f64, f64) {
+    ) -> GradientTerm {
         gradient_lanes(z, g, target, lse, scratch)
     }
 
@@ -641,7 +691,7 @@ pub mod fused_ce {
         let kernel = widest::<GradientKernel>(gradient_avx512, gradient_avx2);
         #[cfg(not(target_arch = "x86_64"))]
         return Ok(None);
-        let mut out = vec![(0f64, 0f64, 0f64); b * positions];
+        let mut out = vec![GradientTerm::default(); b * positions];
         split(&mut out, |first, part| {
             let mut scratch = vec![0f32; v];
             for (k, slot) in part.iter_mut().enumerate() {
@@ -672,21 +722,35 @@ pub mod fused_ce {
             );
         }
         Ok(Some(GradientTerms {
-            weights: out.iter().map(|o| o.0).collect(),
-            residuals: out.iter().map(|o| o.1).collect(),
-            norms: out.iter().map(|o| o.2).collect(),
+            weights: out.iter().map(|o| o.weight).collect(),
+            residuals: out.iter().map(|o| o.residual).collect(),
+            tolerances: out.iter().map(|o| o.tolerance).collect(),
+            norms: out.iter().map(|o| o.norm).collect(),
             last_norms,
         }))
     }
 
-    /// One position's (weight, residual, ‖g‖) from its logits, gradient, target and
-    /// log-sum-exp, with a scratch row.
-    type GradientKernel = unsafe fn(&[f32], &[f32], usize, f32, &mut [f32]) -> (f64, f64, f64);
+    /// One position's [`GradientTerm`] from its logits, gradient, target and log-sum-exp,
+    /// with a scratch row.
+    type GradientKernel = unsafe fn(&[f32], &[f32], usize, f32, &mut [f32]) -> GradientTerm;
+
+    /// What [`gradient_lanes`] finds at one position.
+    #[derive(Debug, Clone, Copy, Default)]
+    pub(super) struct GradientTerm {
+        pub(super) weight: f64,
+        pub(super) residual: f64,
+        /// The residual a correct float32 loss may reach here (`weights::residual_tolerance`).
+        pub(super) tolerance: f64,
+        /// ‖g‖.
+        pub(super) norm: f64,
+    }
 
     /// What [`gradient_terms`] found.
     pub struct GradientTerms {
         pub weights: Vec<f64>,
         pub residuals: Vec<f64>,
+        /// The residual a correct loss may reach at each target position.
+        pub tolerances: Vec<f64>,
         /// ‖g‖ of every target position.
         pub norms: Vec<f64>,
         /// ‖g‖ of each row's last position.
@@ -717,54 +781,68 @@ pub mod fused_ce {
     /// The cross-entropy of one position's logits `x` against `target`, `None` if a logit is
     /// NaN or infinite.
     ///
-    /// One pass over the logits (the online log-sum-exp): each lane keeps its running maximum
-    /// and its sum of `e^(x - max)`, rescaled on the rare chunks that raise a lane's maximum.
-    /// Non-finite logits need no test of their own: NaN, and +inf (inf - inf), turn the sum
-    /// into NaN; -inf shows as the minimum.
+    /// Two passes over the logits, the second from cache: the maximum m (and the minimum, for
+    /// -inf), then Σ e^(x − m) with the exponentials in f32 and their sum in f64 lanes. The sum
+    /// is 1 (the maximum's own term, exact) plus terms that a confident model makes tiny: added
+    /// to that 1, in f32 or even f64, they would lose their last digits, and the loss, ln of the
+    /// sum, is made of exactly those digits. So the 1 is kept apart and the loss takes ln_1p of
+    /// the rest. NaN turns the sum into NaN; +inf shows as the maximum, -inf as the minimum.
     #[inline(always)]
     pub(super) fn position_loss_lanes(x: &[f32], target: usize) -> Option<f32> {
         let chunks = x.chunks_exact(LANES);
         let tail = chunks.remainder();
         let mut max = [f32::NEG_INFINITY; LANES];
-        let mut sum = [0f32; LANES];
         let mut min = [f32::INFINITY; LANES];
-        for (i, chunk) in chunks.enumerate() {
+        for (i, chunk) in chunks.clone().enumerate() {
             prefetch(x, i);
-            let mut raised = false;
-            for (&m, &xi) in max.iter().zip(chunk) {
-                raised |= xi > m;
-            }
-            if raised {
-                for ((m, s), &xi) in max.iter_mut().zip(sum.iter_mut()).zip(chunk) {
-                    let new = if xi > *m { xi } else { *m };
-                    *s *= exp_nonpositive(*m - new);
-                    *m = new;
-                }
-            }
-            for (((s, &m), lo), &xi) in sum.iter_mut().zip(&max).zip(min.iter_mut()).zip(chunk) {
-                *s += exp_nonpositive(xi - m);
+            for ((m, lo), &xi) in max.iter_mut().zip(min.iter_mut()).zip(chunk) {
+                *m = if xi > *m { xi } else { *m };
                 *lo = if xi < *lo { xi } else { *lo };
             }
         }
         let mut m = f32::NEG_INFINITY;
-        for &xi in max.iter().chain(tail) {
-            m = if xi > m { xi } else { m };
-        }
-        let mut s = 0f32;
-        for (&lane_sum, &lane_max) in sum.iter().zip(&max) {
-            s += lane_sum * exp_nonpositive(lane_max - m);
-        }
         let mut lo = f32::INFINITY;
-        for &xi in min.iter().chain(tail) {
-            lo = if xi < lo { xi } else { lo };
+        for (&lane_max, &lane_min) in max.iter().zip(&min) {
+            m = if lane_max > m { lane_max } else { m };
+            lo = if lane_min < lo { lane_min } else { lo };
         }
         for &xi in tail {
-            s += exp_nonpositive(xi - m);
+            m = if xi > m { xi } else { m };
+            lo = if xi < lo { xi } else { lo };
         }
-        if !s.is_finite() || !m.is_finite() || lo == f32::NEG_INFINITY {
+        if !m.is_finite() || lo == f32::NEG_INFINITY {
             return None;
         }
-        Some(m + s.ln() - x[target])
+        // Σ e^(x − m) − 1: the terms below the maximum, and the count of those equal to it
+        // (each an exact 1), so that ln Σ is ln_1p of what is small, not ln of 1 + it.
+        let mut below = [0f64; LANES];
+        let mut ties = [0f64; LANES];
+        for chunk in chunks {
+            for ((b, t), &xi) in below.iter_mut().zip(ties.iter_mut()).zip(chunk) {
+                let top = xi == m;
+                *b += if top {
+                    0.0
+                } else {
+                    f64::from(exp_nonpositive(xi - m))
+                };
+                *t += if top { 1.0 } else { 0.0 };
+            }
+        }
+        let mut below: f64 = below.iter().sum();
+        let mut ties: f64 = ties.iter().sum();
+        for &xi in tail {
+            if xi == m {
+                ties += 1.0;
+            } else {
+                below += f64::from(exp_nonpositive(xi - m));
+            }
+        }
+        // ties ≥ 1 (the maximum itself): ties − 1 is exact.
+        let small = below + (ties - 1.0);
+        if !small.is_finite() {
+            return None;
+        }
+        Some((f64::from(m) - f64::from(x[target]) + small.ln_1p()) as f32)
     }
 
     /// e^x for x ≤ 0 (Cephes `expf`, its coefficients rounded to f32): x = n·ln 2 + r with
@@ -969,6 +1047,46 @@ mod tests {
             fused_ce::Outcome::NotApplicable
         ));
         assert!(token_losses(&logits, &ids, 1 << 20).is_err());
+    }
+
+    /// A confident model's losses (the target 10 to 30 nats above the rest, a loss of 1e-3 down
+    /// to 1e-10) against libtorch's in float64: relative to the loss itself, not to the
+    /// logits, as float32 sums could not be.
+    #[test]
+    fn fused_cross_entropy_is_exact_on_confident_logits() {
+        if !fused_ce::available() {
+            return;
+        }
+        let _guard = tch::no_grad_guard();
+        tch::manual_seed(2);
+        for v in [37i64, 4099, 32000, 152_064] {
+            for margin in [10.0, 20.0, 30.0] {
+                let (b, t) = (2, 5);
+                let ids = Tensor::randint(v, [b, t], (Kind::Int64, Device::Cpu));
+                let next = Tensor::cat(&[ids.narrow(1, 1, t - 1), ids.narrow(1, 0, 1)], 1);
+                let peak = Tensor::full([b, t, 1], margin, (Kind::Float, Device::Cpu));
+                let logits = Tensor::randn([b, t, v], (Kind::Float, Device::Cpu)).scatter_add(
+                    2,
+                    &next.unsqueeze(2),
+                    &peak,
+                );
+                let fused = match fused_ce::token_losses(&logits, &ids).unwrap() {
+                    fused_ce::Outcome::Losses(l) => l.to_kind(Kind::Double),
+                    _ => panic!("finite logits, targets in range"),
+                };
+                // ln(1 + Σ_{j≠t} e^(z_j − z_t)) in f64, the target's own term kept out of the
+                // sum (libtorch's log of the whole sum would lose the same digits).
+                let z = logits.narrow(1, 0, t - 1).to_kind(Kind::Double);
+                let target = ids.narrow(1, 1, t - 1).unsqueeze(2);
+                let others = (&z - z.gather(2, &target, false))
+                    .exp()
+                    .scatter_value(2, &target, 0.0)
+                    .sum_dim_intlist(2, false, Kind::Double);
+                let exact = others.log1p();
+                let err = ((&fused - &exact).abs() / &exact).max().double_value(&[]);
+                assert!(err <= 1e-5, "V {v}, margin {margin}: relative error {err}");
+            }
+        }
     }
 
     /// Both instruction sets against the portable code they are compiled from: the same

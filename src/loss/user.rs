@@ -175,15 +175,15 @@ impl UserLoss {
             message: torch_message(&e.to_string()),
             args: String::new(),
         };
-        // The leaf shares the logits' storage; the loss gets `leaf * 1`, a copy of its own.
+        // The leaf is a private copy: a loss that writes into its logits under no_grad (allowed
+        // on a leaf) must not move what maskaudit's probes compute from them afterwards.
         let leaf = t
             .logits
-            .f_detach()
+            .f_copy_fresh()
             .and_then(|l| l.f_set_requires_grad(true))
             .map_err(torch)?;
         let attempt = tch::with_grad(|| {
-            // The leaf itself: PyTorch refuses in-place writes to it and its views, so the
-            // model's logits behind it stay as they are, and no copy is made.
+            // The leaf itself: PyTorch refuses in-place writes to it and its views under grad.
             let inputs = LossTensors {
                 logits: leaf.shallow_clone(),
                 ..t.copied().map_err(torch)?
@@ -204,9 +204,12 @@ impl UserLoss {
         });
         match attempt {
             Ok(done) => Ok(done),
-            // A loss that writes into its logits fails on the leaf: run it on copies, without
-            // a weight map; a loss that fails there too fails for real.
-            Err(UserLossError::Threw { .. }) => Ok((self.call(model, t)?, None)),
+            // A loss that writes into its logits under autograd fails on the leaf, for that
+            // reason alone: run it on copies, without a weight map. Any other failure is the
+            // loss's own, and fails the run (a retry that happened to pass would hide it).
+            Err(UserLossError::Threw { message, .. }) if writes_into_leaf(&message) => {
+                Ok((self.call(model, t)?, None))
+            }
             Err(e) => Err(e),
         }
     }
@@ -277,6 +280,11 @@ impl UserLoss {
             }),
         }
     }
+}
+
+/// Whether autograd refused the loss an in-place write into the logits it differentiates.
+fn writes_into_leaf(message: &str) -> bool {
+    message.contains("leaf Variable that requires grad")
 }
 
 /// A fresh copy of a tensor (`Tensor::copy` panics on error).
@@ -465,7 +473,11 @@ pub struct UserLossReport {
     pub candidates: Vec<&'static str>,
     /// Worst relative error against the matched (or closest) formula.
     pub max_relative_error: Option<f64>,
+    /// `--rtol`: relative slack on top of the derived tolerance (0 by default).
     pub rtol: f64,
+    /// The largest tolerance the masked token mean was held to, relative to its value: the
+    /// float32 rounding bound of the batch plus `rtol` (docs/guide.md).
+    pub max_relative_tolerance: Option<f64>,
     pub batches: u64,
     pub verdict: String,
     pub hypotheses: Vec<HypothesisSummary>,
@@ -480,6 +492,22 @@ pub struct Probes {
     pub masked_logits: ProbeResult,
 }
 
+impl UserLossReport {
+    /// How close a formula had to come: "tolerance float32 rounding, up to 3.1e-6 relative".
+    pub fn tolerance_phrase(&self) -> String {
+        let upto = match self.max_relative_tolerance {
+            Some(t) => format!(", up to {t:.1e} relative"),
+            None => String::new(),
+        };
+        let rtol = if self.rtol > 0.0 {
+            format!(" (with --rtol {:e})", self.rtol)
+        } else {
+            String::new()
+        };
+        format!("tolerance float32 rounding{rtol}{upto}")
+    }
+}
+
 /// The audit of the user's loss over a whole run.
 pub struct LossAudit {
     loss: UserLoss,
@@ -490,6 +518,8 @@ pub struct LossAudit {
     probed: usize,
     pad_id: i64,
     gradients: Vec<BatchGradient>,
+    /// Per weighed batch, the scale at which a formula's own weights appear in the gradient.
+    gradient_scales: Vec<f64>,
     weights_out: Option<WeightsOut>,
 }
 
@@ -519,6 +549,7 @@ impl LossAudit {
             probed: 0,
             pad_id,
             gradients: vec![],
+            gradient_scales: vec![],
             weights_out: None,
         }
     }
@@ -571,19 +602,22 @@ impl LossAudit {
         } else {
             (self.loss.call(model, &inputs)?, None)
         };
+        let rescale = self.rescale(num_items, next);
         let weights = match grad {
             Some(grad) => {
+                // The weights of a formula at scale 1 are the formula, rescaled like the
+                // value; a batch with nothing trained says nothing of it (NaN, skipped).
+                let scale = if next.trained > 0 {
+                    1.0 / rescale
+                } else {
+                    f64::NAN
+                };
+                self.gradient_scales.push(scale);
                 Some(self.weigh(batch, logits, &grad, &tensors.input_ids, lse.as_deref())?)
             }
             None => None,
         };
-        // A loss given num_items_in_batch divides by the step's count, not the batch's: scaled
-        // back to the batch, the right one is a token mean like any other.
-        let compared = if self.loss.args.contains(&LossArg::NumItemsInBatch) && next.trained > 0 {
-            user * num_items as f64 / next.trained as f64
-        } else {
-            user
-        };
+        let compared = user * rescale;
 
         let double_mask = batch.shifted_mask(2);
         let hypotheses = batch_hypotheses(&BatchLosses {
@@ -593,17 +627,32 @@ impl LossAudit {
             unshifted: (&unshifted, &batch.mask),
             double_shifted: (&double, &double_mask),
         });
-        self.diagnosis.observe(compared, &hypotheses);
+        let tolerances = tolerances(logits, batch, &hypotheses)?;
+        self.diagnosis.observe(compared, &hypotheses, &tolerances);
 
         let trained = hypotheses[Hypothesis::MaskedTokenMean.index()].is_some();
         if self.probes && trained && self.probed < PROBE_BATCHES {
             self.probed += 1;
-            self.probe(model, &inputs, user, batch.seq_len as i64)?;
+            // A correct loss moves by no more than its own rounding, rescaled as compared.
+            let tolerance =
+                tolerances[Hypothesis::MaskedTokenMean.index()].unwrap_or(0.0) / rescale;
+            self.probe(model, &inputs, user, batch.seq_len as i64, tolerance)?;
         }
         Ok(UserBatch {
             value: user,
             weights,
         })
+    }
+
+    /// What the user's value is multiplied by to compare it with the batch's formulas: a loss
+    /// given num_items_in_batch divides by the step's count, not the batch's; scaled back to
+    /// the batch, the right one is a token mean like any other.
+    fn rescale(&self, num_items: i64, next: &BatchSums) -> f64 {
+        if self.loss.args.contains(&LossArg::NumItemsInBatch) && next.trained > 0 {
+            num_items as f64 / next.trained as f64
+        } else {
+            1.0
+        }
     }
 
     /// The weight map of one batch: recovered, analysed, written out if asked.
@@ -630,7 +679,8 @@ impl LossAudit {
                     "mask": &mask[span.clone()],
                     "padding": &padding[span.clone()],
                     "weight": &w.weights[span.clone()],
-                    "residual": &w.residuals[span],
+                    "residual": &w.residuals[span.clone()],
+                    "residual_tolerance": &w.tolerances[span],
                 });
                 writeln!(out.file, "{record}")
                     .map_err(|e| anyhow::anyhow!("--weights-out {}: {e}", out.path))?;
@@ -639,30 +689,54 @@ impl LossAudit {
         Ok(w.weights)
     }
 
+    /// The invariance probes on one batch. A loss that fails on a probe's input fails the run:
+    /// a correct loss takes any number of padding columns and any logits where nothing is
+    /// trained.
     fn probe(
         &mut self,
         model: &dyn LoadedModel,
         inputs: &LossTensors,
         user: f64,
         seq_len: i64,
+        tolerance: f64,
     ) -> anyhow::Result<()> {
-        let extra = (seq_len / 2).max(8);
-        let padded = inputs.with_padding(extra, self.pad_id)?;
-        match self.loss.call(model, &padded) {
-            Ok(value) => self.padding.record(user, value),
-            Err(e @ UserLossError::NotFinite { .. }) => return Err(e.into()),
-            // A model method may refuse a longer input (position limit): say so, don't fail.
-            Err(e) if self.padding.note.is_empty() => {
-                self.padding.note = format!("the loss failed on the padded batch: {e}");
-            }
-            Err(_) => {}
+        let rtol = self.diagnosis.rtol();
+        let extra = self.padding_room(model, seq_len);
+        if extra > 0 {
+            let padded = inputs.with_padding(extra, self.pad_id)?;
+            let value = self.loss.call(model, &padded).map_err(|e| {
+                anyhow::anyhow!("{e} (the padding probe: {extra} padding columns appended)")
+            })?;
+            self.padding.record(user, value, tolerance, rtol);
+        } else if self.padding.note.is_empty() {
+            self.padding.note =
+                "not run on a batch at the model's position limit: no room for padding".into();
         }
         if self.loss.takes_logits() {
             let randomised = inputs.with_untrained_logits_randomised()?;
-            let value = self.loss.call(model, &randomised)?;
-            self.masked_logits.record(user, value);
+            let value = self.loss.call(model, &randomised).map_err(|e| {
+                anyhow::anyhow!(
+                    "{e} (the masked-logits probe: random logits where nothing is trained)"
+                )
+            })?;
+            self.masked_logits.record(user, value, tolerance, rtol);
         }
         Ok(())
+    }
+
+    /// Padding columns the padding probe appends: half the batch's length, at least 8; for a
+    /// method of the model (which runs the model on the longer rows), no further than the
+    /// position limit its exporter recorded.
+    fn padding_room(&self, model: &dyn LoadedModel, seq_len: i64) -> i64 {
+        let extra = (seq_len / 2).max(8);
+        let limit = match self.loss.source {
+            Source::Method { .. } => model.record().and_then(|r| r.position_limit()),
+            Source::Module { .. } => None,
+        };
+        match limit {
+            Some(limit) => extra.min(limit - seq_len).max(0),
+            None => extra,
+        }
     }
 
     /// The report and the findings. `sequence_gap`: the dataset's sequence mean vs token mean.
@@ -675,9 +749,8 @@ impl LossAudit {
                 .flush()
                 .map_err(|e| anyhow::anyhow!("--weights-out {}: {e}", out.path))?;
         }
-        let rtol = self.diagnosis.rtol();
-        self.padding.finish(rtol);
-        self.masked_logits.finish(rtol);
+        self.padding.finish();
+        self.masked_logits.finish();
         if !self.probes {
             self.padding = ProbeResult::skipped("--no-probes");
             self.masked_logits = ProbeResult::skipped("--no-probes");
@@ -692,7 +765,6 @@ impl LossAudit {
                     "randomised the logits at positions that predict no trained target".into();
             }
         }
-        let conclusion = diagnosis::conclude(&self.diagnosis, &self.padding);
         let note = if !self.loss.takes_logits() {
             "the loss takes no logits: no gradient to weigh".to_string()
         } else if self.gradients.is_empty() {
@@ -701,6 +773,11 @@ impl LossAudit {
             String::new()
         };
         let gradient = GradientSummary::of(std::mem::take(&mut self.gradients), note);
+        let evidence = weights::Evidence {
+            batches: &gradient.batches,
+            scales: &self.gradient_scales,
+        };
+        let conclusion = diagnosis::conclude(&self.diagnosis, &self.padding, &evidence);
         let mut findings = diagnosis::findings(
             &conclusion,
             &self.diagnosis,
@@ -723,7 +800,9 @@ impl LossAudit {
             matched,
             candidates,
             max_relative_error: error_of.map(|h| self.diagnosis.max_relative_error(h)),
-            rtol,
+            rtol: self.diagnosis.rtol(),
+            max_relative_tolerance: (self.diagnosis.batches() > 0)
+                .then(|| self.diagnosis.max_relative_tolerance()),
             batches: self.diagnosis.batches(),
             verdict: diagnosis::verdict_sentence(&conclusion, &self.diagnosis),
             hypotheses: self.diagnosis.summary(),
@@ -769,17 +848,17 @@ fn gradient_findings(g: &GradientSummary) -> Vec<Finding> {
         .iter()
         .map(|b| b.last_position_share)
         .fold(0.0, f64::max);
-    if g.max_residual > weights::RESIDUAL_TOLERANCE || leak > UNTRAINED_SHARE {
+    if g.max_residual_excess > 1.0 || leak > UNTRAINED_SHARE {
         findings.push(
             Finding::new(
                 Code::GradientNotCrossEntropy,
                 Severity::Warning,
                 format!(
-                    "part of your loss's gradient is not next-token cross-entropy (largest residual {:.2e}; {:.2e} of it at last positions, which predict nothing): label smoothing, a z-loss, other targets, or the logits entering the loss some other way",
-                    g.max_residual, leak
+                    "part of your loss's gradient is not next-token cross-entropy (residual up to {:.1}× what float32 rounding leaves; {:.2e} of the gradient at last positions, which predict nothing): label smoothing, a z-loss, other targets, or the logits entering the loss some other way",
+                    g.max_residual_excess, leak
                 ),
             )
-            .with_records(vec![worst(|b| b.max_residual)]),
+            .with_records(vec![worst(|b| b.max_residual_excess)]),
         );
     }
     findings
@@ -794,6 +873,53 @@ fn padding_note(failure: &str) -> String {
     } else {
         format!("{did}; {failure}")
     }
+}
+
+/// Each hypothesis's absolute tolerance on one batch: the formula applied to the rounding bound
+/// of every position (`weights::f32_error_scale`, with |lse| bounded by max|z| + ln V), plus
+/// the rounding of a float32 sum over the batch's positions.
+fn tolerances(
+    logits: &Tensor,
+    batch: &Batch,
+    values: &[Option<f64>; 7],
+) -> anyhow::Result<[Option<f64>; 7]> {
+    let v = logits.size()[2];
+    let (lo, hi) = logits.f_aminmax(-1, false)?;
+    let big = lo.f_abs()?.f_maximum(&hi.f_abs()?)?;
+    let big = Vec::<f32>::try_from(big.f_to_device(Device::Cpu)?.f_flatten(0, -1)?)?;
+    let ln_v = (v as f64).ln();
+    let bound: Vec<f32> = big
+        .iter()
+        .map(|&m| {
+            let m = f64::from(m);
+            let scale = weights::f32_error_scale(m + ln_v, m, v as usize);
+            (weights::ROUNDING_SAFETY * weights::F32_UNIT * scale) as f32
+        })
+        .collect();
+    let t = batch.seq_len;
+    let aligned = |shift: usize| -> Vec<f32> {
+        let n = t.saturating_sub(shift);
+        (0..batch.rows)
+            .flat_map(|r| bound[r * t..r * t + n].iter().copied())
+            .collect()
+    };
+    let (next, unshifted, double) = (aligned(1), aligned(0), aligned(2));
+    let target_mask = batch.target_mask();
+    let double_mask = batch.shifted_mask(2);
+    let mut out = batch_hypotheses(&BatchLosses {
+        rows: batch.rows,
+        next: BatchSums::of(&next, &target_mask, batch.rows),
+        unshifted: (&unshifted, &batch.mask),
+        double_shifted: (&double, &double_mask),
+    });
+    let summation =
+        weights::ROUNDING_SAFETY * weights::F32_UNIT * (batch.positions().max(1) as f64).sqrt();
+    for (tolerance, value) in out.iter_mut().zip(values) {
+        if let (Some(t), Some(v)) = (tolerance.as_mut(), value) {
+            *t += summation * v.abs();
+        }
+    }
+    Ok(out)
 }
 
 /// The per-token losses of a batch against the token at t (no shift) and at t+2 (a double

@@ -2,17 +2,33 @@
 //!
 //! Any loss built linearly from per-token cross-entropies, L = Σ w[b,t]·ℓ[b,t] + (other terms),
 //! has the gradient g = ∂L/∂z[b,t] = w[b,t]·d[b,t] + (other terms) at the logits z of position
-//! t, where d = softmax(z) − onehot(input_ids[t+1]) is the cross-entropy's own gradient. So
-//! w = ⟨g,d⟩/⟨d,d⟩ recovers each token's weight exactly, and the residual ‖g − w·d‖/‖g‖ is what
-//! is not next-token cross-entropy (label smoothing, a z-loss, wrong targets, a leak through
-//! the logits). A correct token mean gives w = 1/Σm on trained targets and 0 elsewhere; the
-//! founding bug gives every padding target a weight of its own. This identifies any linear
-//! reduction from one batch, including ones no formula in [`crate::loss::diagnosis`] names.
+//! t, where d = softmax(z) − onehot(input_ids[t+1]) is the cross-entropy's own gradient. So a
+//! least-squares fit of g against d recovers each token's weight, and the residual
+//! ‖g − w·d‖/‖g‖ is what is not next-token cross-entropy (label smoothing, a z-loss, wrong
+//! targets, a leak through the logits). A correct token mean gives w = 1/Σm on trained targets
+//! and 0 elsewhere; the founding bug gives every padding target a weight of its own. This
+//! identifies any linear reduction from one batch, including ones no formula in
+//! [`crate::loss::diagnosis`] names.
+//!
+//! The error model (docs/guide.md, "How close is close enough"). The user's loss runs in
+//! float32, so each component of g carries a rounding error: g_j = w·p_j for j ≠ t is computed
+//! as w·exp(log-softmax), good to a few units of float32 relative to itself, while
+//! g_t = w·(p_t − 1) comes out of a cancellation, good only to a few units absolute. On a
+//! confident model p_t rounds to 1 and g_t to 0 while 1 − p_t is not 0: the plain fit
+//! ⟨g,d⟩/⟨d,d⟩ is then dominated by that lost component and recovers nonsense. So [`fit`]
+//! keeps the plain fit (which a constant added to g, as a loss over `logits.mean()` adds,
+//! cannot move: Σ d = 0) where the target's rounding is small against 1 − p_t, or where the
+//! other components do not have cross-entropy's shape; otherwise it fits those components
+//! alone, each good relative to itself. The residual is then
+//! measured plainly and compared with [`residual_tolerance`], what rounding alone can leave
+//! at that position.
 //!
 //! [`recover`] needs libtorch (the softmax of every position); the rest is pure.
 
 use serde::Serialize;
 use tch::{Kind, Tensor};
+
+use crate::loss::diagnosis::{Hypothesis, WeightEvidence};
 
 /// Per-token weights and residuals of one batch, `[B, T-1]` row-major, aligned with the
 /// targets (position t predicts token t+1).
@@ -20,6 +36,8 @@ use tch::{Kind, Tensor};
 pub struct TokenWeights {
     pub weights: Vec<f64>,
     pub residuals: Vec<f64>,
+    /// The residual a correct float32 loss may reach at each position ([`residual_tolerance`]).
+    pub tolerances: Vec<f64>,
     /// ‖g‖ at the last position of each row, which predicts nothing: a correct loss leaves
     /// it at 0. Summed over rows.
     pub last_position_norm: f64,
@@ -58,6 +76,7 @@ pub fn recover(
             return Ok(TokenWeights {
                 weights: terms.weights,
                 residuals: terms.residuals,
+                tolerances: terms.tolerances,
                 last_position_norm: last,
                 total_norm: terms.norms.iter().sum::<f64>() + last,
             });
@@ -78,10 +97,13 @@ pub fn recover_with_libtorch(
     let (b, t, v) = (size[0], size[1], size[2]);
     let positions = (t - 1).max(0);
     let rows_per_chunk = (chunk_elements / v.max(1)).max(1);
-    let mut weights = Vec::with_capacity((b * positions) as usize);
-    let mut residuals = Vec::with_capacity((b * positions) as usize);
-    let mut last_position_norm = 0.0;
-    let mut total_norm = 0.0;
+    let mut out = TokenWeights {
+        weights: Vec::with_capacity((b * positions) as usize),
+        residuals: Vec::with_capacity((b * positions) as usize),
+        tolerances: Vec::with_capacity((b * positions) as usize),
+        last_position_norm: 0.0,
+        total_norm: 0.0,
+    };
     let ids = input_ids.f_to_device(logits.device())?;
     for row in 0..b {
         let z_row = logits.f_select(0, row)?;
@@ -93,43 +115,157 @@ pub fn recover_with_libtorch(
             let z = z_row.f_narrow(0, start, n)?.f_to_kind(Kind::Double)?;
             let g = g_row.f_narrow(0, start, n)?.f_to_kind(Kind::Double)?;
             let target = ids_row.f_narrow(0, start + 1, n)?.f_unsqueeze(1)?;
-            let mut d = z.f_softmax(-1, Kind::Double)?;
-            let minus_one = Tensor::f_full([n, 1], -1.0, (Kind::Double, z.device()))?;
-            let _ = d.f_scatter_add_(1, &target, &minus_one)?;
-            let gd = g.f_mul(&d)?.f_sum_dim_intlist(-1, false, Kind::Double)?;
-            let dd = d.f_mul(&d)?.f_sum_dim_intlist(-1, false, Kind::Double)?;
-            let gg = g.f_mul(&g)?.f_sum_dim_intlist(-1, false, Kind::Double)?;
-            let gd = Vec::<f64>::try_from(gd)?;
-            let dd = Vec::<f64>::try_from(dd)?;
-            let gg = Vec::<f64>::try_from(gg)?;
-            for k in 0..n as usize {
-                // d = 0 only when the model is certain and right: no gradient to weigh.
-                let w = if dd[k] > 0.0 { gd[k] / dd[k] } else { 0.0 };
-                // ‖g − w·d‖² = ‖g‖² − 2w⟨g,d⟩ + w²‖d‖² = ‖g‖² − ⟨g,d⟩²/‖d‖².
-                let rest = (gg[k] - w * gd[k]).max(0.0);
-                weights.push(w);
-                residuals.push(if gg[k] > 0.0 {
-                    (rest / gg[k]).sqrt()
-                } else {
-                    0.0
-                });
-                total_norm += gg[k].sqrt();
-            }
+            fit_chunk(&z, &g, &target, &mut out)?;
             start += n;
         }
         if t >= 1 {
             let g_last = g_row.f_select(0, t - 1)?.f_to_kind(Kind::Double)?;
             let norm = f64::try_from(g_last.f_norm()?)?;
-            last_position_norm += norm;
-            total_norm += norm;
+            out.last_position_norm += norm;
+            out.total_norm += norm;
         }
     }
-    Ok(TokenWeights {
-        weights,
-        residuals,
-        last_position_norm,
-        total_norm,
-    })
+    Ok(out)
+}
+
+/// The weighted fit of [`recover_with_libtorch`] on `n` positions: logits `z` and gradient `g`
+/// `[n, V]` in f64, `target` `[n, 1]`.
+fn fit_chunk(
+    z: &Tensor,
+    g: &Tensor,
+    target: &Tensor,
+    out: &mut TokenWeights,
+) -> Result<(), tch::TchError> {
+    let (n, v) = (z.size()[0], z.size()[1]);
+    let device = z.device();
+    let sum = |x: &Tensor| x.f_sum_dim_intlist(-1, false, Kind::Double);
+    let p = z.f_softmax(-1, Kind::Double)?;
+    let minus_one = Tensor::f_full([n, 1], -1.0, (Kind::Double, device))?;
+    let d = p.f_scatter_add(1, target, &minus_one)?;
+    let lse = z.f_logsumexp([-1], false)?;
+    let big = z.f_abs()?.f_amax([-1], false)?;
+    let host = |x: &Tensor| Vec::<f64>::try_from(x.f_to_device(tch::Device::Cpu)?);
+    let (lse, big) = (host(&lse)?, host(&big)?);
+    let units: Vec<f64> = lse
+        .iter()
+        .zip(&big)
+        .map(|(&l, &m)| F32_UNIT * f32_error_scale(l, m, v as usize))
+        .collect();
+    let zeros = Tensor::f_zeros([n, 1], (Kind::Double, device))?;
+    let off = Tensor::f_ones([n, v], (Kind::Double, device))?.f_scatter(1, target, &zeros)?;
+    let off_gp = host(&sum(&off.f_mul(g)?.f_mul(&p)?)?)?;
+    let off_pp = host(&sum(&off.f_mul(&p)?.f_mul(&p)?)?)?;
+    let off_gg = host(&sum(&off.f_mul(g)?.f_mul(g)?)?)?;
+    let at_target = |x: &Tensor| -> Result<Vec<f64>, tch::TchError> {
+        host(&x.f_gather(1, target, false)?.f_flatten(0, -1)?)
+    };
+    let (g_t, d_t) = (at_target(g)?, at_target(&d)?);
+    let w: Vec<f64> = (0..n as usize)
+        .map(|k| {
+            let sums = FitSums {
+                off_gp: off_gp[k],
+                off_pp: off_pp[k],
+                off_gg: off_gg[k],
+                g_t: g_t[k],
+                d_t: d_t[k],
+            };
+            fit(sums, units[k])
+        })
+        .collect();
+    let w = Tensor::f_from_slice(&w)?.f_to_device(device)?;
+    let rest = g.f_sub(&d.f_mul(&w.f_unsqueeze(1)?)?)?;
+    let rr = sum(&rest.f_square()?)?;
+    let gg = sum(&g.f_square()?)?;
+    let pp = sum(&p.f_square()?)?;
+    let (w, rr, gg, pp) = (host(&w)?, host(&rr)?, host(&gg)?, host(&pp)?);
+    for k in 0..n as usize {
+        out.weights.push(w[k]);
+        out.residuals.push(if gg[k] > 0.0 {
+            (rr[k].max(0.0) / gg[k]).sqrt()
+        } else {
+            0.0
+        });
+        out.tolerances
+            .push(residual_tolerance(units[k], pp[k], w[k], gg[k].sqrt()));
+        out.total_norm += gg[k].sqrt();
+    }
+    Ok(())
+}
+
+/// Half a unit in the last place of a float32 number, relative: 2⁻²⁴.
+pub const F32_UNIT: f64 = 5.960_464_477_539_063e-8;
+
+/// How many of [`f32_error_scale`]'s units a correct float32 computation may be off by: a
+/// few roundings per term, with room.
+pub const ROUNDING_SAFETY: f64 = 8.0;
+
+/// The absolute error, in float32 units, of one position's log-softmax computed in float32:
+/// the subtraction z − lse is rounded at the logits' magnitude, and the sum of V exponentials
+/// inside lse drifts by about √V roundings.
+pub fn f32_error_scale(lse: f64, max_abs_logit: f64, vocab: usize) -> f64 {
+    1.0 + lse.abs() + max_abs_logit + (vocab as f64).sqrt()
+}
+
+/// The relative error of the target's component of the fit above which [`fit`] leaves it out:
+/// an order below the weights' own [`MATCH_TOLERANCE`].
+pub const TARGET_FIT_ERROR: f64 = 1e-4;
+
+/// The relative residual of the fit over the components off the target below which they are
+/// next-token cross-entropy's own shape (a correct loss leaves rounding there, about 10⁻⁶), and
+/// may carry the fit alone.
+pub const OFF_TARGET_SHAPE: f64 = 1e-2;
+
+/// The fit's sums of one position, in f64: Σ g·p, Σ p² and Σ g² over the components off the
+/// target, and the target's own g_t and d_t = p_t − 1.
+#[derive(Debug, Clone, Copy)]
+pub struct FitSums {
+    pub off_gp: f64,
+    pub off_pp: f64,
+    pub off_gg: f64,
+    pub g_t: f64,
+    pub d_t: f64,
+}
+
+/// One position's weight, given `unit` (the absolute rounding of its float32 log-softmax,
+/// which g_t carries as w·unit). The plain least-squares fit over every component, unless the
+/// target's rounding exceeds [`TARGET_FIT_ERROR`] of d_t while the other components have
+/// cross-entropy's shape ([`OFF_TARGET_SHAPE`]): then those alone. 0 where there is nothing
+/// to fit.
+pub fn fit(s: FitSums, unit: f64) -> f64 {
+    let ratio = |a: f64, b: f64| {
+        if b > 0.0 && (a / b).is_finite() {
+            a / b
+        } else {
+            0.0
+        }
+    };
+    let plain = ratio(s.off_gp + s.g_t * s.d_t, s.off_pp + s.d_t * s.d_t);
+    let target_error = ROUNDING_SAFETY * unit / s.d_t.abs();
+    if target_error <= TARGET_FIT_ERROR || s.off_pp <= 0.0 || s.off_gg <= 0.0 {
+        return plain;
+    }
+    let off = ratio(s.off_gp, s.off_pp);
+    let unexplained = (s.off_gg - off * s.off_gp).max(0.0) / s.off_gg;
+    if unexplained.sqrt() <= OFF_TARGET_SHAPE {
+        off
+    } else {
+        plain
+    }
+}
+
+/// The residual ‖g − w·d‖/‖g‖ that rounding alone can leave at one position of a correct
+/// float32 loss, given `unit` (an absolute error of its float32 log-softmax, see
+/// [`f32_error_scale`]) and the fitted weight `w`: every component of g (and of maskaudit's
+/// own d) is off by about unit·p_j, the target's by unit absolute, so ‖g − w·d‖ may reach
+/// unit·√(1 + Σp²)·|w|. Where the model is certain, ‖g‖ → 0 against that and the tolerance
+/// grows without bound instead of calling rounding a leak.
+pub fn residual_tolerance(unit: f64, sum_p2: f64, w: f64, g_norm: f64) -> f64 {
+    let tolerance = ROUNDING_SAFETY * unit * (1.0 + sum_p2).sqrt() * w.abs() / g_norm;
+    if tolerance.is_nan() {
+        f64::INFINITY
+    } else {
+        tolerance
+    }
 }
 
 /// A reduction the weights may follow, by the weight it gives one token.
@@ -199,9 +335,6 @@ impl Normalisation {
 /// recovery is exact up to the gradient's rounding (f32 logits).
 pub const MATCH_TOLERANCE: f64 = 1e-3;
 
-/// Residual above which a token's gradient is said not to be next-token cross-entropy.
-pub const RESIDUAL_TOLERANCE: f64 = 1e-3;
-
 /// What one batch's weights show.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BatchGradient {
@@ -225,6 +358,9 @@ pub struct BatchGradient {
     pub fits: Vec<Fit>,
     /// The largest residual over positions with weight or gradient.
     pub max_residual: f64,
+    /// The largest residual / [`residual_tolerance`] over positions: above 1, more than
+    /// rounding.
+    pub max_residual_excess: f64,
     /// ‖g‖ at last positions (which predict nothing) / Σ‖g‖.
     pub last_position_share: f64,
 }
@@ -277,6 +413,12 @@ pub fn analyse(
         })
         .collect();
     let max_residual = w.residuals.iter().copied().fold(0.0, f64::max);
+    let max_residual_excess = w
+        .residuals
+        .iter()
+        .zip(&w.tolerances)
+        .map(|(r, t)| r / t)
+        .fold(0.0, f64::max);
     BatchGradient {
         line,
         untrained_share,
@@ -287,6 +429,7 @@ pub fn analyse(
         scale,
         fits,
         max_residual,
+        max_residual_excess,
         last_position_share: if w.total_norm > 0.0 {
             w.last_position_norm / w.total_norm
         } else {
@@ -345,6 +488,39 @@ pub fn fits(w: &[f64], mask: &[u8], rows: usize) -> Vec<(Normalisation, f64)> {
     out
 }
 
+/// The weights of every weighed batch as evidence of the formula a loss computes: a formula
+/// is followed when every batch's weights fit it at the scale the value was compared at
+/// (`scales`, one a batch; NaN for a batch with nothing trained, which is skipped).
+pub struct Evidence<'a> {
+    pub batches: &'a [BatchGradient],
+    pub scales: &'a [f64],
+}
+
+impl WeightEvidence for Evidence<'_> {
+    fn follows(&self, h: Hypothesis) -> Option<bool> {
+        let normalisation = Normalisation::ALL
+            .into_iter()
+            .find(|n| n.name() == h.name())?;
+        let weighed: Vec<(&BatchGradient, f64)> = self
+            .batches
+            .iter()
+            .zip(self.scales.iter().copied())
+            // A batch whose weights fit no normalisation at all (a certain model's gradient
+            // rounded away) says nothing either way.
+            .filter(|(b, scale)| scale.is_finite() && !b.fits.is_empty())
+            .collect();
+        if weighed.is_empty() || self.batches.len() != self.scales.len() {
+            return None;
+        }
+        Some(weighed.iter().all(|(b, scale)| {
+            b.fits.iter().any(|f| {
+                f.formula == normalisation.name()
+                    && (f.scale / scale - 1.0).abs() <= MATCH_TOLERANCE
+            })
+        }))
+    }
+}
+
 /// Over all the batches the weight map ran on.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct GradientSummary {
@@ -357,6 +533,8 @@ pub struct GradientSummary {
     pub max_untrained_share: f64,
     pub max_padding_share: f64,
     pub max_residual: f64,
+    /// The largest residual / tolerance of any position ([`BatchGradient::max_residual_excess`]).
+    pub max_residual_excess: f64,
     /// Why there is no weight map, when there is none.
     pub note: String,
 }
@@ -388,6 +566,7 @@ impl GradientSummary {
             max_untrained_share: max(|b| b.untrained_share),
             max_padding_share: max(|b| b.padding_share),
             max_residual: max(|b| b.max_residual),
+            max_residual_excess: max(|b| b.max_residual_excess),
             batches,
             note,
         }
@@ -432,6 +611,7 @@ mod tests {
         TokenWeights {
             weights,
             residuals: vec![0.0; n],
+            tolerances: vec![1.0; n],
             last_position_norm: 0.0,
             total_norm: 1.0,
         }
@@ -482,5 +662,61 @@ mod tests {
         assert!((g.token_ratio.unwrap() - 3.0).abs() < 1e-12);
         assert!((g.within_row_ratio.unwrap() - 1.0).abs() < 1e-12);
         assert_eq!(g.untrained_share, 0.0);
+    }
+}
+
+#[cfg(test)]
+mod certain {
+    use super::*;
+
+    /// A model certain of every target (margin 30 nats): p_t rounds to 1 in float32 and the
+    /// loss's gradient at the target to 0, yet every trained position's weight is recovered
+    /// exactly (1/n for a token mean), by the fused path and by libtorch's, with no residual
+    /// above its tolerance.
+    #[test]
+    fn a_certain_models_weights_are_exact() {
+        let _guard = tch::no_grad_guard();
+        tch::manual_seed(11);
+        let (b, t, v) = (2i64, 9i64, 37i64);
+        let cpu = (Kind::Float, tch::Device::Cpu);
+        let ids = Tensor::randint(v, [b, t], (Kind::Int64, tch::Device::Cpu));
+        let next = Tensor::cat(&[ids.narrow(1, 1, t - 1), ids.narrow(1, 0, 1)], 1);
+        let logits = (Tensor::randn([b, t, v], cpu) * 3.0).scatter_add(
+            2,
+            &next.unsqueeze(2),
+            &Tensor::full([b, t, 1], 30.0, cpu),
+        );
+        let leaf = logits.copy().set_requires_grad(true);
+        let n = b * (t - 1);
+        let grad = tch::with_grad(|| {
+            let loss = leaf
+                .narrow(1, 0, t - 1)
+                .reshape([n, v])
+                .cross_entropy_loss::<Tensor>(
+                    &ids.narrow(1, 1, t - 1).reshape([n]),
+                    None,
+                    tch::Reduction::Mean,
+                    -100,
+                    0.0,
+                );
+            Tensor::run_backward(&[&loss], &[&leaf], false, false)
+                .pop()
+                .unwrap()
+        });
+        let lse = crate::loss::fused_ce::log_sum_exp(&logits).expect("an AVX2 CPU");
+        let fused = recover(&logits, &grad, &ids, Some(&lse), 1 << 20).unwrap();
+        let reference = recover_with_libtorch(&logits, &grad, &ids, 1 << 20).unwrap();
+        for (path, w) in [("fused", &fused), ("libtorch", &reference)] {
+            for (k, x) in w.weights.iter().enumerate() {
+                let want = 1.0 / n as f64;
+                assert!(
+                    (x - want).abs() <= 1e-5 * want,
+                    "{path}, position {k}: {x} vs {want}"
+                );
+            }
+            for (r, tol) in w.residuals.iter().zip(&w.tolerances) {
+                assert!(r <= tol, "{path}: residual {r} above its tolerance {tol}");
+            }
+        }
     }
 }

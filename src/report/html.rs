@@ -122,11 +122,11 @@ fn findings(out: &mut String, path: &str, unit: crate::data::Unit, findings: &[F
 fn user_loss(out: &mut String, user: &UserLossReport) {
     let _ = writeln!(
         out,
-        "<h2>Your loss</h2>\n<p><code>{}({})</code> over {} batches, tolerance {:e} relative: <b>{}</b></p>",
+        "<h2>Your loss</h2>\n<p><code>{}({})</code> over {} batches, {}: <b>{}</b></p>",
         escape(&user.source),
         escape(&user.args.join(", ")),
         user.batches,
-        user.rtol,
+        escape(&user.tolerance_phrase()),
         escape(&user.verdict)
     );
     let _ = writeln!(

@@ -78,11 +78,11 @@ fn findings(out: &mut String, path: &str, unit: Unit, findings: &[Finding]) {
 fn user_loss(out: &mut String, user: &UserLossReport) {
     let _ = writeln!(
         out,
-        "### Your loss\n\n{}({}) over {} batches, tolerance {:e} relative: {}\n",
+        "### Your loss\n\n{}({}) over {} batches, {}: {}\n",
         code(&user.source),
         user.args.join(", "),
         user.batches,
-        user.rtol,
+        user.tolerance_phrase(),
         cell(&user.verdict)
     );
     let _ = writeln!(out, "| {} |", FORMULA_COLUMNS.join(" | "));

@@ -324,11 +324,11 @@ pub(crate) fn forward_display(args: &[crate::model::ForwardArg]) -> String {
 fn write_user_loss<W: Write>(out: &mut W, user: &UserLossReport) -> std::io::Result<()> {
     writeln!(
         out,
-        "your loss: {}({}) over {} batches, tolerance {:e} relative",
+        "your loss: {}({}) over {} batches, {}",
         user.source,
         user.args.join(", "),
         user.batches,
-        user.rtol
+        user.tolerance_phrase()
     )?;
     let mut table = Table::new();
     table.load_preset(UTF8_FULL_CONDENSED);
@@ -383,8 +383,8 @@ fn write_gradient<W: Write>(out: &mut W, g: &GradientSummary) -> std::io::Result
     )?;
     writeln!(
         out,
-        "          largest residual (not next-token cross-entropy) {:.1e}",
-        g.max_residual
+        "          largest residual (not next-token cross-entropy) {:.1e}, {:.2}× what float32 rounding may leave",
+        g.max_residual, g.max_residual_excess
     )
 }
 
@@ -445,9 +445,9 @@ fn write_steps<W: Write>(out: &mut W, steps: &StepReport) -> std::io::Result<()>
     writeln!(out)
 }
 
-/// A relative error as a percentage; below the default tolerance it is noise.
+/// A relative error as a percentage, to two decimals: below 0.01% it shows as "<0.01%".
 pub(crate) fn percent(e: f64) -> String {
-    if e < crate::loss::diagnosis::DEFAULT_RTOL {
+    if e < 1e-4 {
         "<0.01%".into()
     } else {
         format!("{:.2}%", e * 100.0)

@@ -1,6 +1,6 @@
 //! One optimizer step's batches through the model, the user's loss and the step simulation.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use tch::{Kind, Tensor};
 
 use super::CheckOptions;
@@ -283,12 +283,23 @@ pub(super) fn process_batch(
         Some(audit) => {
             // The user's loss gets the logits in float32, as Hugging Face's loss functions upcast
             // them: what is audited is the loss's formula, and bf16 or f16 arithmetic inside it
-            // would differ from maskaudit's float32 cross-entropy by more than --rtol.
+            // would differ from maskaudit's float32 cross-entropy by more than its rounding bound.
             let logits = match logits.kind() {
                 Kind::Half | Kind::BFloat16 => logits.f_to_kind(Kind::Float)?,
                 _ => logits.shallow_clone(),
             };
-            let user = audit.observe(model, batch, &tensors, &logits, &sums, num_items)?;
+            let user = audit
+                .observe(model, batch, &tensors, &logits, &sums, num_items)
+                .with_context(|| {
+                    format!(
+                        "your loss, on the batch starting at {}",
+                        Pos {
+                            unit: run.unit,
+                            n: line
+                        }
+                        .named()
+                    )
+                })?;
             run.keep_rows(batch, &losses, user.weights.as_deref(), opts);
             Some(UserMicroBatch {
                 value: user.value,

@@ -103,8 +103,32 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
     timing.device = device;
     timing.mark("start and the device");
     let model = model::load(&opts.model, device, &load_options(opts))?;
-    let model = model.as_ref();
     timing.mark("model load and its first calls");
+    run_loaded(opts, model.as_ref(), progress, timing)
+}
+
+/// [`run`] with a model that is already loaded, of any [`LoadedModel`] implementation: how the
+/// tests drive models that exist only in memory (tests/error_model.rs).
+pub fn run_with_model(
+    opts: &CheckOptions,
+    model: &dyn LoadedModel,
+    progress: &ProgressBar,
+) -> Result<Report> {
+    model::configure_libtorch();
+    let _no_grad = tch::no_grad_guard();
+    let mut timing = Timing::from_env();
+    timing.device = model.device();
+    run_loaded(opts, model, progress, timing)
+}
+
+/// Long because it is the run's outline, each step a call.
+fn run_loaded(
+    opts: &CheckOptions,
+    model: &dyn LoadedModel,
+    progress: &ProgressBar,
+    mut timing: Timing,
+) -> Result<Report> {
+    let device = model.device();
     let tf32 = model::apply_tf32(opts.tf32, device, model.run_kind());
     check_special_ids(opts, model.vocab_size())?;
     let mut audit = open_audit(opts, device)?;
