@@ -40,29 +40,15 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 fn check(args: CheckArgs) -> Result<ExitCode> {
-    // Bounded before anything is built from them.
     args.micro_batches_per_step().map_err(|e| anyhow!(e))?;
     let inputs = [
         ("MODEL", Some(args.model.as_path())),
         ("--loss file", args.user_loss.loss.as_deref()),
         ("--tokenizer file", args.tokenizer.as_deref()),
     ];
-    let mut outputs = stage_outputs(
-        &args.data,
-        &inputs,
-        &args.reports,
-        args.user_loss.weights_out.as_deref(),
-    )?;
-    let weights_out = match (
-        &args.user_loss.weights_out,
-        outputs.handle(Output::WeightsOut)?,
-    ) {
-        (Some(path), Some(file)) => Some(WeightsFile {
-            shown: path.display().to_string(),
-            file: Arc::new(file),
-        }),
-        _ => None,
-    };
+    let weights = args.user_loss.weights_out.as_deref();
+    let mut outputs = stage_outputs(&args.data, &inputs, &args.reports, weights)?;
+    let weights_out = weights_file(&args, &outputs)?;
     let baseline = load_baseline(&args.reports)?;
     // Load the tokenizer before the model: a bad path fails fast.
     let text = token_text(args.tokenizer.as_deref())?;
@@ -129,6 +115,18 @@ fn check(args: CheckArgs) -> Result<ExitCode> {
     side_reports(&mut outputs, &outcome, || markdown::check(&report))?;
     outputs.commit()?;
     Ok(verdict)
+}
+
+/// `--weights-out`'s staged file, for the loss audit to stream into.
+fn weights_file(args: &CheckArgs, outputs: &Outputs) -> Result<Option<WeightsFile>> {
+    let path = args.user_loss.weights_out.as_deref();
+    Ok(match (path, outputs.handle(Output::WeightsOut)?) {
+        (Some(path), Some(file)) => Some(WeightsFile {
+            shown: path.display().to_string(),
+            file: Arc::new(file),
+        }),
+        _ => None,
+    })
 }
 
 fn lint(args: LintArgs) -> Result<ExitCode> {
