@@ -57,7 +57,7 @@ fn each_module_uses_only_the_layers_below_it() {
             continue;
         }
         let own = layer(&stem).unwrap_or_else(|| {
-            panic!("src/{stem} is in no layer: add it to LAYERS in tests/layers.rs")
+            panic!("src/{stem} is in no layer: add it to LAYERS in tests/architecture.rs")
         });
         seen += 1;
         let mut used = BTreeSet::new();

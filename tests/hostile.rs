@@ -714,3 +714,421 @@ fn a_nan_or_complex_loss_is_an_input_error() {
         assert!(out.stderr.contains(name), "{out:?}");
     }
 }
+
+// ---- data safety: outputs never touch inputs (issue 20) ----
+
+/// The inputs of a `check` run, copied where links to them can be made: (what, path).
+fn safety_inputs(dir: &TempDir) -> Vec<(&'static str, String)> {
+    let copy = |from: &str, to: &str| {
+        let path = dir.path().join(to);
+        std::fs::copy(from, &path).unwrap();
+        path.display().to_string()
+    };
+    vec![
+        ("data", copy("fixtures/ragged.jsonl", "data.jsonl")),
+        ("model", copy("fixtures/tiny_lm.pt", "model.pt")),
+        (
+            "loss",
+            copy("fixtures/losses/reduce_then_mask.pt", "loss.pt"),
+        ),
+        (
+            "tokenizer",
+            copy("fixtures/lint/tokenizer.json", "tokenizer.json"),
+        ),
+        (
+            "baseline",
+            dir.write(
+                "baseline.json",
+                "{\"baseline_version\": 1, \"findings\": []}",
+            ),
+        ),
+    ]
+}
+
+fn contents(inputs: &[(&'static str, String)]) -> Vec<Vec<u8>> {
+    inputs
+        .iter()
+        .map(|(_, p)| std::fs::read(p).unwrap())
+        .collect()
+}
+
+/// `check` over the inputs with every input option given once; `output` (an option and its
+/// file) is added, and a scratch `--html` when the output is another (the tokenizer needs it).
+fn safety_args(
+    inputs: &[(&'static str, String)],
+    data: &str,
+    output: Option<(&str, &str)>,
+    scratch: &str,
+) -> Vec<String> {
+    let path = |what: &str| inputs.iter().find(|(w, _)| *w == what).unwrap().1.clone();
+    let mut args: Vec<String> = [
+        "check",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--format",
+        "json",
+        "--pad-id",
+        "0",
+        "--batch-size",
+        "4",
+        "--loss-args",
+        "shift_logits,targets,loss_mask",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend([path("model"), data.to_string()]);
+    for (option, what) in [
+        ("--loss", "loss"),
+        ("--tokenizer", "tokenizer"),
+        ("--baseline", "baseline"),
+    ] {
+        args.extend([option.to_string(), path(what)]);
+    }
+    if let Some((option, file)) = output {
+        args.extend([option.to_string(), file.to_string()]);
+    }
+    if output.is_none_or(|(option, _)| option != "--html") {
+        args.extend(["--html".to_string(), scratch.to_string()]);
+    }
+    args
+}
+
+/// Runs maskaudit with standard input read from `stdin` and extra environment variables.
+fn maskaudit_stdin_from(args: &[String], stdin: &str, env: &[(&str, &str)]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_maskaudit"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("GITHUB_STEP_SUMMARY")
+        .envs(env.iter().copied())
+        .stdin(std::fs::File::open(stdin).unwrap())
+        .output()
+        .expect("run maskaudit");
+    Output {
+        code: out.status.code().expect("exited, not killed by a signal"),
+        stdout: String::from_utf8(out.stdout).unwrap(),
+        stderr: String::from_utf8(out.stderr).unwrap(),
+    }
+}
+
+const OUTPUT_OPTIONS: [&str; 4] = ["--weights-out", "--junit", "--html", "--write-baseline"];
+
+/// Every output (the four options and GITHUB_STEP_SUMMARY) aimed at every input, by its path,
+/// a symbolic link and a hard link: exit 2 naming the output, and every input byte for byte
+/// as it was. Long because it is one table: outputs × inputs × ways to name a file.
+#[test]
+fn no_output_can_overwrite_an_input() {
+    let dir = TempDir::new("safety-matrix");
+    let inputs = safety_inputs(&dir);
+    let before = contents(&inputs);
+    let scratch = dir.path().join("scratch.html").display().to_string();
+    let mut cases = 0;
+    for (what, input) in &inputs {
+        let link = dir.path().join(format!("link-{what}"));
+        std::os::unix::fs::symlink(input, &link).unwrap();
+        let hard = dir.path().join(format!("hard-{what}"));
+        std::fs::hard_link(input, &hard).unwrap();
+        for target in [input.clone(), path_str(&link), path_str(&hard)] {
+            for option in OUTPUT_OPTIONS {
+                if option == "--write-baseline" && *what == "baseline" {
+                    continue; // It may update the baseline it reads (below).
+                }
+                let data = &inputs[0].1;
+                let args = safety_args(&inputs, data, Some((option, &target)), &scratch);
+                let out = maskaudit_stdin_from(&args, "/dev/null", &[]);
+                let line = error_line(&out);
+                assert!(
+                    line.contains(&format!("{option} {target}: is the "))
+                        && line.contains("refusing to overwrite"),
+                    "{option} {target}: {out:?}"
+                );
+                assert_eq!(
+                    contents(&inputs),
+                    before,
+                    "{option} onto the {what} as {target}"
+                );
+                cases += 1;
+            }
+            let args = safety_args(&inputs, &inputs[0].1, None, &scratch);
+            let out = maskaudit_stdin_from(&args, "/dev/null", &[("GITHUB_STEP_SUMMARY", &target)]);
+            assert!(
+                error_line(&out).contains(&format!("GITHUB_STEP_SUMMARY {target}: is the ")),
+                "{out:?}"
+            );
+            assert_eq!(
+                contents(&inputs),
+                before,
+                "GITHUB_STEP_SUMMARY onto the {what} as {target}"
+            );
+            cases += 1;
+        }
+    }
+    assert_eq!(cases, 5 * 3 * 5 - 3);
+    assert!(
+        !Path::new(&scratch).exists(),
+        "a refused run writes nothing"
+    );
+}
+
+/// DATA `-` with standard input from the data file: `/dev/stdin` and `/proc/self/fd/0` are
+/// that file, for every output.
+#[test]
+fn no_output_can_overwrite_the_file_on_standard_input() {
+    let dir = TempDir::new("safety-stdin");
+    let inputs = safety_inputs(&dir);
+    let before = contents(&inputs);
+    let scratch = dir.path().join("scratch.html").display().to_string();
+    let data = &inputs[0].1;
+    for target in ["/dev/stdin", "/proc/self/fd/0"] {
+        for option in OUTPUT_OPTIONS {
+            let args = safety_args(&inputs, "-", Some((option, target)), &scratch);
+            let out = maskaudit_stdin_from(&args, data, &[]);
+            assert!(
+                error_line(&out).contains(&format!(
+                    "{option} {target}: is the DATA of this run (standard input)"
+                )),
+                "{out:?}"
+            );
+            assert_eq!(contents(&inputs), before, "{option} {target}");
+        }
+        let args = safety_args(&inputs, "-", None, &scratch);
+        let out = maskaudit_stdin_from(&args, data, &[("GITHUB_STEP_SUMMARY", target)]);
+        assert!(error_line(&out).contains("GITHUB_STEP_SUMMARY"), "{out:?}");
+        assert_eq!(contents(&inputs), before, "GITHUB_STEP_SUMMARY {target}");
+    }
+    // The same run with its outputs elsewhere reads the data from standard input.
+    let args = safety_args(&inputs, "-", None, &scratch);
+    let out = maskaudit_stdin_from(&args, data, &[]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert_eq!(contents(&inputs), before);
+}
+
+#[test]
+fn two_outputs_on_one_file_are_a_usage_error() {
+    let dir = TempDir::new("safety-twice");
+    let report = dir.path().join("report").display().to_string();
+    let out = maskaudit(&[
+        "lint",
+        "fixtures/ragged.jsonl",
+        "--junit",
+        &report,
+        "--html",
+        &report,
+    ]);
+    assert_eq!(
+        error_line(&out),
+        format!("maskaudit: error: --junit {report} and --html {report} are one file: give each output a file of its own")
+    );
+    assert!(!Path::new(&report).exists());
+    // An existing file under two names (a hard link): the same refusal, the file untouched.
+    std::fs::write(&report, "old").unwrap();
+    let other = dir.path().join("other");
+    std::fs::hard_link(&report, &other).unwrap();
+    let out = maskaudit(&[
+        "lint",
+        "fixtures/ragged.jsonl",
+        "--junit",
+        &report,
+        "--write-baseline",
+        &path_str(&other),
+    ]);
+    assert!(error_line(&out).contains("are one file"), "{out:?}");
+    assert_eq!(std::fs::read_to_string(&report).unwrap(), "old");
+}
+
+/// A `check` run with every output, over data whose third batch holds an id beyond the
+/// vocabulary: two batches run (the weights of their rows are streamed), then exit 2.
+fn failing_midway(dir: &TempDir, outputs: &[String; 5]) -> Output {
+    let mut rows = std::fs::read_to_string("fixtures/ragged.jsonl").unwrap();
+    rows.push_str("{\"input_ids\":[1,100000,2]}\n");
+    let data = dir.write("bad.jsonl", &rows);
+    let [weights, junit, html, baseline, summary] = outputs;
+    let args: Vec<String> = [
+        "check",
+        "--device",
+        "cpu",
+        "--quiet",
+        "fixtures/tiny_lm.pt",
+        &data,
+        "--pad-id",
+        "0",
+        "--batch-size",
+        "4",
+        "--loss",
+        "fixtures/losses/reduce_then_mask.pt",
+        "--loss-args",
+        "shift_logits,targets,loss_mask",
+        "--weights-out",
+        weights,
+        "--junit",
+        junit,
+        "--html",
+        html,
+        "--write-baseline",
+        baseline,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    maskaudit_stdin_from(&args, "/dev/null", &[("GITHUB_STEP_SUMMARY", summary)])
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_failed_run_writes_no_report_and_keeps_the_old_ones() {
+    let dir = TempDir::new("safety-failed");
+    let outputs = ["w.jsonl", "j.xml", "h.html", "b.json", "summary.md"]
+        .map(|n| dir.path().join(n).display().to_string());
+    let out = failing_midway(&dir, &outputs);
+    assert!(
+        error_line(&out).contains("outside the model's vocabulary"),
+        "{out:?}"
+    );
+    assert_eq!(
+        names(dir.path()),
+        ["bad.jsonl"],
+        "no report, no temporary file"
+    );
+
+    for (i, path) in outputs.iter().enumerate() {
+        std::fs::write(path, format!("old {i}\n")).unwrap();
+    }
+    let out = failing_midway(&dir, &outputs);
+    assert_eq!(out.code, 2, "{out:?}");
+    for (i, path) in outputs.iter().enumerate() {
+        assert_eq!(
+            std::fs::read_to_string(path).unwrap(),
+            format!("old {i}\n"),
+            "{path}"
+        );
+    }
+    assert_eq!(names(dir.path()).len(), 6, "{:?}", names(dir.path()));
+}
+
+/// A failed check (exit 1) is what CI reports are for: every one is written, through a link
+/// onto its target, the summary after what it held.
+#[test]
+fn a_failed_check_writes_every_report() {
+    let dir = TempDir::new("safety-exit1");
+    let outputs = ["w.jsonl", "j.xml", "h.html", "b.json", "summary.md"]
+        .map(|n| dir.path().join(n).display().to_string());
+    std::fs::write(&outputs[4], "## an earlier step\n").unwrap();
+    let target = dir.path().join("target.xml");
+    std::fs::write(&target, "old").unwrap();
+    let link = dir.path().join("link.xml");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let args: Vec<String> = [
+        "check",
+        "--device",
+        "cpu",
+        "--quiet",
+        "fixtures/tiny_lm.pt",
+        "fixtures/ragged.jsonl",
+        "--pad-id",
+        "0",
+        "--batch-size",
+        "4",
+        "--loss",
+        "fixtures/losses/reduce_then_mask.pt",
+        "--loss-args",
+        "shift_logits,targets,loss_mask",
+        "--weights-out",
+        &outputs[0],
+        "--junit",
+        &path_str(&link),
+        "--html",
+        &outputs[2],
+        "--write-baseline",
+        &outputs[3],
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let out = maskaudit_stdin_from(&args, "/dev/null", &[("GITHUB_STEP_SUMMARY", &outputs[4])]);
+    assert_eq!(out.code, 1, "{out:?}");
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap();
+    assert_eq!(
+        read(Path::new(&outputs[0])).lines().count(),
+        30,
+        "a line a row"
+    );
+    assert!(read(&target).starts_with("<?xml"), "{}", read(&target));
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert!(read(Path::new(&outputs[2])).contains("<html"));
+    assert!(read(Path::new(&outputs[3])).contains("baseline_version"));
+    assert!(
+        read(Path::new(&outputs[4])).starts_with("## an earlier step\n## maskaudit check: FAIL")
+    );
+    // Writing to a device is writing, not replacing it.
+    let out = maskaudit(&[
+        "lint",
+        "fixtures/ragged.jsonl",
+        "--junit",
+        "/dev/null",
+        "--html",
+        "/dev/null",
+    ]);
+    assert!(out.code == 0 || out.code == 1, "{out:?}");
+}
+
+// ---- option values bounded before anything is allocated (issue 20) ----
+
+#[test]
+fn huge_batch_and_step_sizes_are_refused_not_allocated() {
+    let model = fixture("tiny_lm.pt");
+    let data = fixture("ragged.jsonl");
+    for (args, expect) in [
+        (&["--batch-size", "4294967295"][..], "--batch-size"),
+        (&["--batch-size", "1048577"], "--batch-size"),
+        (&["--accum", "4294967295"], "--accum"),
+        (&["--world-size", "4294967295"], "--world-size"),
+        (
+            &["--accum", "1024", "--world-size", "1025"],
+            "--accum 1024 × --world-size 1025",
+        ),
+    ] {
+        let out = check_cpu(&model, &data, args);
+        assert!(error_line(&out).contains(expect), "{args:?}: {out:?}");
+        assert!(
+            out.stderr.contains("1048576"),
+            "the bound is stated: {out:?}"
+        );
+    }
+    let out = maskaudit(&["lint", &data, "--batch-size", "4294967295"]);
+    assert!(error_line(&out).contains("to 1048576"), "{out:?}");
+    // At the bounds: memory comes from the 30 rows, and the run is a normal one.
+    for args in [
+        &["--batch-size", "1048576"][..],
+        &["--accum", "1048576"],
+        &["--world-size", "1048576"],
+        &[
+            "--accum",
+            "1024",
+            "--world-size",
+            "1024",
+            "--batch-size",
+            "1048576",
+        ],
+    ] {
+        let mut args = args.to_vec();
+        args.extend(["--pad-id", "0"]);
+        let out = check_cpu(&model, &data, &args);
+        assert!(out.code == 0 || out.code == 1, "{args:?}: {out:?}");
+        assert!(!out.stderr.contains("panicked"), "{out:?}");
+    }
+    let out = maskaudit(&["lint", &data, "--batch-size", "1048576"]);
+    assert!(out.code == 0 || out.code == 1, "{out:?}");
+}

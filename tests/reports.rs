@@ -374,11 +374,13 @@ fn a_baseline_accepts_known_findings_and_new_ones_still_fail() {
     // Never writes over an input.
     assert_usage_error(
         &lint(&["--junit", &data]),
-        "is an input of this run (refusing to overwrite it)",
+        &format!(
+            "--junit {data}: is the DATA of this run ({data}); refusing to overwrite an input"
+        ),
     );
     assert_usage_error(
         &lint(&["--baseline", &baseline, "--html", &baseline]),
-        "is an input of this run (refusing to overwrite it)",
+        &format!("--html {baseline}: is the --baseline file of this run ({baseline}); refusing"),
     );
     // --write-baseline may update the baseline it reads.
     let out = lint(&["--baseline", &baseline, "--write-baseline", &baseline]);

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 
-use crate::commands::check::{LossOptions, LossSource};
+use crate::commands::check::{LossOptions, LossSource, WeightsFile};
 use crate::data::{FieldNames, CU_SEQLENS_FIELD, DEFAULT_MAX_LINE_BYTES, SEQ_LENS_FIELD};
 use crate::findings::Code;
 use crate::loss::diagnosis::DEFAULT_RTOL;
@@ -93,11 +93,13 @@ pub struct CheckArgs {
     #[command(flatten)]
     pub user_loss: UserLossArgs,
 
-    /// Simulate optimizer steps of K micro-batches (gradient accumulation) per rank
-    #[arg(long, value_name = "K", value_parser = clap::value_parser!(u32).range(1..), help_heading = "Training step")]
+    /// Simulate optimizer steps of K micro-batches (gradient accumulation) per rank; K × W is
+    /// at most 1048576 (2^20)
+    #[arg(long, value_name = "K", value_parser = clap::value_parser!(u32).range(1..=MAX_STEP_MICRO_BATCHES as i64), help_heading = "Training step")]
     pub accum: Option<u32>,
-    /// Simulate W data-parallel ranks; micro-batch i of a step goes to rank i mod W
-    #[arg(long, value_name = "W", value_parser = clap::value_parser!(u32).range(1..), help_heading = "Training step")]
+    /// Simulate W data-parallel ranks; micro-batch i of a step goes to rank i mod W; K × W is
+    /// at most 1048576 (2^20)
+    #[arg(long, value_name = "W", value_parser = clap::value_parser!(u32).range(1..=MAX_STEP_MICRO_BATCHES as i64), help_heading = "Training step")]
     pub world_size: Option<u32>,
     /// Leave out the last, partial step, as a trainer with drop_last does
     #[arg(long, help_heading = "Training step")]
@@ -174,12 +176,18 @@ pub struct UserLossArgs {
     #[arg(long, requires = "loss_source", help_heading = "Your loss")]
     pub no_probes: bool,
     /// Write every row's per-target gradient weights (JSON lines) to this file
-    #[arg(long, value_name = "FILE", help_heading = "Your loss")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "loss_source",
+        help_heading = "Your loss"
+    )]
     pub weights_out: Option<PathBuf>,
 }
 
 impl UserLossArgs {
-    pub fn options(&self) -> Option<LossOptions> {
+    /// The options of the loss audit; `weights_out` is `--weights-out`'s staged file.
+    pub fn options(&self, weights_out: Option<WeightsFile>) -> Option<LossOptions> {
         // clap rejects --loss together with --loss-method.
         let source = match (&self.loss, &self.loss_method) {
             (Some(file), _) => LossSource::File(file.clone()),
@@ -199,7 +207,7 @@ impl UserLossArgs {
             args_given: !self.loss_args.is_empty(),
             rtol: self.rtol,
             probes: !self.no_probes,
-            weights_out: self.weights_out.clone(),
+            weights_out,
         })
     }
 }
@@ -211,7 +219,8 @@ pub struct LintArgs {
     /// Pre-tokenized dataset: JSONL, .jsonl.gz or Parquet; `-` reads JSONL on standard input
     pub data: PathBuf,
 
-    /// With it, statistics include the padding that batching rows in file order would add
+    /// With it, statistics include the padding that batching rows in file order would add (1
+    /// to 1048576 rows)
     #[arg(long, allow_negative_numbers = true, value_parser = parse_batch_size, help_heading = "Data")]
     pub batch_size: Option<u32>,
     /// Pad token id: a row's trailing run of it is padding when the row has no attention_mask
@@ -256,8 +265,8 @@ pub struct LintArgs {
 /// How rows are read and batched.
 #[derive(Debug, Args)]
 pub struct DataArgs {
-    /// Rows per batch (a micro-batch of the training step), in file order; the last batch
-    /// may be partial
+    /// Rows per batch (a micro-batch of the training step), in file order, from 1 to 1048576
+    /// (2^20); the last batch may be partial
     #[arg(long, alias = "micro-batch", default_value_t = 8, allow_negative_numbers = true, value_parser = parse_batch_size, help_heading = "Data")]
     pub batch_size: u32,
     /// Token id used to right-pad rows to the longest row of their batch (padding gets mask 0)
@@ -399,13 +408,35 @@ fn parse_token_id(s: &str) -> Result<i64, String> {
     }
 }
 
+/// The most rows in a batch (`--batch-size`). Memory comes from the rows read, never from
+/// the option, but a batch is held whole and sent through the model as one tensor: past a
+/// million rows it is a mistyped number, not a batch.
+pub const MAX_BATCH_SIZE: u32 = 1 << 20;
+
+/// The most micro-batches in a simulated optimizer step (`--accum` × `--world-size`): a step
+/// is held whole until it is weighed.
+pub const MAX_STEP_MICRO_BATCHES: u32 = 1 << 20;
+
 fn parse_batch_size(s: &str) -> Result<u32, String> {
     match s.parse::<u32>() {
-        Ok(n) if n >= 1 => Ok(n),
+        Ok(n) if (1..=MAX_BATCH_SIZE).contains(&n) => Ok(n),
         _ => Err(format!(
-            "'{s}' is not a batch size: expected a number of rows from 1 to {}",
-            u32::MAX
+            "'{s}' is not a batch size: expected a number of rows from 1 to {MAX_BATCH_SIZE}"
         )),
+    }
+}
+
+impl CheckArgs {
+    /// `--accum` × `--world-size`, bounded: the micro-batches of one step are held together.
+    pub fn micro_batches_per_step(&self) -> Result<usize, String> {
+        let accum = self.accum.unwrap_or(1);
+        let world = self.world_size.unwrap_or(1);
+        match accum.checked_mul(world) {
+            Some(n) if n <= MAX_STEP_MICRO_BATCHES => Ok(n as usize),
+            _ => Err(format!(
+                "--accum {accum} × --world-size {world} is more than {MAX_STEP_MICRO_BATCHES} micro-batches a step"
+            )),
+        }
     }
 }
 
@@ -439,6 +470,13 @@ mod tests {
         assert_eq!(parse_batch_size("4"), Ok(4));
         assert!(parse_batch_size("0").unwrap_err().contains("from 1"));
         assert!(parse_batch_size("-1").unwrap_err().contains("from 1"));
+        assert_eq!(parse_batch_size("1048576"), Ok(1 << 20));
+        for huge in ["1048577", "4294967295", "18446744073709551616"] {
+            assert!(
+                parse_batch_size(huge).unwrap_err().contains("to 1048576"),
+                "{huge}"
+            );
+        }
         assert!(parse_line_bytes("0").is_err());
         assert!(parse_count("-2").is_err());
     }
@@ -470,12 +508,38 @@ mod tests {
             .starts_with("--position-ids-field seq_lens:"));
     }
 
+    fn check_args(args: &[&str]) -> Result<Box<CheckArgs>, clap::Error> {
+        let mut all = vec!["maskaudit", "check", "m.pt", "d.jsonl"];
+        all.extend_from_slice(args);
+        Cli::try_parse_from(all).map(|cli| match cli.command {
+            Command::Check(check) => check,
+            _ => unreachable!(),
+        })
+    }
+
+    #[test]
+    fn a_step_is_bounded_each_option_and_their_product() {
+        let per_step = |args: &[&str]| check_args(args).unwrap().micro_batches_per_step();
+        assert_eq!(per_step(&[]), Ok(1));
+        assert_eq!(per_step(&["--accum", "4", "--world-size", "8"]), Ok(32));
+        assert_eq!(per_step(&["--accum", "1048576"]), Ok(1 << 20));
+        assert_eq!(
+            per_step(&["--accum", "1024", "--world-size", "1025"]).unwrap_err(),
+            "--accum 1024 × --world-size 1025 is more than 1048576 micro-batches a step"
+        );
+        for option in ["--accum", "--world-size"] {
+            let err = check_args(&[option, "4294967295"]).unwrap_err();
+            assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
+        }
+    }
+
     #[test]
     fn loss_options_need_a_loss() {
         for args in [
             &["--loss-args", "logits,labels"][..],
             &["--rtol", "0.01"],
             &["--no-probes"],
+            &["--weights-out", "w.jsonl"],
         ] {
             let mut all = vec!["maskaudit", "check", "m.pt", "d.jsonl"];
             all.extend_from_slice(args);

@@ -5,14 +5,16 @@
 use std::io::{self, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::cli::outputs::{self, Input, Output, Outputs};
 use crate::cli::{CheckArgs, Cli, ColorWhen, Command, Format, LintArgs, ReportArgs};
-use crate::commands::check::{self, CheckOptions};
+use crate::commands::check::{self, CheckOptions, WeightsFile};
 use crate::commands::{self, lint::LintCommandOptions};
-use crate::data::Pos;
+use crate::data::{guard, Pos};
 use crate::findings::SeverityOverrides;
 use crate::lint::tokenizer::HfTokenizer;
 use crate::lint::view::{self, Ids, TokenText, ViewOptions};
@@ -38,10 +40,15 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 fn check(args: CheckArgs) -> Result<ExitCode> {
-    let mut inputs = vec![args.model.clone(), args.data.clone()];
-    inputs.extend(args.user_loss.loss.clone());
-    inputs.extend(args.tokenizer.clone());
-    refuse_to_overwrite(&args.reports, &inputs)?;
+    args.micro_batches_per_step().map_err(|e| anyhow!(e))?;
+    let inputs = [
+        ("MODEL", Some(args.model.as_path())),
+        ("--loss file", args.user_loss.loss.as_deref()),
+        ("--tokenizer file", args.tokenizer.as_deref()),
+    ];
+    let weights = args.user_loss.weights_out.as_deref();
+    let mut outputs = stage_outputs(&args.data, &inputs, &args.reports, weights)?;
+    let weights_out = weights_file(&args, &outputs)?;
     let baseline = load_baseline(&args.reports)?;
     // Load the tokenizer before the model: a bad path fails fast.
     let text = token_text(args.tokenizer.as_deref())?;
@@ -61,7 +68,7 @@ fn check(args: CheckArgs) -> Result<ExitCode> {
             &args.severity.warn,
             &args.severity.allow,
         ),
-        loss: args.user_loss.options(),
+        loss: args.user_loss.options(weights_out),
         forward_args: (!args.forward_args.is_empty()).then(|| args.forward_args.clone()),
         model_probe: !args.no_model_probe,
         token_rows: if args.reports.html.is_some() {
@@ -84,9 +91,9 @@ fn check(args: CheckArgs) -> Result<ExitCode> {
     drop(redirect);
     let mut report = report?;
     progress.finish_and_clear();
-    if let Some(path) = &args.reports.write_baseline {
-        write_baseline(path, &report.findings, &report.data.path)?;
-    }
+    outputs.write(Output::WriteBaseline, |w| {
+        Baseline::of(&report.findings, &report.data.path).write(w)
+    })?;
     if let Some(baseline) = &baseline {
         baseline.apply(&mut report.findings, &report.data.path);
         report.verdict = Verdict::of(&report.findings);
@@ -101,13 +108,25 @@ fn check(args: CheckArgs) -> Result<ExitCode> {
     .and_then(|()| stdout.flush());
     drop(stdout);
     let outcome = report.outcome();
-    if let Some(path) = &args.reports.html {
-        write_file(path, "HTML report", |w| {
-            w.write_all(report::html::check(&report, text.as_ref()).as_bytes())
-        })?;
-    }
-    side_reports(&args.reports, &outcome, || markdown::check(&report))?;
-    finish_output(written.map_err(Into::into), report.verdict)
+    let verdict = finish_output(written.map_err(Into::into), report.verdict)?;
+    outputs.write(Output::Html, |w| {
+        w.write_all(report::html::check(&report, text.as_ref()).as_bytes())
+    })?;
+    side_reports(&mut outputs, &outcome, || markdown::check(&report))?;
+    outputs.commit()?;
+    Ok(verdict)
+}
+
+/// `--weights-out`'s staged file, for the loss audit to stream into.
+fn weights_file(args: &CheckArgs, outputs: &Outputs) -> Result<Option<WeightsFile>> {
+    let path = args.user_loss.weights_out.as_deref();
+    Ok(match (path, outputs.handle(Output::WeightsOut)?) {
+        (Some(path), Some(file)) => Some(WeightsFile {
+            shown: path.display().to_string(),
+            file: Arc::new(file),
+        }),
+        _ => None,
+    })
 }
 
 fn lint(args: LintArgs) -> Result<ExitCode> {
@@ -115,9 +134,8 @@ fn lint(args: LintArgs) -> Result<ExitCode> {
     if show > 0 && args.output.format != Format::Table {
         anyhow::bail!("--show prints rows for people: use it with --format table");
     }
-    let mut inputs = vec![args.data.clone()];
-    inputs.extend(args.tokenizer.clone());
-    refuse_to_overwrite(&args.reports, &inputs)?;
+    let inputs = [("--tokenizer file", args.tokenizer.as_deref())];
+    let mut outputs = stage_outputs(&args.data, &inputs, &args.reports, None)?;
     let baseline = load_baseline(&args.reports)?;
     // Load the tokenizer before reading the data: a bad path fails fast.
     let text = token_text(args.tokenizer.as_deref())?;
@@ -145,12 +163,17 @@ fn lint(args: LintArgs) -> Result<ExitCode> {
         ),
     };
     let progress = progress_bar(args.output.quiet);
-    let mut run = commands::lint::run(&opts, &progress)?;
+    // Off the main thread: a decoder that stalls is then an error (`data::guard`).
+    let mut run = {
+        let progress = progress.clone();
+        guard::off_thread(move || commands::lint::run(&opts, &progress))
+            .map_err(|l| anyhow!(l))??
+    };
     progress.finish_and_clear();
     let report = &mut run.report;
-    if let Some(path) = &args.reports.write_baseline {
-        write_baseline(path, &report.findings, &report.data.path)?;
-    }
+    outputs.write(Output::WriteBaseline, |w| {
+        Baseline::of(&report.findings, &report.data.path).write(w)
+    })?;
     if let Some(baseline) = &baseline {
         baseline.apply(&mut report.findings, &report.data.path);
         report.verdict = Verdict::of(&report.findings);
@@ -158,7 +181,8 @@ fn lint(args: LintArgs) -> Result<ExitCode> {
 
     let written = write_lint(&args, &run, text.as_ref(), show);
     let report = &run.report;
-    if let Some(path) = &args.reports.html {
+    let verdict = finish_output(written, report.verdict)?;
+    if args.reports.html.is_some() {
         let unit = report.data.records;
         let rows: Vec<_> = run
             .shown
@@ -166,12 +190,13 @@ fn lint(args: LintArgs) -> Result<ExitCode> {
             .take(html_rows)
             .map(|row| token_rows::from_row(row, unit, args.pad_id, args.eos_id, args.shifted))
             .collect();
-        write_file(path, "HTML report", |w| {
+        outputs.write(Output::Html, |w| {
             w.write_all(report::html::lint(report, &rows, text.as_ref()).as_bytes())
         })?;
     }
-    side_reports(&args.reports, &report.outcome(), || markdown::lint(report))?;
-    finish_output(written, report.verdict)
+    side_reports(&mut outputs, &report.outcome(), || markdown::lint(report))?;
+    outputs.commit()?;
+    Ok(verdict)
 }
 
 /// The lint report on stdout in the asked format; for a table, the rows of `--show` first.
@@ -223,90 +248,69 @@ fn token_text(tokenizer: Option<&Path>) -> Result<Box<dyn TokenText>> {
     })
 }
 
-/// maskaudit never writes to its inputs: an output path naming one is refused before the run.
-/// `--baseline` is an input too, except to `--write-baseline`, which may update it.
-fn refuse_to_overwrite(reports: &ReportArgs, inputs: &[PathBuf]) -> Result<()> {
-    let same = |a: &Path, b: &Path| {
-        std::fs::canonicalize(a)
-            .ok()
-            .zip(std::fs::canonicalize(b).ok())
-            .is_some_and(|(a, b)| a == b)
+/// maskaudit never writes to its inputs: every output is checked against them (and against
+/// the other outputs) and staged before the run; see [`outputs`].
+fn stage_outputs(
+    data: &Path,
+    inputs: &[(&'static str, Option<&Path>)],
+    reports: &ReportArgs,
+    weights_out: Option<&Path>,
+) -> Result<Outputs> {
+    let data = if data.as_os_str() == "-" {
+        Input::stdin("DATA")
+    } else {
+        Input::file("DATA", data)
     };
-    let outputs = [
-        (&reports.junit, true),
-        (&reports.html, true),
-        (&reports.write_baseline, false),
-    ];
-    for (output, baseline_is_input) in outputs {
-        let Some(output) = output else { continue };
-        let baseline = reports.baseline.iter().filter(|_| baseline_is_input);
-        if inputs
-            .iter()
-            .chain(baseline)
-            .any(|input| same(output, input))
-        {
-            anyhow::bail!(
-                "{}: is an input of this run (refusing to overwrite it); choose another output file",
-                output.display()
-            );
-        }
-    }
-    Ok(())
+    let baseline = [(outputs::BASELINE, reports.baseline.as_deref())];
+    let inputs: Vec<Input> = data
+        .into_iter()
+        .chain(
+            inputs
+                .iter()
+                .chain(&baseline)
+                .filter_map(|&(what, path)| Input::file(what, path?)),
+        )
+        .collect();
+    let summary = step_summary();
+    let asked: Vec<(Output, &Path)> = [
+        (Output::WeightsOut, weights_out),
+        (Output::Junit, reports.junit.as_deref()),
+        (Output::Html, reports.html.as_deref()),
+        (Output::WriteBaseline, reports.write_baseline.as_deref()),
+        (Output::StepSummary, summary.as_deref()),
+    ]
+    .into_iter()
+    .filter_map(|(output, path)| Some((output, path?)))
+    .collect();
+    Outputs::stage(&asked, &inputs)
+}
+
+/// The file GitHub Actions collects the job summary from, when set.
+fn step_summary() -> Option<PathBuf> {
+    std::env::var_os("GITHUB_STEP_SUMMARY")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
 }
 
 fn load_baseline(reports: &ReportArgs) -> Result<Option<Baseline>> {
     reports.baseline.as_deref().map(Baseline::load).transpose()
 }
 
-fn write_baseline(path: &Path, findings: &[crate::findings::Finding], data: &str) -> Result<()> {
-    write_file(path, "baseline", |w| Baseline::of(findings, data).write(w))
-}
-
-/// Creates (or replaces) `path` and writes it through `write`.
-fn write_file(
-    path: &Path,
-    what: &str,
-    write: impl FnOnce(&mut io::BufWriter<std::fs::File>) -> io::Result<()>,
-) -> Result<()> {
-    let context = || format!("{}: cannot write the {what}", path.display());
-    let file = std::fs::File::create(path).with_context(context)?;
-    let mut out = io::BufWriter::new(file);
-    write(&mut out)
-        .and_then(|()| out.flush())
-        .with_context(context)
-}
-
 /// The JUnit file, and in GitHub Actions the annotations (on stderr) and the job summary
 /// (appended to the file `GITHUB_STEP_SUMMARY` names).
 fn side_reports(
-    reports: &ReportArgs,
+    outputs: &mut Outputs,
     outcome: &Outcome<'_>,
     summary: impl FnOnce() -> String,
 ) -> Result<()> {
-    if let Some(path) = &reports.junit {
-        write_file(path, "JUnit report", |w| report::junit::write(w, outcome))?;
-    }
+    outputs.write(Output::Junit, |w| report::junit::write(w, outcome))?;
     if std::env::var_os("GITHUB_ACTIONS").is_some_and(|v| v == "true") {
         let mut stderr = io::stderr().lock();
         report::github::write(&mut stderr, outcome)?;
     }
-    if let Some(path) = std::env::var_os("GITHUB_STEP_SUMMARY").filter(|p| !p.is_empty()) {
-        let path = PathBuf::from(path);
-        let text = markdown::capped(summary(), markdown::SUMMARY_LIMIT);
-        let context = || {
-            format!(
-                "{}: cannot append the job summary (GITHUB_STEP_SUMMARY)",
-                path.display()
-            )
-        };
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .with_context(context)?;
-        file.write_all(text.as_bytes()).with_context(context)?;
-    }
-    Ok(())
+    outputs.write(Output::StepSummary, |w| {
+        w.write_all(markdown::capped(summary(), markdown::SUMMARY_LIMIT).as_bytes())
+    })
 }
 
 /// `--color auto` colours when standard output is a terminal and NO_COLOR is unset

@@ -116,7 +116,8 @@ impl Batcher {
             pad_id,
             path: path.into(),
             unit: Unit::Line,
-            pending: Vec::with_capacity(batch_size),
+            // Grown as rows arrive: the option is a bound, not a size to reserve.
+            pending: Vec::new(),
         }
     }
 
@@ -147,7 +148,6 @@ impl Batcher {
 
     fn flush(&mut self) -> Result<Batch, BatchError> {
         let rows = std::mem::take(&mut self.pending);
-        self.pending.reserve(self.batch_size);
         pad_rows(&rows, self.pad_id, &self.path, self.unit)
     }
 }

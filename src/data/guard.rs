@@ -8,15 +8,18 @@
 //!
 //! Some corrupt files do not panic but stall: the crate's Thrift reader skips a list of
 //! billions of booleans one by one, or a page header loops. [`stall_limited`] runs such a
-//! call under a watchdog: when it makes no progress for [`stall_limit`] the process reports
-//! the file and record on one line and exits 2, as any input error does. Nothing can stop a
-//! loop inside the crate from outside, and a thread cannot be killed, so exiting is the
-//! bounded way out.
+//! call under a watchdog: when it makes no progress for [`stall_limit`], the run is over.
+//! Nothing can stop a loop inside the crate from outside, and a thread cannot be killed, so
+//! the watchdog does not touch the stuck thread: it records the stall, and the thread that
+//! waits for the stuck one ([`off_thread`], [`recv_watched`]) returns it as an error, which
+//! ends the run through the normal path (one line, exit 2, staged outputs removed). The
+//! process then exits with the stuck thread still spinning in the decoder, which holds no
+//! libtorch state. Decoding therefore never runs on the main thread.
 
 use std::any::Any;
 use std::cell::Cell;
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::{Mutex, Once};
+use std::sync::{mpsc, Mutex, Once};
 use std::time::{Duration, Instant};
 
 thread_local! {
@@ -64,12 +67,17 @@ pub fn stall_limit() -> Duration {
     Duration::from_secs_f64(secs)
 }
 
-/// The call being watched: its deadline and the error line to print if it passes.
+/// The call being watched: its deadline and the error line if it passes.
 static WATCHED: Mutex<Option<(Instant, String)>> = Mutex::new(None);
+/// The error line of a call that stalled: the run is over.
+static STALLED: Mutex<Option<String>> = Mutex::new(None);
 static WATCHDOG: Once = Once::new();
 
-/// Runs `f`; if it has not returned after [`stall_limit`], prints `maskaudit: error:
-/// {message}` and exits 2. Not under the fuzzer, which has timeouts of its own.
+/// How often a waiting thread looks for a stall, and the watchdog for a passed deadline.
+const POLL: Duration = Duration::from_millis(100);
+
+/// Runs `f`; if it has not returned after [`stall_limit`], [`stalled`] says so from then on
+/// (and `f` never returns). Not under the fuzzer, which has timeouts of its own.
 pub fn stall_limited<T>(message: impl FnOnce() -> String, f: impl FnOnce() -> T) -> T {
     if cfg!(fuzzing) {
         return f();
@@ -94,15 +102,53 @@ fn set_watch(value: Option<(Instant, String)>) {
     *watched = value;
 }
 
-#[allow(clippy::print_stderr)]
+/// The error line of a decoder call that stalled, once one has.
+pub fn stalled() -> Option<String> {
+    STALLED.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
 fn watchdog() {
     loop {
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(POLL);
         let watched = WATCHED.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((deadline, line)) = watched.as_ref() {
             if Instant::now() > *deadline {
-                eprintln!("maskaudit: error: {line}");
-                std::process::exit(2);
+                *STALLED.lock().unwrap_or_else(|e| e.into_inner()) = Some(line.clone());
+                return;
+            }
+        }
+    }
+}
+
+/// Runs `f` on a thread of its own and waits for it: its result, or the stall line if a
+/// decoder call stalls meanwhile (the thread is then left behind). A panic in `f` goes on
+/// in the caller.
+pub fn off_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
+    let (tx, rx) = mpsc::sync_channel(1);
+    let handle = std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match recv_watched(&rx)? {
+        Some(value) => Ok(value),
+        // The sender went without sending: `f` panicked.
+        None => match handle.join() {
+            Err(payload) => panic::resume_unwind(payload),
+            Ok(()) => unreachable!("the thread sends before it ends"),
+        },
+    }
+}
+
+/// The next value from `rx` (`None` once its senders are gone), or the stall line if a
+/// decoder call stalls while waiting.
+pub fn recv_watched<T>(rx: &mpsc::Receiver<T>) -> Result<Option<T>, String> {
+    loop {
+        match rx.recv_timeout(POLL) {
+            Ok(value) => return Ok(Some(value)),
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(None),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if let Some(line) = stalled() {
+                    return Err(line);
+                }
             }
         }
     }
@@ -132,5 +178,17 @@ mod tests {
             }),
             Err::<(), _>("outer".to_string())
         );
+    }
+
+    #[test]
+    fn work_off_the_thread_returns_its_value_or_its_panic() {
+        assert_eq!(off_thread(|| 6 * 7), Ok(42));
+        let (tx, rx) = mpsc::channel();
+        tx.send(1).unwrap();
+        drop(tx);
+        assert_eq!(recv_watched(&rx), Ok(Some(1)));
+        assert_eq!(recv_watched(&rx), Ok(None));
+        let panicked = std::panic::catch_unwind(|| off_thread(|| -> i32 { panic!("inside") }));
+        assert!(panicked.is_err());
     }
 }

@@ -10,7 +10,7 @@
 
 pub mod batch;
 pub mod echo;
-mod guard;
+pub mod guard;
 mod jsonl;
 mod parquet_file;
 mod row;

@@ -11,8 +11,11 @@ use crate::model::{self, LanguageModel, ModelError};
 use crate::sys;
 
 /// Token ids must be checked before they reach libtorch: an out-of-range id is an abort on
-/// the CPU and poisons the whole CUDA context on a GPU. Labels reach a user's loss as class
-/// indices, so they are checked too (negative ones are the lint checks' business).
+/// the CPU and poisons the whole CUDA context on a GPU (negative ones were refused by
+/// [`crate::data::validate`]). The file's labels never reach libtorch (a user's loss gets
+/// labels rebuilt from the ids and the mask), but one beyond the vocabulary means the file was
+/// tokenized for another model, so they are checked too; negative ones are the lint checks'
+/// business.
 pub fn check_vocabulary(
     row: &Row,
     vocab: i64,
@@ -108,9 +111,10 @@ pub fn batch_losses<M: LanguageModel + ?Sized>(
     Ok((tensors, logits, host))
 }
 
-/// What the forward of a batch will at least allocate: its logits, plus an f32 copy for the
-/// cross-entropy when they are in another dtype. A batch that cannot fit is refused before
-/// the forward, with the option that fixes it, rather than killed by the kernel halfway.
+/// A lower bound on what the forward of a batch allocates: its logits counted as float32, 4
+/// bytes an element (a half-precision forward's own logits and their float32 copy for the
+/// cross-entropy come to more). A batch that cannot fit is refused before the forward, with
+/// the option that fixes it, rather than killed by the kernel halfway.
 /// Only on the CPU: MemAvailable says nothing about a GPU.
 fn check_memory<M: LanguageModel + ?Sized>(
     model: &M,

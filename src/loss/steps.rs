@@ -164,8 +164,10 @@ pub fn evaluate(
     let sum: f64 = step.iter().map(|m| m.masked_loss_sum).sum();
     let n = trained as f64;
     let rank_of = |i: usize| i % config.world_size;
-    let mut rank_trained = vec![0u64; config.world_size];
-    let mut rank_sum = vec![0f64; config.world_size];
+    // Only ranks that got a micro-batch: memory from the step, not from --world-size.
+    let ranks = config.world_size.min(step.len());
+    let mut rank_trained = vec![0u64; ranks];
+    let mut rank_sum = vec![0f64; ranks];
     for (i, m) in step.iter().enumerate() {
         rank_trained[rank_of(i)] += m.trained;
         rank_sum[rank_of(i)] += m.masked_loss_sum;
@@ -193,7 +195,7 @@ pub fn evaluate(
             StepFormula::PerRankTokenMean => (
                 groups(&|i, _| 1.0 / (w * rank_trained[rank_of(i)] as f64)),
                 Some(
-                    (0..config.world_size)
+                    (0..ranks)
                         .filter(|&r| rank_trained[r] > 0)
                         .map(|r| rank_sum[r] / rank_trained[r] as f64)
                         .sum::<f64>()

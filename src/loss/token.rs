@@ -607,7 +607,9 @@ pub mod fused_ce {
 
     /// Host slices of a contiguous f32 CPU tensor `[B, T, V]`, if it is one.
     fn host_f32(t: &Tensor) -> Option<&[f32]> {
-        crate::model::host_f32(t).filter(|_| t.dim() == 3)
+        // SAFETY: the logits and gradients given here are this module's to read: nothing
+        // writes them while the kernels borrow them.
+        unsafe { crate::model::host_f32(t) }.filter(|_| t.dim() == 3)
     }
 
     /// The log-sum-exp of every position of contiguous f32 CPU logits `[B, T, V]`, `[B·T]`:

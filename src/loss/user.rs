@@ -554,20 +554,13 @@ impl LossAudit {
         }
     }
 
-    /// Writes every row's weights to `path` (created or truncated; refused if it exists and
-    /// is not a regular file).
-    pub fn write_weights_to(&mut self, path: &Path) -> anyhow::Result<()> {
-        let display = path.display().to_string();
-        if path.exists() && !path.is_file() {
-            anyhow::bail!("--weights-out {display}: not a regular file");
-        }
-        let file =
-            File::create(path).map_err(|e| anyhow::anyhow!("--weights-out {display}: {e}"))?;
+    /// Writes every row's weights into `file` (opened by the caller, who decides what becomes
+    /// of it), named `shown` in messages.
+    pub fn write_weights_to(&mut self, file: File, shown: &str) {
         self.weights_out = Some(WeightsOut {
-            path: display,
+            path: shown.to_string(),
             file: BufWriter::new(file),
         });
-        Ok(())
     }
 
     /// Compares the user's loss on one batch; `next` holds the sums of the batch's next-token

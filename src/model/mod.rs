@@ -70,6 +70,12 @@ pub enum ModelError {
     BadRecord { path: String, message: String },
     #[error("{path}: {message}")]
     ForwardArgs { path: String, message: String },
+    #[error("{path}: converting the model to {dtype} (--dtype) failed: {message}")]
+    Convert {
+        path: String,
+        dtype: String,
+        message: String,
+    },
     #[error("{path}: the batch starting at {at} needs {need} for its logits {shape} but {available} is available; lower --batch-size")]
     Memory {
         path: String,
@@ -162,10 +168,30 @@ pub fn configure_libtorch() {
 }
 
 /// The elements of a contiguous f32 CPU tensor, borrowed; `None` for any other tensor.
-pub fn host_f32(t: &Tensor) -> Option<&[f32]> {
-    let ok = t.device() == Device::Cpu && t.kind() == tch::Kind::Float && t.is_contiguous();
-    // SAFETY: a contiguous f32 host tensor of numel() elements; the slice borrows it.
-    ok.then(|| unsafe { std::slice::from_raw_parts(t.data_ptr() as *const f32, t.numel()) })
+///
+/// # Safety
+///
+/// A `Tensor` is a handle on shared storage: another handle (a shallow clone, a view, a
+/// TorchScript module holding it) can write the same memory through `&self`. The caller
+/// must make sure nothing writes `t`'s storage, and that it is not resized or freed, while
+/// the returned slice lives.
+pub unsafe fn host_f32(t: &Tensor) -> Option<&[f32]> {
+    if t.device() != Device::Cpu || t.kind() != tch::Kind::Float || !t.is_contiguous() {
+        return None;
+    }
+    let n = t.numel();
+    if n == 0 {
+        // An empty tensor's data pointer may be null: from_raw_parts needs a non-null one.
+        return Some(&[]);
+    }
+    let data = t.data_ptr() as *const f32;
+    if data.is_null() {
+        return None;
+    }
+    // SAFETY: a contiguous, non-empty f32 host tensor of `n` elements starting at `data`
+    // (the storage offset included); the slice borrows `t`, and the caller guarantees no
+    // writer meanwhile.
+    Some(unsafe { std::slice::from_raw_parts(data, n) })
 }
 
 /// libtorch errors carry C++ backtraces over many lines; keep the line that says what happened.

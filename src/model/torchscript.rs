@@ -155,29 +155,19 @@ fn open_module(path: &Path, device: Device) -> Result<CModule, ModelError> {
 }
 
 /// Converts the module's floating-point parameters and buffers to `kind` (`--dtype`).
-/// libtorch reports a failure by a panic in tch's wrapper; it becomes an error naming the file.
+/// libtorch reports a failure by a panic in tch's wrapper; it is caught quietly (no panic
+/// message on the terminal) and becomes an error naming the file.
 fn convert_module(
     module: &mut CModule,
     device: Device,
     kind: Kind,
     path: &str,
 ) -> Result<(), ModelError> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        module.to(device, kind, false)
-    }))
-    .map_err(|panic| {
-        let message = panic
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| panic.downcast_ref::<&str>().copied())
-            .unwrap_or("libtorch failed");
-        ModelError::ForwardArgs {
+    crate::data::guard::catch(|| module.to(device, kind, false)).map_err(|panic| {
+        ModelError::Convert {
             path: path.to_string(),
-            message: format!(
-                "converting the model to {} (--dtype) failed: {}",
-                kind_name(kind),
-                torch_message(message)
-            ),
+            dtype: kind_name(kind).to_string(),
+            message: torch_message(&panic),
         }
     })
 }
@@ -698,7 +688,9 @@ fn host_difference_and_scale(
     b: &Tensor,
     keep: Option<&Tensor>,
 ) -> Result<Option<(f64, f64)>, tch::TchError> {
-    let (Some(x), Some(y)) = (super::host_f32(a), super::host_f32(b)) else {
+    // SAFETY: `a` and `b` are this probe's own logits: nothing else holds them, and they are
+    // only read until this function returns.
+    let (Some(x), Some(y)) = (unsafe { super::host_f32(a) }, unsafe { super::host_f32(b) }) else {
         return Ok(None);
     };
     let v = a.size().last().copied().unwrap_or(1).max(1) as usize;

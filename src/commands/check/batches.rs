@@ -200,7 +200,7 @@ pub(super) fn run_step(
         .iter()
         .map(|b| b.target_mask().iter().filter(|&&m| m != 0).count())
         .sum();
-    let mut micro = Vec::with_capacity(batches.len());
+    let mut micro = Vec::new();
     for batch in batches {
         micro.push(process_batch(
             ctx.model,

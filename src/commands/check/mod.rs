@@ -3,16 +3,17 @@
 //! The dataset is read one row at a time and processed one batch at a time, so memory does
 //! not grow with the number of rows.
 
+use std::fs::File;
 use std::path::PathBuf;
-use std::sync::mpsc;
+use std::sync::Arc;
 use std::thread;
 
 use anyhow::Result;
 use indicatif::ProgressBar;
 use tch::Device;
 
-use crate::data::batch::{Batch, Batcher};
-use crate::data::{DataError, FieldNames, RowSource, Unit};
+use crate::data::batch::Batcher;
+use crate::data::{guard, DataError, FieldNames, RowSource, Unit};
 use crate::findings::{Code, Finding, SeverityOverrides};
 use crate::lint::{LintOptions, LintState, LintStats};
 use crate::loss::aggregate::{relative_difference, Aggregates, Contamination, LossTotals};
@@ -28,7 +29,7 @@ use crate::sys;
 use batches::{run_step, RunState, Simulation, StepContext};
 use findings::{contamination_finding, data_findings, step_findings};
 use overlap::Overlap;
-use read::{read_ahead, ReadSummary};
+use read::{read_ahead, Batches, ReadSummary};
 use timing::Timing;
 
 mod batches;
@@ -89,7 +90,15 @@ pub struct LossOptions {
     pub rtol: f64,
     pub probes: bool,
     /// `--weights-out`: every row's gradient weights, as JSON lines.
-    pub weights_out: Option<PathBuf>,
+    pub weights_out: Option<WeightsFile>,
+}
+
+/// Where `--weights-out` streams: a file the caller opened (and commits or discards at the
+/// end), and its name for messages.
+#[derive(Debug, Clone)]
+pub struct WeightsFile {
+    pub shown: String,
+    pub file: Arc<File>,
 }
 
 /// A `check` run, from options to report: load the model, stream the dataset through it on a
@@ -270,7 +279,7 @@ struct Pass {
 fn stream(
     model: &dyn LoadedModel,
     opts: &CheckOptions,
-    batches: mpsc::Receiver<Result<(Batch, u64)>>,
+    batches: Batches,
     mut audit: Option<&mut LossAudit>,
     pass: &mut Pass,
     progress: &ProgressBar,
@@ -296,7 +305,8 @@ fn stream(
         return Ok(());
     }
     let per_step = opts.steps.map_or(1, |c| c.micro_batches_per_step());
-    let mut pending = Vec::with_capacity(per_step);
+    // Grown as batches arrive: a step's size comes from options, the memory from the data.
+    let mut pending = Vec::new();
     for item in batches {
         let (batch, bytes_read) = item?;
         let probing = run.probe && !run.consistency.ran;
@@ -371,15 +381,19 @@ fn open_audit(opts: &CheckOptions, device: Device) -> Result<Option<LossAudit>> 
         LossSource::Method(method) => UserLoss::method(method, &opts.model, l.args.clone()),
     };
     let mut audit = LossAudit::new(loss, l.rtol, l.probes, opts.pad_id.unwrap_or(0));
-    if let Some(path) = &l.weights_out {
-        audit.write_weights_to(path)?;
+    if let Some(out) = &l.weights_out {
+        let file = out
+            .file
+            .try_clone()
+            .map_err(|e| anyhow::anyhow!("--weights-out {}: {e}", out.shown))?;
+        audit.write_weights_to(file, &out.shown);
     }
     Ok(Some(audit))
 }
 
 /// The dataset being read on its own thread, a few batches ahead.
 struct Reading {
-    batches: mpsc::Receiver<Result<(Batch, u64)>>,
+    batches: Batches,
     thread: thread::JoinHandle<ReadSummary>,
     path: String,
     unit: Unit,
@@ -388,8 +402,11 @@ struct Reading {
 /// Opens the dataset and starts the reading thread, which batches the rows, checks their ids
 /// against the vocabulary and runs the lint checks on them.
 fn start_reading(opts: &CheckOptions, vocab: i64, progress: &ProgressBar) -> Result<Reading> {
-    let reader =
-        RowSource::open(&opts.data, opts.fields.clone())?.with_max_line_bytes(opts.max_line_bytes);
+    // Off the main thread: a decoder that stalls on the file's metadata is then an error.
+    let (data, fields) = (opts.data.clone(), opts.fields.clone());
+    let reader = guard::off_thread(move || RowSource::open(&data, fields))
+        .map_err(|line| anyhow::anyhow!(line))??
+        .with_max_line_bytes(opts.max_line_bytes);
     if let Some(total) = reader.total_bytes() {
         progress.set_length(total);
     }

@@ -1,13 +1,12 @@
 //! A plain audit on a GPU: one batch in flight while the host reads the previous one's losses,
 //! and the consistency probe on a thread of its own.
 
-use std::sync::mpsc;
-
 use anyhow::Result;
 use indicatif::ProgressBar;
 use tch::{Device, Kind, Tensor};
 
 use super::batches::{check_length_limit, probe_padding, with_tf32_tolerance, RunState};
+use super::read::Batches;
 use super::timing::Timing;
 use super::CheckOptions;
 use crate::data::batch::Batch;
@@ -25,7 +24,7 @@ use crate::model::{self, CudaEvent, LoadedModel, ModelError};
 pub(super) fn stream(
     model: &dyn LoadedModel,
     opts: &CheckOptions,
-    batches: mpsc::Receiver<Result<(Batch, u64)>>,
+    batches: Batches,
     (totals, run): (&mut LossTotals, &mut RunState),
     progress: &ProgressBar,
     timing: &mut Timing,

@@ -6,7 +6,7 @@ use std::thread;
 use anyhow::Result;
 
 use crate::data::batch::{Batch, Batcher};
-use crate::data::{FieldNames, RowSource};
+use crate::data::{guard, FieldNames, RowSource};
 use crate::lint::LintState;
 use crate::loss::batch::check_vocabulary;
 
@@ -21,6 +21,18 @@ pub(super) struct ReadSummary {
     pub(super) lint: LintState,
 }
 
+/// The reading thread's batches as the model side waits for them: a decoder call that stalls
+/// on the reading thread arrives as an error ([`guard::recv_watched`]).
+pub(super) struct Batches(mpsc::Receiver<Result<(Batch, u64)>>);
+
+impl Iterator for Batches {
+    type Item = Result<(Batch, u64)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        guard::recv_watched(&self.0).unwrap_or_else(|line| Some(Err(anyhow::anyhow!(line))))
+    }
+}
+
 /// Reads, validates and batches the rows on a thread of its own, up to [`READ_AHEAD`] batches
 /// ahead of the model, so that parsing overlaps the forward pass. Batches arrive in file order,
 /// each with the bytes read so far; the first error ends the stream, after the batches before
@@ -32,10 +44,7 @@ pub(super) fn read_ahead(
     lint: LintState,
     vocab: i64,
     fields: FieldNames,
-) -> (
-    mpsc::Receiver<Result<(Batch, u64)>>,
-    thread::JoinHandle<ReadSummary>,
-) {
+) -> (Batches, thread::JoinHandle<ReadSummary>) {
     let (tx, rx) = mpsc::sync_channel(READ_AHEAD);
     let handle = thread::spawn(move || {
         let mut summary = ReadSummary {
@@ -56,7 +65,7 @@ pub(super) fn read_ahead(
             }
         }
     });
-    (rx, handle)
+    (Batches(rx), handle)
 }
 
 /// The next full batch, or the last partial one, or `None` at the end of the data.
