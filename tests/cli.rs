@@ -70,6 +70,21 @@ fn check_json(args: &[&str]) -> (CheckJson, Output) {
     (json, out)
 }
 
+/// Padding and untrained real targets as the PyTorch reference counts them (the same rule).
+fn assert_target_counts(data: &DataJson, case: &serde_json::Value, name: &str) {
+    let counts = [
+        (data.padding_target_positions, "padding_target_positions"),
+        (data.padding_trained_positions, "padding_trained_positions"),
+        (
+            data.untrained_real_target_positions,
+            "untrained_real_target_positions",
+        ),
+    ];
+    for (got, key) in counts {
+        assert_eq!(got, case[key].as_u64().unwrap(), "{name}.{key}");
+    }
+}
+
 #[test]
 fn aggregates_match_pytorch_for_every_fixture_case() {
     let expected = expected();
@@ -107,23 +122,7 @@ fn aggregates_match_pytorch_for_every_fixture_case() {
             case["mask_source"].as_str().unwrap(),
             "{name}"
         );
-        let counts = [
-            (
-                json.data.padding_target_positions,
-                "padding_target_positions",
-            ),
-            (
-                json.data.padding_trained_positions,
-                "padding_trained_positions",
-            ),
-            (
-                json.data.untrained_real_target_positions,
-                "untrained_real_target_positions",
-            ),
-        ];
-        for (got, key) in counts {
-            assert_eq!(got, case[key].as_u64().unwrap(), "{name}.{key}");
-        }
+        assert_target_counts(&json.data, case, name);
         assert_close(
             json.data.padding_fraction,
             case["padding_fraction"].as_f64().unwrap(),

@@ -107,6 +107,8 @@ pub(super) struct ContaminationEvidence<'a> {
     pub(super) targets: TargetCounts,
     /// `--max-contamination`.
     pub(super) max: Option<f64>,
+    /// `--pad-id`: without it, rows without an attention mask have no padding of their own.
+    pub(super) pad_id: Option<i64>,
     /// The user's loss, when one was audited, and its findings.
     pub(super) user_loss: Option<(&'a UserLossReport, &'a [Finding])>,
 }
@@ -121,12 +123,17 @@ pub(super) fn contamination_finding(e: &ContaminationEvidence) -> Option<Finding
     let c = e.contamination;
     let t = e.targets;
     if t.padding == 0 {
+        let hint = if e.pad_id.is_none() {
+            " (without --pad-id, pad ids in rows without an attention mask are not padding)"
+        } else {
+            ""
+        };
         return (t.trained > 0).then(|| {
             Finding::new(
                 Code::NoPadding,
                 Severity::Info,
                 format!(
-                    "none of the {} next-token targets is padding: a loss that does not mask padding reads the masked token mean here",
+                    "none of the {} next-token targets is padding: a loss that does not mask padding reads the masked token mean here{hint}",
                     t.positions
                 ),
             )
@@ -204,6 +211,7 @@ mod tests {
                 contamination: c,
                 targets: counts(3, 0),
                 max,
+                pad_id: Some(0),
                 user_loss: None,
             })
             .unwrap()
@@ -218,6 +226,7 @@ mod tests {
             contamination: None,
             targets: counts(0, 0),
             max: Some(0.1),
+            pad_id: Some(0),
             user_loss: None,
         })
         .unwrap();
@@ -226,6 +235,7 @@ mod tests {
             contamination: None,
             targets: counts(3, 0),
             max: None,
+            pad_id: Some(0),
             user_loss: None,
         })
         .is_none());
@@ -240,6 +250,7 @@ mod tests {
             }),
             targets: counts(3, 3),
             max: None,
+            pad_id: Some(0),
             user_loss: None,
         })
         .unwrap();

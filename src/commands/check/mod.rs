@@ -213,6 +213,7 @@ impl Conclusion<'_> {
             contamination: self.contamination,
             targets: self.totals.targets,
             max: opts.max_contamination,
+            pad_id: opts.pad_id,
             user_loss: user_loss.as_ref().map(|u| (u, &loss_findings[..])),
         }));
         findings.extend(loss_findings);
