@@ -255,6 +255,7 @@ fn correct_setups_get_no_warning_and_no_error() {
         ),
     ];
     let model = fixture("tiny_lm.pt");
+    let loss = fixture("losses/correct_labels.pt");
     for (file, args, infos) in cases {
         let data = format!("fixtures/lint/{file}");
         let mut lint = vec!["lint", "--format", "json", data.as_str()];
@@ -262,7 +263,14 @@ fn correct_setups_get_no_warning_and_no_error() {
         let mut check = vec!["check", "--format", "json", "--device", "cpu"];
         check.extend_from_slice(&["--batch-size", "2", &model, &data]);
         check.extend_from_slice(args);
-        for (command, args) in [("lint", &lint), ("check", &check)] {
+        // With a correct Hugging Face-style loss too: it takes no padding in.
+        let mut with_loss = check.clone();
+        with_loss.extend_from_slice(&["--loss", &loss]);
+        for (command, args) in [
+            ("lint", &lint),
+            ("check", &check),
+            ("check --loss", &with_loss),
+        ] {
             let out = maskaudit(args);
             assert_eq!(out.code, 0, "{command} {file}: {out:?}");
             let json: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();

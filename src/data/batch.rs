@@ -288,6 +288,37 @@ mod tests {
     }
 
     #[test]
+    fn padding_is_the_rows_own_and_the_appended() {
+        let fields = crate::data::FieldNames::default();
+        let parse = |json: &str, line| crate::data::parse_row(json, "d", line, &fields).unwrap();
+        let rows = [
+            // pad == eos: the first 2 of the run is the EOS, trained; the rest is padding.
+            parse(r#"{"input_ids":[1,5,2,2,2],"labels":[1,5,2,2,-100]}"#, 1),
+            // Left padding by attention mask.
+            parse(
+                r#"{"input_ids":[2,7,8,2],"attention_mask":[0,1,1,1],"labels":[-100,-100,8,2]}"#,
+                2,
+            ),
+        ];
+        let b = pad_rows(&rows, PaddingRule::new(Some(2), Some(2)), "d", Unit::Line).unwrap();
+        assert_eq!(b.padding, vec![0, 0, 0, 1, 1, 1, 0, 0, 0, 1]);
+        // The model's attention mask is the rows' own, plus the appended column.
+        assert_eq!(b.attention_mask, vec![1, 1, 1, 1, 1, 0, 1, 1, 1, 0]);
+        assert_eq!(b.padding_target_mask(), vec![0, 0, 1, 1, 0, 0, 0, 1]);
+        assert_eq!(b.padding_targets(), 3);
+        assert_eq!(
+            b.target_counts(),
+            TargetCounts {
+                positions: 8,
+                trained: 5,
+                padding: 3,
+                padding_trained: 1,
+                untrained_real: 1,
+            }
+        );
+    }
+
+    #[test]
     fn ragged_rows_without_pad_id_name_the_option() {
         let rows = [row(1, &[4, 5, 6]), row(2, &[7])];
         let err = pad_rows(&rows, PaddingRule::default(), "d.jsonl", Unit::Line).unwrap_err();
