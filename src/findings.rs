@@ -51,9 +51,9 @@ macro_rules! codes {
 
 codes! {
     PaddingContamination => "padding-contamination",
-        "A loss over all positions would differ from the masked token mean by this much: what padding does to a loss that does not mask it.";
+        "A loss that leaves the padding targets unmasked would differ from the masked token mean by this much: what padding does to a loss that does not mask it.";
     NoPadding => "no-padding",
-        "Every position is trained, so padding cannot contaminate this dataset's loss.";
+        "No next-token target is padding, so padding cannot contaminate this dataset's loss.";
     NoTrainedPositions => "no-trained-positions",
         "The mask trains no target at all: no loss can be computed.";
     MixedMaskSource => "mixed-mask-source",
@@ -93,7 +93,7 @@ codes! {
     MaskLabelDisagree => "mask-label-disagree",
         "loss_mask, labels and attention_mask disagree about which tokens are trained, so the loss depends on which field the training code reads.";
     PaddingTrained => "padding-trained",
-        "Trailing padding positions are trained targets, so the loss includes padding.";
+        "Padding positions are trained targets, so the loss includes padding.";
     UnexpectedNegativeLabel => "unexpected-negative-label",
         "Labels are negative but not the ignore index -100, which a loss ignoring -100 rejects or treats as a class.";
     NonFiniteLoss => "non-finite-loss",

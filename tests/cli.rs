@@ -32,6 +32,9 @@ struct DataJson {
     positions: u64,
     supervised_positions: u64,
     padding_fraction: f64,
+    padding_target_positions: u64,
+    padding_trained_positions: u64,
+    untrained_real_target_positions: u64,
     mask_source: String,
 }
 
@@ -42,6 +45,7 @@ struct LossesJson {
     masked_sum_over_all_positions: f64,
     sequence_mean: f64,
     batch_mean_of_means: f64,
+    trained_and_padding_mean: f64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -66,6 +70,21 @@ fn check_json(args: &[&str]) -> (CheckJson, Output) {
     (json, out)
 }
 
+/// Padding and untrained real targets as the PyTorch reference counts them (the same rule).
+fn assert_target_counts(data: &DataJson, case: &serde_json::Value, name: &str) {
+    let counts = [
+        (data.padding_target_positions, "padding_target_positions"),
+        (data.padding_trained_positions, "padding_trained_positions"),
+        (
+            data.untrained_real_target_positions,
+            "untrained_real_target_positions",
+        ),
+    ];
+    for (got, key) in counts {
+        assert_eq!(got, case[key].as_u64().unwrap(), "{name}.{key}");
+    }
+}
+
 #[test]
 fn aggregates_match_pytorch_for_every_fixture_case() {
     let expected = expected();
@@ -78,8 +97,9 @@ fn aggregates_match_pytorch_for_every_fixture_case() {
         let batch = case["batch_size"].as_u64().unwrap().to_string();
         let pad = case["pad_id"].as_i64().unwrap().to_string();
         let (json, out) = check_json(&[&model, &data, "--batch-size", &batch, "--pad-id", &pad]);
-        assert_eq!(out.code, 0, "{name}: {out:?}");
-        assert_eq!(json.schema_version, 1);
+        let exit_code = case["exit_code"].as_i64().unwrap_or(0) as i32;
+        assert_eq!(out.code, exit_code, "{name}: {out:?}");
+        assert_eq!(json.schema_version, 2);
         assert_eq!(
             json.model.vocab_size,
             expected["vocab_size"].as_i64().unwrap()
@@ -103,6 +123,7 @@ fn aggregates_match_pytorch_for_every_fixture_case() {
             case["mask_source"].as_str().unwrap(),
             "{name}"
         );
+        assert_target_counts(&json.data, case, name);
         assert_close(
             json.data.padding_fraction,
             case["padding_fraction"].as_f64().unwrap(),
@@ -118,6 +139,10 @@ fn aggregates_match_pytorch_for_every_fixture_case() {
             ),
             (json.losses.sequence_mean, "sequence_mean"),
             (json.losses.batch_mean_of_means, "batch_mean_of_means"),
+            (
+                json.losses.trained_and_padding_mean,
+                "trained_and_padding_mean",
+            ),
         ];
         for (got, key) in pairs {
             assert_close(got, l[key].as_f64().unwrap(), &format!("{name}.{key}"));
@@ -188,11 +213,166 @@ fn the_fixture_model_makes_padding_visible() {
     ]);
     assert!(json.contamination.unwrap().relative < -0.05);
     assert!(json.data.padding_fraction > 0.1);
+    // Without a loss nobody computed the contaminated value: information, not a warning.
     let f = &json.findings[0];
     assert_eq!(
         (f.code.as_str(), f.severity.as_str()),
-        ("padding-contamination", "warning")
+        ("padding-contamination", "info")
     );
+    assert!(f.message.contains("no --loss"), "{}", f.message);
+}
+
+/// Correct pipelines, each as `lint` and `check` see it: no warning and no error; information
+/// only where it is true (`pad-is-eos` when pad == eos, `padding-contamination` as what a loss
+/// that does not mask padding would read, `no-padding` without padding).
+#[test]
+fn correct_setups_get_no_warning_and_no_error() {
+    #[allow(clippy::type_complexity)]
+    let cases: &[(&str, &[&str], &[&str])] = &[
+        // SFT: prompt at -100, right padding with attention 0.
+        (
+            "clean_sft.jsonl",
+            &["--pad-id", "0", "--eos-id", "2"],
+            &["padding-contamination"],
+        ),
+        // SFT with pad == eos, the first EOS trained.
+        (
+            "clean_sft_pad_eos.jsonl",
+            &["--pad-id", "2", "--eos-id", "2"],
+            &["pad-is-eos", "padding-contamination"],
+        ),
+        // Pretraining: labels = input_ids, -100 at padding (with and without attention).
+        (
+            "clean_pretrain_padded.jsonl",
+            &["--pad-id", "0", "--eos-id", "2"],
+            &["padding-contamination"],
+        ),
+        // Padding-free packing (trl): position_ids restarting at 0, -100 at each start.
+        (
+            "clean_padding_free.jsonl",
+            &["--pad-id", "0", "--eos-id", "2"],
+            &["no-padding"],
+        ),
+    ];
+    let model = fixture("tiny_lm.pt");
+    let loss = fixture("losses/correct_labels.pt");
+    for (file, args, infos) in cases {
+        let data = format!("fixtures/lint/{file}");
+        let mut lint = vec!["lint", "--format", "json", data.as_str()];
+        lint.extend_from_slice(args);
+        let mut check = vec!["check", "--format", "json", "--device", "cpu"];
+        check.extend_from_slice(&["--batch-size", "2", &model, &data]);
+        check.extend_from_slice(args);
+        // With a correct Hugging Face-style loss too: it takes no padding in.
+        let mut with_loss = check.clone();
+        with_loss.extend_from_slice(&["--loss", &loss]);
+        for (command, args) in [
+            ("lint", &lint),
+            ("check", &check),
+            ("check --loss", &with_loss),
+        ] {
+            let out = maskaudit(args);
+            assert_eq!(out.code, 0, "{command} {file}: {out:?}");
+            let json: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+            let found: Vec<(String, String)> = json["findings"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| {
+                    let s = |k: &str| f[k].as_str().unwrap().to_string();
+                    (s("code"), s("severity"))
+                })
+                .collect();
+            for (code, severity) in &found {
+                assert_eq!(severity, "info", "{command} {file}: {found:?}");
+                assert!(
+                    infos.contains(&code.as_str()),
+                    "{command} {file}: {code} is not expected: {found:?}"
+                );
+            }
+        }
+    }
+}
+
+/// The most common collator bug: labels = input_ids, attention_mask 0 at the padding. The
+/// numbers agree with each other: padding targets counted once, all trained, nothing wrapped.
+#[test]
+fn padding_the_labels_train_is_counted_once() {
+    let data = "fixtures/lint/padding_trained_attention.jsonl";
+    let model = fixture("tiny_lm.pt");
+    let (json, out) = check_json(&[&model, data, "--pad-id", "0", "--batch-size", "4"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    // Rows of 9, 9 and 9 tokens: 24 targets; padding: tokens 6..9 of row 1, 7..9 of row 3.
+    let d = &json.data;
+    assert_eq!(d.positions, 24);
+    assert_eq!(d.supervised_positions, 24);
+    assert_eq!(d.padding_target_positions, 5);
+    assert_eq!(d.padding_trained_positions, 5);
+    assert_eq!(d.untrained_real_target_positions, 0);
+    assert_close(d.padding_fraction, 5.0 / 24.0, "padding_fraction");
+    let codes: Vec<(&str, &str)> = json
+        .findings
+        .iter()
+        .map(|f| (f.code.as_str(), f.severity.as_str()))
+        .collect();
+    assert!(codes.contains(&("padding-trained", "error")), "{codes:?}");
+    assert!(!codes.iter().any(|(c, _)| *c == "no-padding"), "{codes:?}");
+    let f = json
+        .findings
+        .iter()
+        .find(|f| f.code == "padding-contamination")
+        .expect("contamination finding");
+    assert!(
+        f.message.contains("trained by the mask itself"),
+        "{}",
+        f.message
+    );
+    let table = maskaudit(&[
+        "check",
+        "--device",
+        "cpu",
+        &model,
+        data,
+        "--pad-id",
+        "0",
+        "--batch-size",
+        "4",
+    ]);
+    assert!(
+        table
+            .stdout
+            .contains("padding 20.83% of targets (all trained), untrained real tokens 0.00%"),
+        "{table:?}"
+    );
+    // lint counts the same padding.
+    let lint = maskaudit(&["lint", "--format", "json", data, "--pad-id", "0"]);
+    let s: serde_json::Value = serde_json::from_str(&lint.stdout).unwrap();
+    assert_eq!(s["statistics"]["padding"]["trained"], 5);
+    assert_eq!(s["statistics"]["padding"]["tokens"], 5);
+}
+
+/// Left padding, by attention mask and by pad id, is padding for `lint` and `check` alike.
+#[test]
+fn left_padding_is_counted_by_lint_and_check_alike() {
+    let data = "fixtures/lint/left_padded.jsonl";
+    let lint = maskaudit(&["lint", "--format", "json", data, "--pad-id", "0"]);
+    let s: serde_json::Value = serde_json::from_str(&lint.stdout).unwrap();
+    let padding = &s["statistics"]["padding"];
+    assert_eq!(
+        (
+            padding["rows"].as_u64(),
+            padding["left_padded_rows"].as_u64()
+        ),
+        (Some(2), Some(2)),
+        "{padding}"
+    );
+    // Row 1's labels train its left padding (tokens 1 and 2 are targets).
+    assert_eq!(padding["trained"], 2);
+    let (json, out) = check_json(&[&fixture("tiny_lm.pt"), data, "--pad-id", "0"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    // Targets 1..9 of each row: row 1 has 2 padding targets, row 3 one (token 1).
+    assert_eq!(json.data.padding_target_positions, 3);
+    assert_eq!(json.data.padding_trained_positions, 2);
 }
 
 #[test]

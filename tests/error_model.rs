@@ -319,7 +319,6 @@ fn loud(report: &Report) -> Vec<(String, Severity)> {
         .findings
         .iter()
         .filter(|f| matches!(f.severity, Severity::Error | Severity::Warning))
-        .filter(|f| f.code.name() != "padding-contamination") // TEMP until the padding merge
         .map(|f| (f.code.name().to_string(), f.severity))
         .collect()
 }

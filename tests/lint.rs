@@ -217,7 +217,7 @@ fn json_contract_and_statistics() {
         "2",
     ]);
     assert_eq!(out.code, 0);
-    assert_eq!(json.schema_version, 1);
+    assert_eq!(json.schema_version, 2);
     let d = &json.data;
     assert_eq!(d.path, "fixtures/lint/clean_sft.jsonl");
     assert_eq!((d.format.as_str(), d.records.as_str()), ("jsonl", "line"));

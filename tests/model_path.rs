@@ -233,8 +233,13 @@ fn padding_and_untrained_prompt_tokens_are_counted_apart() {
     }
     let d = &json["data"];
     assert!(prompt > 0 && padding > 0);
-    assert_eq!(d["padding_positions"].as_u64(), Some(padding), "{d}");
-    assert_eq!(d["untrained_token_positions"].as_u64(), Some(prompt), "{d}");
+    assert_eq!(d["padding_target_positions"].as_u64(), Some(padding), "{d}");
+    assert_eq!(d["padding_trained_positions"].as_u64(), Some(0), "{d}");
+    assert_eq!(
+        d["untrained_real_target_positions"].as_u64(),
+        Some(prompt),
+        "{d}"
+    );
     assert_eq!(d["supervised_positions"].as_u64(), Some(trained), "{d}");
     let table = maskaudit(&[
         "check",
@@ -247,7 +252,7 @@ fn padding_and_untrained_prompt_tokens_are_counted_apart() {
     ]);
     let positions = (padding + prompt + trained) as f64;
     let line = format!(
-        "padding {:.2}%, untrained tokens {:.2}%",
+        "padding {:.2}% of targets, untrained real tokens {:.2}%",
         padding as f64 / positions * 100.0,
         prompt as f64 / positions * 100.0
     );

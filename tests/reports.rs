@@ -139,9 +139,9 @@ fn junit_validates_and_fails_one_test_case_per_error_code() {
     assert_eq!(attribute(&xml, "testsuite", "failures"), errors.to_string());
     assert_eq!(xml.matches("<failure ").count(), errors);
     assert_eq!(attribute(&xml, "testsuite", "name"), "maskaudit check");
-    // Every check that ran is a test case; the warning passes with its message.
+    // Every check that ran is a test case; information passes with its message.
     assert!(xml.contains("<testcase name=\"padding-contamination\""));
-    assert!(xml.contains("<system-out>warning[padding-contamination]"));
+    assert!(xml.contains("<system-out>info[padding-contamination]"));
     assert!(xml.contains("<testcase name=\"off-by-one-shift\" classname=\"maskaudit.check\" file=\"fixtures/ragged.jsonl\"/>"));
     // The gradient checks ran (the loss takes logits); no --accum: no accumulation check.
     assert!(xml.contains("<testcase name=\"gradient-not-cross-entropy\""));
@@ -243,7 +243,7 @@ fn github_step_summary_is_appended_and_annotations_leave_json_alone() {
         "{annotations:?}"
     );
     assert!(annotations.iter().any(
-        |a| a.starts_with("::warning file=fixtures/ragged.jsonl,title=padding-contamination::")
+        |a| a.starts_with("::notice file=fixtures/ragged.jsonl,title=padding-contamination::")
     ));
 
     let text = std::fs::read_to_string(&summary).unwrap();
@@ -275,7 +275,7 @@ fn github_step_summary_is_appended_and_annotations_leave_json_alone() {
     let escaped = data.replace(',', "%2C");
     assert!(
         out.stderr.contains(&format!(
-            "::error file={escaped},line=1,title=padding-trained::3 trailing padding positions"
+            "::error file={escaped},line=1,title=padding-trained::3 padding positions"
         )),
         "{out:?}"
     );

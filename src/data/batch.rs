@@ -1,9 +1,13 @@
 //! Grouping rows into right-padded batches, in file order.
 //!
 //! Pure code: no tensors. A batch is `rows × seq_len` with every row padded to the longest
-//! row of the batch; padding added here gets mask 0 and attention 0.
+//! row of the batch; padding added here gets mask 0 and attention 0. Each position is also
+//! classified as padding or not by [`PaddingRule`] (`data::padding`), the one definition
+//! `lint` uses too; that classification is for counting and reporting, and leaves the
+//! attention mask the model gets as the row gave it.
+#![warn(clippy::arithmetic_side_effects)]
 
-use crate::data::{Pos, Row, Unit};
+use crate::data::{PaddingRule, Pos, Row, Unit};
 
 /// A padded batch, row-major.
 #[derive(Debug, Clone, PartialEq)]
@@ -11,18 +15,62 @@ pub struct Batch {
     pub rows: usize,
     pub seq_len: usize,
     pub input_ids: Vec<i64>,
-    /// 1 for tokens of the row, 0 for padding (added here or already in the file).
+    /// 1 for tokens of the row, 0 where the row's attention mask is 0 and for the padding
+    /// added here; what the model is given.
     pub attention_mask: Vec<i64>,
     /// Aligned with `input_ids`: 1 where the token is a training target.
     pub mask: Vec<u8>,
+    /// Aligned with `input_ids`: 1 where the token is padding ([`PaddingRule`]: the row's own
+    /// padding, left padding included, and what was appended here).
+    pub padding: Vec<u8>,
     /// Line number of each row.
     pub lines: Vec<usize>,
+}
+
+/// How a batch's next-token targets divide: each is padding or a real token, trained or not.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TargetCounts {
+    /// Every next-token position (N).
+    pub positions: u64,
+    /// Trained targets (Σm), padding included.
+    pub trained: u64,
+    /// Targets that are padding, trained or not.
+    pub padding: u64,
+    /// Of those, trained (the mask trains padding).
+    pub padding_trained: u64,
+    /// Real (non-padding) targets left untrained: prompts, masked turns.
+    pub untrained_real: u64,
+}
+
+impl TargetCounts {
+    /// Counts aligned target and padding masks (1 = trained, 1 = padding).
+    pub fn of(mask: &[u8], padding: &[u8]) -> Self {
+        let mut c = TargetCounts::default();
+        for (&m, &p) in mask.iter().zip(padding) {
+            let (trained, pad) = (m != 0, p != 0);
+            c.positions = c.positions.saturating_add(1);
+            c.trained = c.trained.saturating_add(u64::from(trained));
+            c.padding = c.padding.saturating_add(u64::from(pad));
+            c.padding_trained = c.padding_trained.saturating_add(u64::from(pad && trained));
+            c.untrained_real = c.untrained_real.saturating_add(u64::from(!pad && !trained));
+        }
+        c
+    }
+
+    /// Adds another batch's counts; saturating, so a count never wraps.
+    pub fn add(&mut self, other: &TargetCounts) {
+        self.positions = self.positions.saturating_add(other.positions);
+        self.trained = self.trained.saturating_add(other.trained);
+        self.padding = self.padding.saturating_add(other.padding);
+        self.padding_trained = self.padding_trained.saturating_add(other.padding_trained);
+        self.untrained_real = self.untrained_real.saturating_add(other.untrained_real);
+    }
 }
 
 impl Batch {
     /// Number of next-token positions: position t predicts token t+1.
     pub fn positions(&self) -> usize {
-        self.rows * self.seq_len.saturating_sub(1)
+        self.rows.saturating_mul(self.seq_len.saturating_sub(1))
     }
 
     /// The mask aligned with the targets: `m[b,t] = mask[b,t+1]`, shape `rows × (seq_len-1)`.
@@ -30,57 +78,52 @@ impl Batch {
         self.shifted_mask(1)
     }
 
-    /// Next-token positions whose target is padding (attention 0): what a loss that does not
-    /// mask takes in besides the untrained real tokens (prompts).
+    /// Next-token positions whose target is padding: what a loss that does not mask takes in
+    /// besides the untrained real tokens (prompts).
     pub fn padding_targets(&self) -> usize {
-        let t = self.seq_len;
-        (0..self.rows)
-            .map(|b| {
-                self.attention_mask[b * t + 1.min(t)..(b + 1) * t]
-                    .iter()
-                    .filter(|&&a| a == 0)
-                    .count()
-            })
-            .sum()
+        self.padding_target_mask()
+            .iter()
+            .filter(|&&p| p != 0)
+            .count()
     }
 
     /// 1 where the target (token t+1) is padding, `rows × (seq_len-1)` like the target mask.
     pub fn padding_target_mask(&self) -> Vec<u8> {
-        let t = self.seq_len;
-        let mut out = Vec::with_capacity(self.positions());
-        for b in 0..self.rows {
-            out.extend(
-                self.attention_mask[b * t + 1.min(t)..(b + 1) * t]
-                    .iter()
-                    .map(|&a| u8::from(a == 0)),
-            );
-        }
-        out
+        shifted(&self.padding, self.rows, self.seq_len, 1)
+    }
+
+    /// How the batch's targets divide into padding and real tokens, trained or not.
+    pub fn target_counts(&self) -> TargetCounts {
+        TargetCounts::of(&self.target_mask(), &self.padding_target_mask())
     }
 
     /// Each row's length up to and including its last real token (attention 1).
     pub fn row_lengths(&self) -> Vec<i64> {
-        let t = self.seq_len;
-        (0..self.rows)
-            .map(|b| {
-                let row = &self.attention_mask[b * t..(b + 1) * t];
-                row.iter()
-                    .rposition(|&a| a != 0)
-                    .map_or(0, |i| i as i64 + 1)
+        self.attention_mask
+            .chunks(self.seq_len.max(1))
+            .take(self.rows)
+            .map(|row| {
+                row.iter().rposition(|&a| a != 0).map_or(0, |i| {
+                    i64::try_from(i).unwrap_or(i64::MAX).saturating_add(1)
+                })
             })
             .collect()
     }
 
     /// `m[b,t] = mask[b,t+shift]`, shape `rows × (seq_len-shift)`.
     pub fn shifted_mask(&self, shift: usize) -> Vec<u8> {
-        let t = self.seq_len;
-        let shift = shift.min(t);
-        let mut out = Vec::with_capacity(self.rows * (t - shift));
-        for b in 0..self.rows {
-            out.extend_from_slice(&self.mask[b * t + shift..(b + 1) * t]);
-        }
-        out
+        shifted(&self.mask, self.rows, self.seq_len, shift)
     }
+}
+
+/// `x[b,t+shift]` of a `rows × seq_len` array, shape `rows × (seq_len-shift)`.
+fn shifted(values: &[u8], rows: usize, seq_len: usize, shift: usize) -> Vec<u8> {
+    let shift = shift.min(seq_len);
+    let mut out = Vec::with_capacity(rows.saturating_mul(seq_len.saturating_sub(shift)));
+    for row in values.chunks(seq_len.max(1)).take(rows) {
+        out.extend_from_slice(row.get(shift..).unwrap_or_default());
+    }
+    out
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -102,7 +145,7 @@ pub enum BatchError {
 /// Collects rows and emits a padded batch every `batch_size` rows.
 pub struct Batcher {
     batch_size: usize,
-    pad_id: Option<i64>,
+    rule: PaddingRule,
     path: String,
     unit: Unit,
     pending: Vec<Row>,
@@ -113,7 +156,7 @@ impl Batcher {
         assert!(batch_size > 0, "batch size is validated by the CLI");
         Self {
             batch_size,
-            pad_id,
+            rule: PaddingRule::new(pad_id, None),
             path: path.into(),
             unit: Unit::Line,
             // Grown as rows arrive: the option is a bound, not a size to reserve.
@@ -124,6 +167,12 @@ impl Batcher {
     /// What the rows' record numbers count, for messages (lines unless told).
     pub fn with_unit(mut self, unit: Unit) -> Self {
         self.unit = unit;
+        self
+    }
+
+    /// The EOS id (`--eos-id`), which padding by pad id needs when the two are the same.
+    pub fn with_eos_id(mut self, eos_id: Option<i64>) -> Self {
+        self.rule.eos_id = eos_id;
         self
     }
 
@@ -148,19 +197,19 @@ impl Batcher {
 
     fn flush(&mut self) -> Result<Batch, BatchError> {
         let rows = std::mem::take(&mut self.pending);
-        pad_rows(&rows, self.pad_id, &self.path, self.unit)
+        pad_rows(&rows, self.rule, &self.path, self.unit)
     }
 }
 
-/// Right-pads rows to the longest one.
+/// Right-pads rows to the longest one, with `rule.pad_id` (0 when rows are all as long).
 pub fn pad_rows(
     rows: &[Row],
-    pad_id: Option<i64>,
+    rule: PaddingRule,
     path: &str,
     unit: Unit,
 ) -> Result<Batch, BatchError> {
     let seq_len = rows.iter().map(|r| r.input_ids.len()).max().unwrap_or(0);
-    let pad = match pad_id {
+    let pad = match rule.pad_id {
         Some(p) => p,
         None => {
             let longest = rows.iter().find(|r| r.input_ids.len() == seq_len);
@@ -181,17 +230,19 @@ pub fn pad_rows(
             0
         }
     };
-    let n = rows.len() * seq_len;
+    let n = rows.len().saturating_mul(seq_len);
     let mut batch = Batch {
         rows: rows.len(),
         seq_len,
         input_ids: Vec::with_capacity(n),
         attention_mask: Vec::with_capacity(n),
         mask: Vec::with_capacity(n),
+        padding: Vec::with_capacity(n),
         lines: rows.iter().map(|r| r.line).collect(),
     };
     for row in rows {
-        let fill = seq_len - row.input_ids.len();
+        let len = row.input_ids.len();
+        let fill = seq_len.saturating_sub(len);
         batch.input_ids.extend_from_slice(&row.input_ids);
         batch.input_ids.extend(std::iter::repeat_n(pad, fill));
         batch
@@ -200,6 +251,11 @@ pub fn pad_rows(
         batch.attention_mask.extend(std::iter::repeat_n(0, fill));
         batch.mask.extend_from_slice(&row.mask);
         batch.mask.extend(std::iter::repeat_n(0, fill));
+        let span = rule.of_row(row);
+        batch
+            .padding
+            .extend((0..len).map(|i| u8::from(span.contains(i))));
+        batch.padding.extend(std::iter::repeat_n(1, fill));
     }
     Ok(batch)
 }
@@ -216,7 +272,7 @@ mod tests {
     fn pads_to_longest_row_with_mask_zero() {
         let b = pad_rows(
             &[row(1, &[4, 5, 6]), row(2, &[7])],
-            Some(0),
+            PaddingRule::new(Some(0), None),
             "d",
             Unit::Line,
         )
@@ -232,16 +288,47 @@ mod tests {
     }
 
     #[test]
+    fn padding_is_the_rows_own_and_the_appended() {
+        let fields = crate::data::FieldNames::default();
+        let parse = |json: &str, line| crate::data::parse_row(json, "d", line, &fields).unwrap();
+        let rows = [
+            // pad == eos: the first 2 of the run is the EOS, trained; the rest is padding.
+            parse(r#"{"input_ids":[1,5,2,2,2],"labels":[1,5,2,2,-100]}"#, 1),
+            // Left padding by attention mask.
+            parse(
+                r#"{"input_ids":[2,7,8,2],"attention_mask":[0,1,1,1],"labels":[-100,-100,8,2]}"#,
+                2,
+            ),
+        ];
+        let b = pad_rows(&rows, PaddingRule::new(Some(2), Some(2)), "d", Unit::Line).unwrap();
+        assert_eq!(b.padding, vec![0, 0, 0, 1, 1, 1, 0, 0, 0, 1]);
+        // The model's attention mask is the rows' own, plus the appended column.
+        assert_eq!(b.attention_mask, vec![1, 1, 1, 1, 1, 0, 1, 1, 1, 0]);
+        assert_eq!(b.padding_target_mask(), vec![0, 0, 1, 1, 0, 0, 0, 1]);
+        assert_eq!(b.padding_targets(), 3);
+        assert_eq!(
+            b.target_counts(),
+            TargetCounts {
+                positions: 8,
+                trained: 5,
+                padding: 3,
+                padding_trained: 1,
+                untrained_real: 1,
+            }
+        );
+    }
+
+    #[test]
     fn ragged_rows_without_pad_id_name_the_option() {
         let rows = [row(1, &[4, 5, 6]), row(2, &[7])];
-        let err = pad_rows(&rows, None, "d.jsonl", Unit::Line).unwrap_err();
+        let err = pad_rows(&rows, PaddingRule::default(), "d.jsonl", Unit::Line).unwrap_err();
         let msg = err.to_string();
         assert!(
             msg.starts_with("d.jsonl:2: input_ids: row has 1 tokens but the row at line 1 has 3"),
             "{msg}"
         );
         assert!(msg.contains("--pad-id"), "{msg}");
-        let msg = pad_rows(&rows, None, "d.parquet", Unit::Row)
+        let msg = pad_rows(&rows, PaddingRule::default(), "d.parquet", Unit::Row)
             .unwrap_err()
             .to_string();
         assert!(
@@ -249,7 +336,13 @@ mod tests {
             "{msg}"
         );
         // Equal lengths need no pad id.
-        assert!(pad_rows(&[row(1, &[1, 2]), row(2, &[3, 4])], None, "d", Unit::Line).is_ok());
+        assert!(pad_rows(
+            &[row(1, &[1, 2]), row(2, &[3, 4])],
+            PaddingRule::default(),
+            "d",
+            Unit::Line
+        )
+        .is_ok());
     }
 
     #[test]

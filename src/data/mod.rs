@@ -12,6 +12,7 @@ pub mod batch;
 pub mod echo;
 pub mod guard;
 mod jsonl;
+pub mod padding;
 mod parquet_file;
 mod row;
 mod source;
@@ -23,6 +24,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 pub use jsonl::{parse_row, reader_from_bytes, JsonlReader, DEFAULT_MAX_LINE_BYTES};
+pub use padding::{PaddingRule, PaddingSpan};
 pub use parquet_file::ParquetReader;
 pub use row::{validate, RawRow, Row};
 pub use source::RowSource;

@@ -1,11 +1,12 @@
 //! The lint checks, one type each: what it counts as rows stream past ([`RowFacts`]), and the
 //! findings those counts amount to at the end. A new check is a type here with an `observe`
 //! and a `findings`, a field of [`LintState`](super::LintState), and a line in each of its
-//! `observe` and `findings`.
+//! `observe` and `findings`. Counters saturate rather than wrap.
+#![warn(clippy::arithmetic_side_effects)]
 
 use std::collections::BTreeSet;
 
-use crate::data::{MaskSource, Row, Unit, IGNORE_INDEX};
+use crate::data::{MaskSource, PaddingSpan, Row, Unit, IGNORE_INDEX};
 use crate::findings::{Code, Finding, Severity};
 use crate::lint::stats::FractionHistogram;
 use crate::lint::targets::{document_starts, is_packed, targets, Target};
@@ -26,8 +27,8 @@ impl Tally {
         if positions == 0 {
             return;
         }
-        self.positions += positions;
-        self.rows += 1;
+        self.positions = self.positions.saturating_add(positions);
+        self.rows = self.rows.saturating_add(1);
         if self.records.len() < Finding::MAX_RECORDS {
             self.records.push(line);
         }
@@ -54,8 +55,8 @@ impl Tally {
 pub(super) struct RowFacts<'a> {
     pub(super) row: &'a Row,
     pub(super) len: usize,
-    /// Where its trailing padding starts (its length without any).
-    pub(super) pad_start: usize,
+    /// Its padding, leading and trailing.
+    pub(super) padding: PaddingSpan,
     pub(super) shifted: bool,
 }
 
@@ -65,7 +66,7 @@ impl RowFacts<'_> {
     }
 
     fn in_padding(&self, target: &Target) -> bool {
-        target.token_index.is_some_and(|i| i >= self.pad_start)
+        target.token_index.is_some_and(|i| self.padding.contains(i))
     }
 }
 
@@ -85,15 +86,17 @@ impl Supervision {
     pub(super) fn observe(&mut self, row: &RowFacts) {
         let (mut real, mut real_trained) = (0u64, 0u64);
         for target in row.targets() {
-            self.targets += 1;
-            self.trained_targets += u64::from(target.trained);
+            self.targets = self.targets.saturating_add(1);
+            self.trained_targets = self
+                .trained_targets
+                .saturating_add(u64::from(target.trained));
             if !row.in_padding(&target) {
-                real += 1;
-                real_trained += u64::from(target.trained);
+                real = real.saturating_add(1);
+                real_trained = real_trained.saturating_add(u64::from(target.trained));
             }
         }
-        self.real_targets += real;
-        self.real_trained += real_trained;
+        self.real_targets = self.real_targets.saturating_add(real);
+        self.real_trained = self.real_trained.saturating_add(real_trained);
         if real > 0 {
             self.per_row.add(real_trained as f64 / real as f64);
         }
@@ -128,7 +131,7 @@ impl Supervision {
     }
 }
 
-/// Trailing padding and the trained targets in it: `padding-trained`.
+/// Padding and the trained targets in it: `padding-trained`.
 #[derive(Debug, Clone, Default)]
 pub(super) struct Padding {
     pub(super) stats: PaddingStats,
@@ -137,15 +140,20 @@ pub(super) struct Padding {
 
 impl Padding {
     pub(super) fn observe(&mut self, row: &RowFacts) {
-        if row.pad_start < row.len {
-            self.stats.rows += 1;
-            self.stats.tokens += (row.len - row.pad_start) as u64;
+        let tokens = row.padding.tokens(row.len) as u64;
+        if tokens > 0 {
+            self.stats.rows = self.stats.rows.saturating_add(1);
+            self.stats.tokens = self.stats.tokens.saturating_add(tokens);
+            self.stats.left_padded_rows = self
+                .stats
+                .left_padded_rows
+                .saturating_add(u64::from(row.padding.is_left()));
         }
         let trained = row
             .targets()
             .filter(|t| t.trained && row.in_padding(t))
             .count() as u64;
-        self.stats.trained += trained;
+        self.stats.trained = self.stats.trained.saturating_add(trained);
         self.trained.add(row.row.line, trained);
     }
 
@@ -155,7 +163,7 @@ impl Padding {
                 Code::PaddingTrained,
                 Severity::Error,
                 format!(
-                    "{} trailing padding positions in {} rows are trained targets ({}): the loss includes padding; set their labels to -100 or their loss_mask to 0",
+                    "{} padding positions in {} rows are trained targets ({}): the loss includes padding; set their labels to -100 or their loss_mask to 0",
                     self.trained.positions,
                     self.trained.rows,
                     self.trained.first_at(unit)
@@ -184,11 +192,11 @@ impl Eos {
             if row.in_padding(&target) || target.token != eos_id {
                 continue;
             }
-            self.targets += 1;
+            self.targets = self.targets.saturating_add(1);
             if target.trained {
-                self.trained += 1;
+                self.trained = self.trained.saturating_add(1);
             } else {
-                untrained += 1;
+                untrained = untrained.saturating_add(1);
             }
         }
         self.untrained.add(row.row.line, untrained);
@@ -225,7 +233,8 @@ impl Eos {
 }
 
 /// Target slots where `loss_mask`, `labels` and `attention_mask` say different things:
-/// `mask-label-disagree`.
+/// `mask-label-disagree`. A trained target in padding is left to `padding-trained`, so one
+/// bug is one finding.
 #[derive(Debug, Clone, Default)]
 pub(super) struct Disagreement {
     pub(super) tally: Tally,
@@ -241,11 +250,13 @@ impl Disagreement {
             let by_mask = loss_mask.map(|m| m[target.index] == 1);
             let by_labels = labels.map(|l| l[target.index] != IGNORE_INDEX);
             let fields_differ = matches!((by_mask, by_labels), (Some(a), Some(b)) if a != b);
+            // Trained padding is `padding-trained`'s; here only a hole inside the row.
             let trained_at_unattended = attention
                 .zip(target.token_index)
                 .is_some_and(|(a, i)| a[i] == 0)
+                && !row.in_padding(&target)
                 && (by_mask == Some(true) || by_labels == Some(true));
-            disagree += u64::from(fields_differ || trained_at_unattended);
+            disagree = disagree.saturating_add(u64::from(fields_differ || trained_at_unattended));
         }
         self.tally.add(row.row.line, disagree);
     }
@@ -276,21 +287,27 @@ pub(super) struct Packing {
 
 impl Packing {
     pub(super) fn observe(&mut self, row: &RowFacts) {
-        let starts = document_starts(row.row, row.pad_start);
+        let starts = document_starts(row.row, row.padding);
         if !is_packed(row.row, &starts) {
             return;
         }
-        self.stats.rows += 1;
-        self.stats.documents += starts.len() as u64 + 1;
-        self.stats.boundaries += starts.len() as u64;
+        let boundaries = starts.len() as u64;
+        self.stats.rows = self.stats.rows.saturating_add(1);
+        self.stats.documents = self
+            .stats
+            .documents
+            .saturating_add(boundaries.saturating_add(1));
+        self.stats.boundaries = self.stats.boundaries.saturating_add(boundaries);
         let supervised = starts
             .iter()
             .filter(|&&s| {
-                let index = if row.shifted { s - 1 } else { s };
+                // Starts are above the content's first index, so `s - 1` is a token.
+                let index = if row.shifted { s.saturating_sub(1) } else { s };
                 row.row.mask[index] == 1
             })
             .count() as u64;
-        self.stats.supervised_boundaries += supervised;
+        self.stats.supervised_boundaries =
+            self.stats.supervised_boundaries.saturating_add(supervised);
         self.boundaries.add(row.row.line, supervised);
     }
 
@@ -324,17 +341,17 @@ impl Alignment {
     pub(super) fn observe(&mut self, row: &Row, labels: &[i64]) {
         let ids = &row.input_ids;
         let (mut compared, mut same, mut next) = (0u64, 0u64, 0u64);
-        for (i, &label) in labels.iter().enumerate() {
-            if label >= 0 && i + 1 < ids.len() {
-                compared += 1;
-                same += u64::from(label == ids[i]);
-                next += u64::from(label == ids[i + 1]);
+        for ((&label, &own), &following) in labels.iter().zip(ids).zip(ids.iter().skip(1)) {
+            if label >= 0 {
+                compared = compared.saturating_add(1);
+                same = same.saturating_add(u64::from(label == own));
+                next = next.saturating_add(u64::from(label == following));
             }
         }
-        self.stats.rows += 1;
-        self.stats.compared += compared;
-        self.stats.same_position += same;
-        self.stats.next_position += next;
+        self.stats.rows = self.stats.rows.saturating_add(1);
+        self.stats.compared = self.stats.compared.saturating_add(compared);
+        self.stats.same_position = self.stats.same_position.saturating_add(same);
+        self.stats.next_position = self.stats.next_position.saturating_add(next);
         if next > same {
             self.pre_shifted.add(row.line, 1);
         }
@@ -461,8 +478,8 @@ pub(super) struct Batching {
 
 impl Batching {
     pub(super) fn observe(&mut self, len: usize, batch_size: usize) {
-        self.rows += 1;
-        self.tokens += len as u64;
+        self.rows = self.rows.saturating_add(1);
+        self.tokens = self.tokens.saturating_add(len as u64);
         self.longest = self.longest.max(len);
         if self.rows == batch_size {
             self.flush();
@@ -474,10 +491,12 @@ impl Batching {
         if self.rows == 0 {
             return;
         }
-        let positions = (self.rows * self.longest) as u64;
-        self.batches += 1;
-        self.positions += positions;
-        self.added += positions - self.tokens;
+        let positions = (self.rows as u64).saturating_mul(self.longest as u64);
+        self.batches = self.batches.saturating_add(1);
+        self.positions = self.positions.saturating_add(positions);
+        self.added = self
+            .added
+            .saturating_add(positions.saturating_sub(self.tokens));
         self.rows = 0;
         self.tokens = 0;
         self.longest = 0;

@@ -11,9 +11,11 @@
 //! `shifted`, slot t (0..T) predicts `input_ids[t+1]` (its label, for the last slot) and is
 //! trained where the mask at t is 1.
 //!
-//! **Padding** is the trailing run where the given `attention_mask` is 0; without an
+//! **Padding** is what [`crate::data::padding`] says, the definition `check` counts with too:
+//! the trailing (and leading) run where the given `attention_mask` is 0; without an
 //! attention mask, the trailing run of `pad_id` tokens, less its first token when the pad
-//! id is the EOS id (that one is the row's EOS). Left padding is not detected.
+//! id is the EOS id (that one is the row's EOS), or, in a row without one, a leading run of
+//! `pad_id` tokens followed by another token (left padding).
 //!
 //! **Thresholds.** Labels count as pre-shifted when, over at least
 //! [`MIN_LABEL_POSITIONS`] labelled positions (label ≥ 0, not the last position), more than
@@ -29,7 +31,7 @@ pub mod tokenizer;
 pub mod view;
 
 pub use state::LintState;
-pub use targets::{document_starts, is_packed, padding_start, targets, Target};
+pub use targets::{document_starts, is_packed, padding, targets, Target};
 
 use serde::Serialize;
 
@@ -68,12 +70,14 @@ pub struct BatchingStats {
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct PaddingStats {
-    /// Rows that end in padding.
+    /// Rows with padding, leading or trailing.
     pub rows: u64,
-    /// Trailing padding tokens.
+    /// Padding tokens, leading and trailing.
     pub tokens: u64,
     /// Target slots in that padding that are trained.
     pub trained: u64,
+    /// Of `rows`, those padded on the left.
+    pub left_padded_rows: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
@@ -118,7 +122,7 @@ pub struct LintStats {
     pub tokens: u64,
     /// Row lengths as stored, padding included.
     pub length: Option<LengthSummary>,
-    /// Row lengths without trailing padding.
+    /// Row lengths without padding.
     pub content_length: Option<LengthSummary>,
     /// Target slots after the shift, padding included.
     pub targets: u64,
@@ -196,7 +200,8 @@ mod tests {
             PaddingStats {
                 rows: 1,
                 tokens: 2,
-                trained: 0
+                trained: 0,
+                left_padded_rows: 0
             }
         );
         let length = stats.length.unwrap();
@@ -407,9 +412,19 @@ mod tests {
                 (Code::MixedMaskSource, Severity::Warning),
             ]
         );
-        assert_eq!(stats.disagreeing_positions, 2);
-        assert_eq!(findings[0].records, vec![1, 2]);
+        // Row 2's trained padding is padding-trained's alone; a hole inside a row is not.
+        assert_eq!(stats.disagreeing_positions, 1);
+        assert_eq!(findings[0].records, vec![1]);
         assert_eq!(findings[1].records, vec![2]);
+        let (stats, findings) = lint(
+            LintOptions::default(),
+            &[r#"{"input_ids":[1,5,6,7],"labels":[-100,5,6,7],"attention_mask":[1,0,1,1]}"#],
+        );
+        assert_eq!(
+            codes(&findings),
+            vec![(Code::MaskLabelDisagree, Severity::Warning)]
+        );
+        assert_eq!(stats.disagreeing_positions, 1);
     }
 
     #[test]
@@ -438,6 +453,34 @@ mod tests {
             &[r#"{"input_ids":[1,5,6,2,0,0],"loss_mask":[0,1,1,1,0,0]}"#],
         );
         assert_eq!(codes(&findings), vec![]);
+    }
+
+    #[test]
+    fn left_padding_is_padding_too() {
+        let (stats, findings) = lint(
+            pad0(),
+            &[
+                r#"{"input_ids":[0,0,0,1,5,6,2],"labels":[0,0,0,1,5,6,2]}"#,
+                r#"{"input_ids":[0,0,1,5,6,2],"attention_mask":[0,0,1,1,1,1],"labels":[-100,-100,1,5,6,2]}"#,
+                r#"{"input_ids":[0,5,6,2,0],"labels":[0,5,6,2,-100]}"#,
+            ],
+        );
+        // Row 1: tokens 1 and 2 are padding targets, trained.
+        assert_eq!(
+            codes(&findings),
+            vec![(Code::PaddingTrained, Severity::Error)]
+        );
+        assert_eq!(findings[0].records, vec![1]);
+        assert_eq!(
+            stats.padding,
+            PaddingStats {
+                rows: 3,
+                tokens: 6,
+                trained: 2,
+                left_padded_rows: 2
+            }
+        );
+        assert_eq!(stats.content_length.unwrap().max, 4);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The streaming accumulator: every row through every check, then the statistics and the
-//! findings.
+//! findings. Counters saturate rather than wrap.
+#![warn(clippy::arithmetic_side_effects)]
 
 use crate::data::Row;
 use crate::findings::Finding;
@@ -8,7 +9,7 @@ use crate::lint::checks::{
     RowFacts, Supervision,
 };
 use crate::lint::stats::LengthHistogram;
-use crate::lint::targets::padding_start;
+use crate::lint::targets::padding;
 use crate::lint::{EosStats, LintOptions, LintStats};
 
 /// The streaming accumulator.
@@ -64,13 +65,13 @@ impl LintState {
         let facts = RowFacts {
             row,
             len,
-            pad_start: padding_start(row, self.opts.pad_id, self.opts.eos_id),
+            padding: padding(row, self.opts.pad_id, self.opts.eos_id),
             shifted: self.opts.shifted,
         };
-        self.rows += 1;
-        self.tokens += len as u64;
+        self.rows = self.rows.saturating_add(1);
+        self.tokens = self.tokens.saturating_add(len as u64);
         self.lengths.add(len);
-        self.content_lengths.add(facts.pad_start);
+        self.content_lengths.add(facts.padding.content_len());
         if let Some(batch_size) = self.opts.batch_size {
             self.batching.observe(len, batch_size);
         }

@@ -1,9 +1,9 @@
-//! A row's geometry as the checks see it: its target slots after the shift, where its
-//! trailing padding starts, and where its packed documents start.
+//! A row's geometry as the checks see it: its target slots after the shift, its padding
+//! (`data::padding`, the definition `check` uses too), and where its packed documents start.
 
 use std::collections::BTreeSet;
 
-use crate::data::Row;
+use crate::data::{PaddingRule, PaddingSpan, Row};
 
 /// One target slot of a row: a position whose prediction the loss may train.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,32 +43,16 @@ pub fn targets(row: &Row, shifted: bool) -> impl Iterator<Item = Target> + '_ {
     })
 }
 
-/// Where the row's trailing padding starts (its length when it has none).
-pub fn padding_start(row: &Row, pad_id: Option<i64>, eos_id: Option<i64>) -> usize {
-    let len = row.input_ids.len();
-    if let Some(attention) = row.given_attention_mask() {
-        return len - attention.iter().rev().take_while(|&&a| a == 0).count();
-    }
-    let Some(pad) = pad_id else {
-        return len;
-    };
-    let run = row
-        .input_ids
-        .iter()
-        .rev()
-        .take_while(|&&t| t == pad)
-        .count();
-    let start = len - run;
-    if run > 0 && eos_id == Some(pad) {
-        start + 1
-    } else {
-        start
-    }
+/// The row's padding: leading and trailing (see [`crate::data::padding`]).
+pub fn padding(row: &Row, pad_id: Option<i64>, eos_id: Option<i64>) -> PaddingSpan {
+    PaddingRule::new(pad_id, eos_id).of_row(row)
 }
 
-/// Token indices where a packed row's documents start, the first excepted, before
-/// `limit` (the padding): from `position_ids` restarting at 0, `seq_lens` and `cu_seqlens`.
-pub fn document_starts(row: &Row, limit: usize) -> Vec<usize> {
+/// Token indices where a packed row's documents start, the first excepted, inside the row's
+/// content (`span`: a left-padded row's positions restart at its first real token, its
+/// padding's at the padding): from `position_ids` restarting at 0, `seq_lens` and
+/// `cu_seqlens`.
+pub fn document_starts(row: &Row, span: PaddingSpan) -> Vec<usize> {
     let mut starts = BTreeSet::new();
     if let Some(positions) = &row.position_ids {
         starts.extend((1..positions.len()).filter(|&i| positions[i] == 0));
@@ -76,14 +60,17 @@ pub fn document_starts(row: &Row, limit: usize) -> Vec<usize> {
     if let Some(lens) = &row.seq_lens {
         let mut at = 0usize;
         for &n in lens {
-            at += n as usize;
+            at = at.saturating_add(usize::try_from(n).unwrap_or(usize::MAX));
             starts.insert(at);
         }
     }
     if let Some(cu) = &row.cu_seqlens {
         starts.extend(cu.iter().map(|&b| b as usize));
     }
-    starts.into_iter().filter(|&s| s > 0 && s < limit).collect()
+    starts
+        .into_iter()
+        .filter(|&s| s > span.start && s < span.end)
+        .collect()
 }
 
 /// Whether a row is packed: several documents, or a field that says so.

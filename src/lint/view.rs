@@ -17,7 +17,7 @@ use std::fmt::Write as _;
 use anstyle::{AnsiColor, Effects, Style};
 
 use crate::data::{Pos, Row};
-use crate::lint::{document_starts, padding_start, targets};
+use crate::lint::{document_starts, padding, targets};
 
 /// Turns token ids into the text shown for each.
 pub trait TokenText {
@@ -98,7 +98,7 @@ pub fn escape(piece: &str) -> String {
 /// One row: a header line, then the strip. `at` names the row (`line 3`, `row 3`).
 pub fn render_row(row: &Row, at: Pos, text: &dyn TokenText, opts: &ViewOptions) -> String {
     let len = row.input_ids.len();
-    let pad_start = padding_start(row, opts.pad_id, opts.eos_id);
+    let span = padding(row, opts.pad_id, opts.eos_id);
     let mut trained = vec![false; len];
     let mut beyond: Option<(i64, bool)> = None;
     let (mut slots, mut trained_slots) = (0usize, 0usize);
@@ -110,14 +110,14 @@ pub fn render_row(row: &Row, at: Pos, text: &dyn TokenText, opts: &ViewOptions) 
             None => beyond = target.token.map(|t| (t, target.trained)),
         }
     }
-    let starts = document_starts(row, pad_start);
+    let starts = document_starts(row, span);
     let pieces = text.pieces(&row.input_ids);
     let tokens: Vec<Token> = pieces
         .into_iter()
         .enumerate()
         .map(|(i, piece)| Token {
             text: escape(&piece),
-            class: match (trained[i], i >= pad_start) {
+            class: match (trained[i], span.contains(i)) {
                 (false, _) => Class::Untrained,
                 (true, false) => Class::Trained,
                 (true, true) => Class::TrainedPadding,
@@ -130,8 +130,8 @@ pub fn render_row(row: &Row, at: Pos, text: &dyn TokenText, opts: &ViewOptions) 
         "{}: {len} tokens, {trained_slots} of {slots} targets trained",
         at.named()
     );
-    if pad_start < len {
-        let _ = write!(out, ", {} padding", len - pad_start);
+    if span.tokens(len) > 0 {
+        let _ = write!(out, ", {} padding", span.tokens(len));
     }
     if !starts.is_empty() {
         let _ = write!(out, ", {} documents", starts.len() + 1);

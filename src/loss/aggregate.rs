@@ -5,9 +5,12 @@
 //! are kept in f64 so that millions of f32 terms do not lose precision.
 //!
 //! The aggregates are those of DOMAIN.md: the masked token mean Σℓm/Σm is the correct
-//! value; the others are what common bugs compute instead.
+//! value; the others are what common bugs compute instead. Counts saturate rather than wrap.
+#![warn(clippy::arithmetic_side_effects)]
 
 use serde::Serialize;
+
+use crate::data::batch::TargetCounts;
 
 /// Sums of one batch.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -26,29 +29,27 @@ impl BatchSums {
     /// Sums one batch. `losses.len() == mask.len() == rows * positions_per_row`.
     pub fn of(losses: &[f32], mask: &[u8], rows: usize) -> Self {
         assert_eq!(losses.len(), mask.len(), "losses and mask are aligned");
-        let per_row = losses.len().checked_div(rows).unwrap_or(0);
+        let per_row = losses.len().checked_div(rows).unwrap_or(0).max(1);
         let mut sums = BatchSums {
             positions: losses.len() as u64,
             ..Default::default()
         };
-        for b in 0..rows {
-            let l = &losses[b * per_row..(b + 1) * per_row];
-            let m = &mask[b * per_row..(b + 1) * per_row];
+        for (l, m) in losses.chunks(per_row).zip(mask.chunks(per_row)).take(rows) {
             let (mut row_sum, mut row_masked, mut row_trained) = (0f64, 0f64, 0u64);
             for (&loss, &keep) in l.iter().zip(m) {
                 let loss = f64::from(loss);
                 row_sum += loss;
                 if keep != 0 {
                     row_masked += loss;
-                    row_trained += 1;
+                    row_trained = row_trained.saturating_add(1);
                 }
             }
             sums.loss_sum += row_sum;
             sums.masked_loss_sum += row_masked;
-            sums.trained += row_trained;
+            sums.trained = sums.trained.saturating_add(row_trained);
             if row_trained > 0 {
                 sums.row_mean_sum += row_masked / row_trained as f64;
-                sums.rows_trained += 1;
+                sums.rows_trained = sums.rows_trained.saturating_add(1);
             }
         }
         sums
@@ -67,6 +68,10 @@ pub struct LossTotals {
     pub batches: u64,
     pub positions: u64,
     pub trained: u64,
+    /// How the targets divide into padding and real tokens, trained or not.
+    pub targets: TargetCounts,
+    /// Σℓ over the padding targets the mask leaves untrained.
+    untrained_padding_loss_sum: f64,
     loss_sum: f64,
     masked_loss_sum: f64,
     row_mean_sum: f64,
@@ -88,39 +93,62 @@ pub struct Aggregates {
     pub sequence_mean: Option<f64>,
     /// Mean over batches with trained targets of the batch's Σℓm / Σm.
     pub batch_mean_of_means: Option<f64>,
+    /// Σℓ over trained and padding targets / their number: the masked mean with padding left
+    /// unmasked, prompts still masked. Equal to the masked token mean without padding.
+    pub trained_and_padding_mean: Option<f64>,
 }
 
 impl LossTotals {
     pub fn add(&mut self, rows: usize, sums: &BatchSums) {
-        self.rows += rows as u64;
-        self.batches += 1;
-        self.positions += sums.positions;
-        self.trained += sums.trained;
+        self.rows = self.rows.saturating_add(rows as u64);
+        self.batches = self.batches.saturating_add(1);
+        self.positions = self.positions.saturating_add(sums.positions);
+        self.trained = self.trained.saturating_add(sums.trained);
         self.loss_sum += sums.loss_sum;
         self.masked_loss_sum += sums.masked_loss_sum;
         self.row_mean_sum += sums.row_mean_sum;
-        self.rows_trained += sums.rows_trained;
+        self.rows_trained = self.rows_trained.saturating_add(sums.rows_trained);
         if let Some(mean) = sums.masked_token_mean() {
             self.batch_mean_sum += mean;
-            self.batches_trained += 1;
+            self.batches_trained = self.batches_trained.saturating_add(1);
         }
     }
 
-    /// Adds a batch of per-token losses.
-    pub fn add_batch(&mut self, losses: &[f32], mask: &[u8], rows: usize) -> BatchSums {
+    /// Adds a batch of per-token losses; `mask` and `padding` (1 where the target is padding)
+    /// are aligned with them.
+    pub fn add_batch(
+        &mut self,
+        losses: &[f32],
+        mask: &[u8],
+        padding: &[u8],
+        rows: usize,
+    ) -> BatchSums {
+        assert_eq!(mask.len(), padding.len(), "mask and padding are aligned");
         let sums = BatchSums::of(losses, mask, rows);
         self.add(rows, &sums);
+        self.targets.add(&TargetCounts::of(mask, padding));
+        self.untrained_padding_loss_sum += losses
+            .iter()
+            .zip(mask.iter().zip(padding))
+            .filter(|(_, (&m, &p))| m == 0 && p != 0)
+            .map(|(&l, _)| f64::from(l))
+            .sum::<f64>();
         sums
     }
 
-    /// 1 − Σm / N.
+    /// Padding targets / all targets: the share of positions a loss that does not mask
+    /// padding takes in besides the real tokens.
     pub fn padding_fraction(&self) -> Option<f64> {
-        (self.positions > 0).then(|| 1.0 - self.trained as f64 / self.positions as f64)
+        (self.positions > 0).then(|| self.targets.padding as f64 / self.positions as f64)
     }
 
     pub fn aggregates(&self) -> Aggregates {
         let div = |num: f64, den: u64| (den > 0).then(|| num / den as f64);
         let any_trained = self.trained > 0;
+        let untrained_padding = self
+            .targets
+            .padding
+            .saturating_sub(self.targets.padding_trained);
         Aggregates {
             all_positions_mean: div(self.loss_sum, self.positions).filter(|_| any_trained),
             masked_token_mean: div(self.masked_loss_sum, self.trained),
@@ -128,14 +156,27 @@ impl LossTotals {
                 .filter(|_| any_trained),
             sequence_mean: div(self.row_mean_sum, self.rows_trained),
             batch_mean_of_means: div(self.batch_mean_sum, self.batches_trained),
+            trained_and_padding_mean: div(
+                self.masked_loss_sum + self.untrained_padding_loss_sum,
+                self.trained.saturating_add(untrained_padding),
+            )
+            .filter(|_| any_trained),
         }
+    }
+
+    /// What padding does to a loss that leaves it unmasked; `None` without padding targets.
+    pub fn contamination(&self) -> Option<Contamination> {
+        if self.targets.padding == 0 {
+            return None;
+        }
+        Contamination::of(&self.aggregates())
     }
 }
 
-/// How far a contaminated loss sits from the correct one.
+/// How far a loss that takes padding in sits from the correct one.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Contamination {
-    /// all_positions_mean − masked_token_mean.
+    /// trained_and_padding_mean − masked_token_mean.
     pub absolute: f64,
     /// absolute / masked_token_mean.
     pub relative: f64,
@@ -143,7 +184,7 @@ pub struct Contamination {
 
 impl Contamination {
     pub fn of(aggregates: &Aggregates) -> Option<Self> {
-        let all = aggregates.all_positions_mean?;
+        let all = aggregates.trained_and_padding_mean?;
         let masked = aggregates.masked_token_mean?;
         let absolute = all - masked;
         Some(Self {
@@ -175,16 +216,35 @@ mod tests {
     fn aggregates_match_hand_computation() {
         // Batch 1: two rows of 3 positions.
         let mut totals = LossTotals::default();
-        totals.add_batch(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[1, 1, 0, 1, 0, 0], 2);
-        // Batch 2: one row of 2 positions.
-        totals.add_batch(&[10.0, 20.0], &[0, 1], 1);
+        // Padding: the last target of row 1, the last two of row 2.
+        totals.add_batch(
+            &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+            &[1, 1, 0, 1, 0, 0],
+            &[0, 0, 1, 0, 1, 1],
+            2,
+        );
+        // Batch 2: one row of 2 positions, its first a prompt.
+        totals.add_batch(&[10.0, 20.0], &[0, 1], &[0, 0], 1);
         let a = totals.aggregates();
         close(a.all_positions_mean, 51.0 / 8.0);
         close(a.masked_token_mean, (1.0 + 2.0 + 4.0 + 20.0) / 4.0);
         close(a.masked_sum_over_all_positions, 27.0 / 8.0);
         close(a.sequence_mean, (1.5 + 4.0 + 20.0) / 3.0);
         close(a.batch_mean_of_means, ((7.0 / 3.0) + 20.0) / 2.0);
-        close(totals.padding_fraction(), 0.5);
+        close(a.trained_and_padding_mean, (27.0 + 3.0 + 5.0 + 6.0) / 7.0);
+        close(totals.padding_fraction(), 3.0 / 8.0);
+        let c = totals.contamination().unwrap();
+        close(Some(c.absolute), 41.0 / 7.0 - 27.0 / 4.0);
+        assert_eq!(
+            totals.targets,
+            TargetCounts {
+                positions: 8,
+                trained: 4,
+                padding: 3,
+                padding_trained: 0,
+                untrained_real: 1
+            }
+        );
         assert_eq!(
             (
                 totals.rows,
@@ -199,8 +259,8 @@ mod tests {
     #[test]
     fn untrained_rows_and_batches_are_left_out_of_the_means() {
         let mut totals = LossTotals::default();
-        totals.add_batch(&[1.0, 1.0, 9.0, 9.0], &[1, 1, 0, 0], 2);
-        totals.add_batch(&[5.0, 5.0], &[0, 0], 1);
+        totals.add_batch(&[1.0, 1.0, 9.0, 9.0], &[1, 1, 0, 0], &[0; 4], 2);
+        totals.add_batch(&[5.0, 5.0], &[0, 0], &[0, 0], 1);
         let a = totals.aggregates();
         close(a.sequence_mean, 1.0);
         close(a.batch_mean_of_means, 1.0);
@@ -210,9 +270,10 @@ mod tests {
     #[test]
     fn nothing_trained_gives_no_aggregates() {
         let mut totals = LossTotals::default();
-        totals.add_batch(&[1.0, 2.0], &[0, 0], 1);
+        totals.add_batch(&[1.0, 2.0], &[0, 0], &[1, 1], 1);
         let a = totals.aggregates();
         assert_eq!(a.masked_token_mean, None);
+        assert_eq!(totals.contamination(), None);
         assert_eq!(a.all_positions_mean, None);
         assert_eq!(Contamination::of(&a), None);
     }
@@ -220,9 +281,31 @@ mod tests {
     #[test]
     fn contamination_is_signed() {
         let mut totals = LossTotals::default();
-        totals.add_batch(&[2.0, 0.0], &[1, 0], 1);
-        let c = Contamination::of(&totals.aggregates()).unwrap();
+        totals.add_batch(&[2.0, 0.0], &[1, 0], &[0, 1], 1);
+        let c = totals.contamination().unwrap();
         assert_eq!(c.absolute, -1.0);
         assert_eq!(c.relative, -0.5);
+    }
+
+    #[test]
+    fn contamination_is_over_padding_not_prompts() {
+        // A prompt (untrained, real) and no padding: nothing to contaminate.
+        let mut totals = LossTotals::default();
+        totals.add_batch(&[9.0, 1.0], &[0, 1], &[0, 0], 1);
+        assert_eq!(totals.contamination(), None);
+        assert_eq!(totals.padding_fraction(), Some(0.0));
+        // Padding the mask trains: counted once, as padding, and nothing wraps.
+        let mut totals = LossTotals::default();
+        totals.add_batch(&[1.0, 3.0, 5.0], &[1, 1, 1], &[0, 1, 1], 1);
+        assert_eq!(
+            (
+                totals.targets.padding,
+                totals.targets.padding_trained,
+                totals.targets.untrained_real
+            ),
+            (2, 2, 0)
+        );
+        let c = totals.contamination().unwrap();
+        assert_eq!(c.absolute, 0.0);
     }
 }

@@ -287,7 +287,7 @@ pub fn check(report: &Report, text: &dyn TokenText) -> String {
     );
     let _ = writeln!(
         out,
-        "<h1>maskaudit check {}</h1>\n<p class=\"meta\"><code>{}</code> on <code>{}</code>: {} rows in {} batches of up to {}, {} next-token positions, {} trained; mask from <code>{}</code></p>",
+        "<h1>maskaudit check {}</h1>\n<p class=\"meta\"><code>{}</code> on <code>{}</code>: {} rows in {} batches of up to {}, {} next-token positions, {} trained; {}; mask from <code>{}</code></p>",
         verdict_badge(report.verdict),
         escape(&report.model.path),
         escape(&d.path),
@@ -296,6 +296,7 @@ pub fn check(report: &Report, text: &dyn TokenText) -> String {
         d.batch_size,
         d.positions,
         d.supervised_positions,
+        escape(&crate::report::table::target_split(d)),
         escape(&d.mask_source)
     );
     findings(&mut out, &d.path, d.records, &report.findings);
@@ -370,10 +371,10 @@ pub fn lint(report: &LintReport, rows: &[TokenRow], text: &dyn TokenText) -> Str
             s.rows_without_trained_target.to_string(),
         ),
         (
-            "trailing padding",
+            "padding",
             format!(
-                "{} tokens in {} rows, {} trained",
-                s.padding.tokens, s.padding.rows, s.padding.trained
+                "{} tokens in {} rows ({} left-padded), {} trained",
+                s.padding.tokens, s.padding.rows, s.padding.left_padded_rows, s.padding.trained
             ),
         ),
     ] {

@@ -50,7 +50,7 @@ pub fn write_statistics<W: Write>(out: &mut W, s: &LintStats) -> std::io::Result
     if let (Some(c), true) = (s.content_length, s.padding.rows > 0) {
         writeln!(
             out,
-            "  content   min {}, median {}, p95 {}, max {}, mean {:.1} (without trailing padding)",
+            "  content   min {}, median {}, p95 {}, max {}, mean {:.1} (without padding)",
             c.min, c.median, c.p95, c.max, c.mean
         )?;
     }
@@ -88,9 +88,14 @@ fn write_structure<W: Write>(out: &mut W, s: &LintStats) -> std::io::Result<()> 
     if s.padding.rows > 0 {
         writeln!(
             out,
-            "  padding   {} in {}, {} of them trained",
-            count(s.padding.tokens, "trailing padding token"),
+            "  padding   {} in {}{}, {} of them trained",
+            count(s.padding.tokens, "padding token"),
             count(s.padding.rows, "row"),
+            if s.padding.left_padded_rows > 0 {
+                format!(" ({} left-padded)", s.padding.left_padded_rows)
+            } else {
+                String::new()
+            },
             s.padding.trained
         )?;
     }

@@ -120,13 +120,10 @@ pub fn check(report: &Report) -> String {
             "FAIL"
         }
     );
-    let padding = d
-        .padding_fraction
-        .map(|p| format!("{:.2}%", p * 100.0))
-        .unwrap_or_else(|| "n/a".into());
+    let split = crate::report::table::target_split(d);
     let _ = writeln!(
         out,
-        "{} on {}: {} rows in {} batches of up to {}, {} next-token positions, {} trained, untrained {padding}; mask from `{}`.\n",
+        "{} on {}: {} rows in {} batches of up to {}, {} next-token positions, {} trained, {split}; mask from `{}`.\n",
         code(&report.model.path),
         code(&d.path),
         d.rows,
@@ -192,10 +189,10 @@ pub fn lint(report: &LintReport) -> String {
             s.rows_without_trained_target.to_string(),
         ),
         (
-            "trailing padding",
+            "padding",
             format!(
-                "{} tokens in {} rows, {} trained",
-                s.padding.tokens, s.padding.rows, s.padding.trained
+                "{} tokens in {} rows ({} left-padded), {} trained",
+                s.padding.tokens, s.padding.rows, s.padding.left_padded_rows, s.padding.trained
             ),
         ),
     ];

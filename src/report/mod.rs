@@ -26,7 +26,11 @@ use crate::model::{ArgsSource, ForwardArg, OutputForm};
 use crate::report::token_rows::TokenRow;
 
 /// Bumped when a key changes meaning or disappears; new keys may appear within a version.
-pub const SCHEMA_VERSION: u32 = 1;
+/// Version 2: one meaning of padding (`data.padding_fraction` is padding targets / positions,
+/// `padding_target_positions`, `padding_trained_positions`, `untrained_real_target_positions`
+/// replace `padding_positions` and `untrained_token_positions`; `contamination` is over padding
+/// targets, against `losses.trained_and_padding_mean`).
+pub const SCHEMA_VERSION: u32 = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -97,12 +101,15 @@ pub struct DataSummary {
     pub positions: u64,
     /// Positions whose target is trained (Σm).
     pub supervised_positions: u64,
-    /// 1 − Σm / N: every untrained position, padding and prompts alike.
+    /// `padding_target_positions / positions`.
     pub padding_fraction: Option<f64>,
-    /// Positions whose target is padding (attention 0).
-    pub padding_positions: u64,
+    /// Positions whose target is padding (`data::padding`: the row's attention-0 or pad-id
+    /// runs, left padding included, and what batching appended), trained or not.
+    pub padding_target_positions: u64,
+    /// Of those, trained: the mask trains padding.
+    pub padding_trained_positions: u64,
     /// Positions whose target is a real token left untrained (prompts, masked turns).
-    pub untrained_token_positions: u64,
+    pub untrained_real_target_positions: u64,
     /// `loss_mask`, `labels`, `attention_mask`, `all_tokens`, or `mixed`.
     pub mask_source: String,
     /// What record numbers count (not in the JSON, which predates it).

@@ -7,8 +7,9 @@
 //! run, bounded by `--html-rows`.
 
 use crate::data::batch::Batch;
+use crate::data::PaddingRule;
 use crate::data::{Pos, Row, Unit};
-use crate::lint::{padding_start, targets};
+use crate::lint::targets;
 
 /// One token of a shown row.
 #[derive(Debug, Clone, PartialEq)]
@@ -19,8 +20,8 @@ pub struct TokenCell {
     pub target: bool,
     /// A trained target: its loss counts in the masked token mean.
     pub trained: bool,
-    /// Trailing padding: attention 0, or the row's trailing run of `--pad-id` (less the
-    /// first when pad is EOS), padding added by batching included.
+    /// Padding, as `lint` and `check` count it ([`crate::data::padding`]): the row's
+    /// leading or trailing attention-0 run, else its pad-id run, and what batching appended.
     pub padding: bool,
     /// The per-token loss predicting this token; `None` for the first token and under `lint`.
     pub loss: Option<f32>,
@@ -44,7 +45,7 @@ pub fn from_row(
     eos_id: Option<i64>,
     shifted: bool,
 ) -> TokenRow {
-    let pad_start = padding_start(row, pad_id, eos_id);
+    let span = PaddingRule::new(pad_id, eos_id).of_row(row);
     let mut tokens: Vec<TokenCell> = row
         .input_ids
         .iter()
@@ -53,7 +54,7 @@ pub fn from_row(
             id,
             target: false,
             trained: false,
-            padding: i >= pad_start,
+            padding: span.contains(i),
             loss: None,
             loss_weight: None,
         })
@@ -70,28 +71,6 @@ pub fn from_row(
     }
 }
 
-/// Where a batch row's trailing padding starts: after its last token with attention 1, or at
-/// the trailing run of `pad_id` (less its first token when the pad id is the EOS id), the
-/// earlier of the two, like [`crate::lint::padding_start`].
-fn batch_padding_start(
-    ids: &[i64],
-    attention: &[i64],
-    pad_id: Option<i64>,
-    eos_id: Option<i64>,
-) -> usize {
-    let by_attention = attention.iter().rposition(|&a| a != 0).map_or(0, |i| i + 1);
-    let by_id = pad_id.map_or(ids.len(), |pad| {
-        let run = ids.iter().rev().take_while(|&&t| t == pad).count();
-        let run = if Some(pad) == eos_id {
-            run.saturating_sub(1)
-        } else {
-            run
-        };
-        ids.len() - run
-    });
-    by_attention.min(by_id)
-}
-
 /// The rows of a `check` batch with their per-token losses (`losses` is `[rows, seq_len-1]`,
 /// empty when the batch has no next-token position) and, with a loss, their gradient weights
 /// (same shape), at most `limit` of them.
@@ -100,8 +79,6 @@ pub fn from_batch(
     losses: &[f32],
     weights: Option<&[f64]>,
     unit: Unit,
-    pad_id: Option<i64>,
-    eos_id: Option<i64>,
     limit: usize,
 ) -> Vec<TokenRow> {
     let t = batch.seq_len;
@@ -110,8 +87,7 @@ pub fn from_batch(
     (0..batch.rows.min(limit))
         .map(|b| {
             let ids = &batch.input_ids[b * t..(b + 1) * t];
-            let attention = &batch.attention_mask[b * t..(b + 1) * t];
-            let pad_start = batch_padding_start(ids, attention, pad_id, eos_id);
+            let padding = &batch.padding[b * t..(b + 1) * t];
             let tokens = ids
                 .iter()
                 .enumerate()
@@ -121,7 +97,7 @@ pub fn from_batch(
                         id,
                         target: i > 0,
                         trained: slot.is_some_and(|s| target_mask.get(s) == Some(&1)),
-                        padding: i >= pad_start,
+                        padding: padding[i] != 0,
                         loss: slot.and_then(|s| losses.get(s).copied()),
                         loss_weight: slot
                             .and_then(|s| weights.and_then(|w| w.get(s)))
@@ -194,7 +170,7 @@ mod tests {
             .expect("a batch of two rows");
         // [2 rows, 2 positions]
         let losses = [0.5, 0.25, 2.0, 9.0];
-        let rows = from_batch(&batch, &losses, None, Unit::Line, Some(0), None, 5);
+        let rows = from_batch(&batch, &losses, None, Unit::Line, 5);
         assert_eq!(rows.len(), 2);
         let first: Vec<Option<f32>> = rows[0].tokens.iter().map(|c| c.loss).collect();
         assert_eq!(first, vec![None, Some(0.5), Some(0.25)]);
@@ -211,25 +187,31 @@ mod tests {
             (true, false, true, Some(9.0))
         );
         assert_eq!(rows[1].record, Pos::line(2));
-        assert_eq!(
-            from_batch(&batch, &losses, None, Unit::Line, Some(0), None, 1).len(),
-            1
-        );
+        assert_eq!(from_batch(&batch, &losses, None, Unit::Line, 1).len(), 1);
     }
 
     #[test]
-    fn padding_by_id_keeps_the_eos_when_pad_is_eos() {
-        assert_eq!(
-            batch_padding_start(&[1, 5, 2, 2, 2], &[1; 5], Some(2), Some(2)),
-            3
-        );
-        assert_eq!(
-            batch_padding_start(&[1, 5, 2, 2], &[1; 4], Some(2), None),
-            2
-        );
-        assert_eq!(
-            batch_padding_start(&[1, 5, 7, 0], &[1, 1, 0, 0], None, None),
-            2
-        );
+    fn batch_rows_show_the_padding_lint_shows() {
+        let rows = [
+            r#"{"input_ids":[1,5,2,2,2]}"#,
+            r#"{"input_ids":[2,2,5,6,7],"labels":[2,2,5,6,7]}"#,
+            r#"{"input_ids":[1,5,7,0],"attention_mask":[1,1,0,0]}"#,
+        ];
+        let mut batcher = Batcher::new(3, Some(2), "d.jsonl").with_eos_id(Some(2));
+        let mut batch = None;
+        for (i, json) in rows.iter().enumerate() {
+            batch = batcher.push(row(json, i + 1)).unwrap();
+        }
+        let batch = batch.expect("a batch of three rows");
+        let shown = from_batch(&batch, &[0.0; 12], None, Unit::Line, 3);
+        for (i, json) in rows.iter().enumerate() {
+            let lint = from_row(&row(json, i + 1), Unit::Line, Some(2), Some(2), false);
+            let lint: Vec<bool> = lint.tokens.iter().map(|c| c.padding).collect();
+            let check: Vec<bool> = shown[i].tokens.iter().map(|c| c.padding).collect();
+            assert_eq!(lint[..], check[..lint.len()], "row {}", i + 1);
+            assert!(check[lint.len()..].iter().all(|&p| p));
+        }
+        let padding: Vec<bool> = shown[0].tokens.iter().map(|c| c.padding).collect();
+        assert_eq!(padding, vec![false, false, false, true, true]);
     }
 }

@@ -17,9 +17,6 @@ use crate::report::token_rows::{self, TokenRow};
 
 /// What `check` learns batch by batch beyond the loss totals.
 pub(super) struct RunState {
-    /// Next-token positions whose target is padding (attention 0), as opposed to real tokens
-    /// left untrained (prompts).
-    pub(super) padding_targets: u64,
     /// Per-token losses that were NaN or infinite, and where the first was.
     pub(super) non_finite: u64,
     pub(super) first_non_finite: Option<(usize, usize, f32)>,
@@ -35,7 +32,6 @@ impl RunState {
     pub(super) fn new(probe: bool, unit: Unit) -> Self {
         Self {
             unit,
-            padding_targets: 0,
             non_finite: 0,
             first_non_finite: None,
             longest_batch: 0,
@@ -52,7 +48,7 @@ impl RunState {
         totals: &mut LossTotals,
         opts: &CheckOptions,
     ) {
-        totals.add_batch(&[], &[], batch.rows);
+        totals.add_batch(&[], &[], &[], batch.rows);
         self.keep_rows(batch, &[], None, opts);
     }
 
@@ -67,19 +63,12 @@ impl RunState {
         let room = opts.token_rows.saturating_sub(self.token_rows.len());
         if room > 0 {
             self.token_rows.extend(token_rows::from_batch(
-                batch,
-                losses,
-                weights,
-                self.unit,
-                opts.pad_id,
-                opts.eos_id,
-                room,
+                batch, losses, weights, self.unit, room,
             ));
         }
     }
 
     pub(super) fn observe(&mut self, batch: &Batch, losses: &[f32]) {
-        self.padding_targets += batch.padding_targets() as u64;
         self.longest_batch = self.longest_batch.max(batch.seq_len);
         let positions = batch.seq_len.saturating_sub(1);
         for (i, &l) in losses.iter().enumerate() {
@@ -117,6 +106,7 @@ impl RunState {
             losses.masked_sum_over_all_positions,
             losses.sequence_mean,
             losses.batch_mean_of_means,
+            losses.trained_and_padding_mean,
         ]
         .iter()
         .flatten()
@@ -278,7 +268,12 @@ pub(super) fn process_batch(
         run.consistency = probe_consistency(model, batch, &tensors, &logits, opts)?;
     }
     let target_mask = batch.target_mask();
-    let sums = totals.add_batch(&losses, &target_mask, batch.rows);
+    let sums = totals.add_batch(
+        &losses,
+        &target_mask,
+        &batch.padding_target_mask(),
+        batch.rows,
+    );
     let user = match audit {
         Some(audit) => {
             // The user's loss gets the logits in float32, as Hugging Face's loss functions upcast

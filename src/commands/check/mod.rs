@@ -27,7 +27,7 @@ use crate::model::{
 use crate::report::{DataSummary, ModelInfo, Report, Verdict, SCHEMA_VERSION};
 use crate::sys;
 use batches::{run_step, RunState, Simulation, StepContext};
-use findings::{contamination_finding, data_findings, step_findings};
+use findings::{contamination_finding, data_findings, step_findings, ContaminationEvidence};
 use overlap::Overlap;
 use read::{read_ahead, Batches, ReadSummary};
 use timing::Timing;
@@ -37,9 +37,6 @@ mod findings;
 mod overlap;
 mod read;
 mod timing;
-
-/// Relative contamination above which, with no `--max-contamination`, the finding is a warning.
-pub const NOTABLE_CONTAMINATION: f64 = 0.01;
 
 #[derive(Debug, Clone)]
 pub struct CheckOptions {
@@ -176,7 +173,7 @@ fn run_loaded(
         simulation,
     } = pass;
     let losses = totals.aggregates();
-    let contamination = Contamination::of(&losses);
+    let contamination = totals.contamination();
     let (statistics, lint_findings) = lint.finish();
     let concluded = Conclusion {
         model,
@@ -194,7 +191,7 @@ fn run_loaded(
     Ok(Report {
         schema_version: SCHEMA_VERSION,
         model: model_info(model, opts, device, tf32, run.consistency.clone()),
-        data: data_summary(opts, &totals, &run, data_path, unit, &statistics),
+        data: data_summary(opts, &totals, data_path, unit, &statistics),
         statistics,
         losses,
         contamination,
@@ -234,23 +231,25 @@ impl Conclusion<'_> {
                 .into_iter()
                 .filter(|f| f.code != Code::NoTrainedPositions),
         );
-        findings.extend(contamination_finding(
-            self.contamination,
-            self.totals.padding_fraction(),
-            opts.max_contamination,
-        ));
-        let user_loss = match audit {
+        let (user_loss, loss_findings) = match audit {
             Some(audit) => {
                 let sequence_gap = losses
                     .sequence_mean
                     .zip(losses.masked_token_mean)
                     .map(|(s, m)| relative_difference(s, m));
                 let (report, loss_findings) = audit.finish(sequence_gap)?;
-                findings.extend(loss_findings);
-                Some(report)
+                (Some(report), loss_findings)
             }
-            None => None,
+            None => (None, vec![]),
         };
+        findings.extend(contamination_finding(&ContaminationEvidence {
+            contamination: self.contamination,
+            targets: self.totals.targets,
+            max: opts.max_contamination,
+            pad_id: opts.pad_id,
+            user_loss: user_loss.as_ref().map(|u| (u, &loss_findings[..])),
+        }));
+        findings.extend(loss_findings);
         let steps = opts.steps.map(|config| {
             StepReport::of(
                 config,
@@ -412,7 +411,9 @@ fn start_reading(opts: &CheckOptions, vocab: i64, progress: &ProgressBar) -> Res
     }
     let path = reader.path().to_string();
     let unit = reader.unit();
-    let batcher = Batcher::new(opts.batch_size, opts.pad_id, path.clone()).with_unit(unit);
+    let batcher = Batcher::new(opts.batch_size, opts.pad_id, path.clone())
+        .with_unit(unit)
+        .with_eos_id(opts.eos_id);
     let lint = LintState::new(LintOptions {
         pad_id: opts.pad_id,
         eos_id: opts.eos_id,
@@ -429,10 +430,12 @@ fn start_reading(opts: &CheckOptions, vocab: i64, progress: &ProgressBar) -> Res
     })
 }
 
+/// The `data` of the report: counts straight from the totals, none derived by subtraction, so
+/// none can wrap.
+#[deny(clippy::arithmetic_side_effects)]
 fn data_summary(
     opts: &CheckOptions,
     totals: &LossTotals,
-    run: &RunState,
     path: String,
     unit: Unit,
     statistics: &LintStats,
@@ -446,8 +449,9 @@ fn data_summary(
         positions: totals.positions,
         supervised_positions: totals.trained,
         padding_fraction: totals.padding_fraction(),
-        padding_positions: run.padding_targets,
-        untrained_token_positions: totals.positions - totals.trained - run.padding_targets,
+        padding_target_positions: totals.targets.padding,
+        padding_trained_positions: totals.targets.padding_trained,
+        untrained_real_target_positions: totals.targets.untrained_real,
         mask_source: statistics.mask_source.clone(),
         records: unit,
     }

@@ -287,7 +287,12 @@ impl Overlap {
         }
         let batch = &flight.batch;
         run.observe(batch, &losses);
-        totals.add_batch(&losses, &batch.target_mask(), batch.rows);
+        totals.add_batch(
+            &losses,
+            &batch.target_mask(),
+            &batch.padding_target_mask(),
+            batch.rows,
+        );
         run.keep_rows(batch, &losses, None, opts);
         if let Some(times) = &mut self.times {
             times.add(flight.marks, flight.done);
