@@ -1,6 +1,8 @@
-//! Model-free checks of how a dataset's labels and masks were built (DOMAIN.md, classes 3–9
-//! and 17), as a streaming accumulator: [`LintState::observe`] every row, then
-//! [`LintState::finish`] for the statistics and the findings. No I/O; memory does not grow
+//! Model-free checks of how a dataset's labels and masks were built (padding trained, EOS
+//! masked, labels shifted twice or not at all, mask and labels disagreeing, packed documents
+//! supervised across their boundary: docs/guide.md, "maskaudit lint"), as a streaming
+//! accumulator: [`LintState::observe`] every row, then [`LintState::finish`] for the
+//! statistics and the findings. No I/O; memory does not grow
 //! with the number of rows (histograms of lengths, counters, at most
 //! [`Finding::MAX_RECORDS`](crate::findings::Finding::MAX_RECORDS) record numbers a check).
 //!

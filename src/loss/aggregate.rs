@@ -4,7 +4,7 @@
 //! row-major `rows × positions`, and `mask` is aligned with the targets (1 = trained). Sums
 //! are kept in f64 so that millions of f32 terms do not lose precision.
 //!
-//! The aggregates are those of DOMAIN.md: the masked token mean Σℓm/Σm is the correct
+//! The aggregates are those of the README's table: the masked token mean Σℓm/Σm is the correct
 //! value; the others are what common bugs compute instead. Counts saturate rather than wrap.
 #![warn(clippy::arithmetic_side_effects)]
 

@@ -2,7 +2,8 @@
 //!
 //! Pure code. For every batch, the user's scalar is compared with candidate formulas
 //! ("hypotheses") computed from the same per-token cross-entropies: the correct masked token
-//! mean and the aggregates that common masking and normalisation bugs produce (DOMAIN.md). A
+//! mean and the aggregates that common masking and normalisation bugs produce (the formula
+//! table of docs/guide.md). A
 //! hypothesis matches when it agrees with the user's value within its tolerance on every batch
 //! where it is defined. The tolerance is derived, not fixed: each formula applied to the
 //! per-position float32 rounding bounds (`loss::weights::f32_error_scale`) gives how far a
