@@ -1,7 +1,8 @@
 # maskaudit: `make demo` and `make test` each do all of their own set-up.
 #
-# Set-up installs PyTorch 2.11.0 (the version tch 0.24 is built against) and transformers (for
-# the Hugging Face exporter, tools/maskaudit-export.py) into a venv under the user's cache
+# Set-up installs PyTorch 2.11.0 (the version tch 0.24 is built against), transformers (for
+# the Hugging Face exporter, tools/maskaudit-export.py) and trl (whose SFTTrainer's batches the
+# tests audit, tests/export/trl_pipelines.py) into a venv under the user's cache
 # directory, shared by every clone, and links .libtorch to its torch/ folder, which
 # .cargo/config.toml hands to torch-sys. With LIBTORCH or LIBTORCH_USE_PYTORCH=1 in the
 # environment, that libtorch is used and nothing is installed; Python then is $(PYTHON), which
@@ -11,6 +12,8 @@ SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 TORCH_VERSION := 2.11.0
 TRANSFORMERS_VERSION := 5.24.0
+# trl beside transformers: tests/export/trl_pipelines.py runs its SFTTrainer's real batches.
+TRL_VERSION := 1.16.0
 CACHE_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/maskaudit
 VENV ?= $(CACHE_DIR)/venv-torch-$(TORCH_VERSION)
 PYTHON ?= python3
@@ -27,7 +30,7 @@ VENV_PYTHON := $(PYTHON)
 FROM_ENV := 1
 else
 VENV_PYTHON := $(VENV)/bin/python
-TRANSFORMERS_STAMP := $(VENV)/.installed-transformers-$(TRANSFORMERS_VERSION)
+TRANSFORMERS_STAMP := $(VENV)/.installed-transformers-$(TRANSFORMERS_VERSION)-trl-$(TRL_VERSION)
 setup: $(VENV)/.installed $(TRANSFORMERS_STAMP)
 	@torch_dir=$$($(VENV_PYTHON) -c 'import os, torch; print(os.path.dirname(torch.__file__))'); \
 	if [ "$$(readlink .libtorch 2>/dev/null)" != "$$torch_dir" ]; then ln -sfn "$$torch_dir" .libtorch; fi
@@ -50,9 +53,9 @@ $(VENV)/.installed:
 $(TRANSFORMERS_STAMP): | $(VENV)/.installed
 	@exec 9>$(CACHE_DIR)/.lock; flock 9; \
 	if [ ! -f $@ ]; then \
-	  echo "installing transformers $(TRANSFORMERS_VERSION) into $(VENV) (once)"; \
+	  echo "installing transformers $(TRANSFORMERS_VERSION) and trl $(TRL_VERSION) into $(VENV) (once)"; \
 	  $(VENV)/bin/python -m pip install --quiet --disable-pip-version-check \
-	    transformers==$(TRANSFORMERS_VERSION) safetensors; \
+	    transformers==$(TRANSFORMERS_VERSION) trl==$(TRL_VERSION) safetensors; \
 	  rm -f $(VENV)/.installed-transformers-*; \
 	  touch $@; \
 	fi
@@ -70,6 +73,11 @@ hf-models: setup
 	  echo "skipping tests/export/build_models.py: $(VENV_PYTHON) has no torch or transformers"; \
 	else \
 	  nice $(VENV_PYTHON) tests/export/build_models.py; \
+	  if $(VENV_PYTHON) -c 'import trl' 2>/dev/null; then \
+	    nice $(VENV_PYTHON) tests/export/trl_pipelines.py >/dev/null; \
+	  else \
+	    echo "skipping tests/export/trl_pipelines.py: $(VENV_PYTHON) has no trl"; \
+	  fi; \
 	fi
 
 test: setup hf-models test-tools
