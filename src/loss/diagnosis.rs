@@ -6,7 +6,7 @@
 //! table of docs/guide.md). A
 //! hypothesis matches when it agrees with the user's value within its tolerance on every batch
 //! where it is defined. The tolerance is derived, not fixed: each formula applied to the
-//! per-position float32 rounding bounds (`loss::weights::f32_error_scale`) gives how far a
+//! per-position float32 rounding bounds (`loss::weights::log_softmax_error`) gives how far a
 //! correct float32 loss may stray from it (so a confident model, whose losses are far below
 //! the rounding of its logits, is not called wrong), plus the rounding of the sum itself and
 //! the user's `--rtol`. The invariance probes (run by `loss::user`) and the gradient's weights

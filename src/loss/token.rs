@@ -451,8 +451,9 @@ pub mod fused_ce {
         scratch[target] = pt;
         let (gt, dt) = (f64::from(g[target]), f64::from(pt) - 1.0);
         let big = off.big.max(z[target].abs());
-        let unit = crate::loss::weights::F32_UNIT
-            * crate::loss::weights::f32_error_scale(f64::from(lse), f64::from(big), z.len());
+        let loss = f64::from(lse) - f64::from(z[target]);
+        let unit =
+            crate::loss::weights::log_softmax_error(f64::from(lse), f64::from(big), z.len(), loss);
         let sums = crate::loss::weights::FitSums {
             off_gp: off.gp,
             off_pp: off.pp,

@@ -563,14 +563,16 @@ impl LossAudit {
         });
     }
 
-    /// Compares the user's loss on one batch; `next` holds the sums of the batch's next-token
-    /// losses under its mask, as `check` took them for the dataset's totals.
+    /// Compares the user's loss on one batch; `losses` are the batch's next-token losses
+    /// (`[B, T-1]`) and `next` their sums under its mask, as `check` took them for the
+    /// dataset's totals.
     pub fn observe(
         &mut self,
         model: &dyn LoadedModel,
         batch: &Batch,
         tensors: &BatchTensors,
         logits: &Tensor,
+        losses: &[f32],
         next: &BatchSums,
         num_items: i64,
     ) -> anyhow::Result<UserBatch> {
@@ -620,7 +622,7 @@ impl LossAudit {
             unshifted: (&unshifted, &batch.mask),
             double_shifted: (&double, &double_mask),
         });
-        let tolerances = tolerances(logits, batch, &hypotheses)?;
+        let tolerances = tolerances(logits, batch, &hypotheses, [losses, &unshifted, &double])?;
         self.diagnosis.observe(compared, &hypotheses, &tolerances);
 
         let trained = hypotheses[Hypothesis::MaskedTokenMean.index()].is_some();
@@ -868,35 +870,36 @@ fn padding_note(failure: &str) -> String {
     }
 }
 
-/// Each hypothesis's absolute tolerance on one batch: the formula applied to the rounding bound
-/// of every position (`weights::f32_error_scale`, with |lse| bounded by max|z| + ln V), plus
+/// Each hypothesis's absolute tolerance on one batch: the formula applied to the
+/// `weights::log_softmax_error` of every position and target (|lse| bounded by max|z| + ln V;
+/// the losses of the three alignments, `next`, `unshifted` and `double`, for the drift), plus
 /// the rounding of a float32 sum over the batch's positions.
 fn tolerances(
     logits: &Tensor,
     batch: &Batch,
     values: &[Option<f64>; 7],
+    losses: [&[f32]; 3],
 ) -> anyhow::Result<[Option<f64>; 7]> {
     let v = logits.size()[2];
     let (lo, hi) = logits.f_aminmax(-1, false)?;
     let big = lo.f_abs()?.f_maximum(&hi.f_abs()?)?;
     let big = Vec::<f32>::try_from(big.f_to_device(Device::Cpu)?.f_flatten(0, -1)?)?;
     let ln_v = (v as f64).ln();
-    let bound: Vec<f32> = big
-        .iter()
-        .map(|&m| {
-            let m = f64::from(m);
-            let scale = weights::f32_error_scale(m + ln_v, m, v as usize);
-            (weights::ROUNDING_SAFETY * weights::F32_UNIT * scale) as f32
-        })
-        .collect();
     let t = batch.seq_len;
-    let aligned = |shift: usize| -> Vec<f32> {
-        let n = t.saturating_sub(shift);
-        (0..batch.rows)
-            .flat_map(|r| bound[r * t..r * t + n].iter().copied())
-            .collect()
-    };
-    let (next, unshifted, double) = (aligned(1), aligned(0), aligned(2));
+    // Shifts 1, 0 and 2: the error of each position's log-softmax against its target there.
+    let [next, unshifted, double] = [(1, losses[0]), (0, losses[1]), (2, losses[2])].map(
+        |(shift, loss): (usize, &[f32])| -> Vec<f32> {
+            let n = t.saturating_sub(shift);
+            (0..batch.rows)
+                .flat_map(|r| (0..n).map(move |p| (r, p)))
+                .zip(loss)
+                .map(|((r, p), &l)| {
+                    let m = f64::from(big[r * t + p]);
+                    weights::log_softmax_error(m + ln_v, m, v as usize, f64::from(l)) as f32
+                })
+                .collect()
+        },
+    );
     let target_mask = batch.target_mask();
     let double_mask = batch.shifted_mask(2);
     let mut out = batch_hypotheses(&BatchLosses {

@@ -146,10 +146,9 @@ fn fit_chunk(
     let big = z.f_abs()?.f_amax([-1], false)?;
     let host = |x: &Tensor| Vec::<f64>::try_from(x.f_to_device(tch::Device::Cpu)?);
     let (lse, big) = (host(&lse)?, host(&big)?);
-    let units: Vec<f64> = lse
-        .iter()
-        .zip(&big)
-        .map(|(&l, &m)| F32_UNIT * f32_error_scale(l, m, v as usize))
+    let z_t = host(&z.f_gather(1, target, false)?.f_flatten(0, -1)?)?;
+    let units: Vec<f64> = (0..n as usize)
+        .map(|k| log_softmax_error(lse[k], big[k], v as usize, lse[k] - z_t[k]))
         .collect();
     let zeros = Tensor::f_zeros([n, 1], (Kind::Double, device))?;
     let off = Tensor::f_ones([n, v], (Kind::Double, device))?.f_scatter(1, target, &zeros)?;
@@ -195,15 +194,25 @@ fn fit_chunk(
 /// Half a unit in the last place of a float32 number, relative: 2⁻²⁴.
 pub const F32_UNIT: f64 = 5.960_464_477_539_063e-8;
 
-/// How many of [`f32_error_scale`]'s units a correct float32 computation may be off by: a
-/// few roundings per term, with room.
+/// How many roundings at the logits' magnitude a correct float32 log-softmax may be off by.
 pub const ROUNDING_SAFETY: f64 = 8.0;
 
-/// The absolute error, in float32 units, of one position's log-softmax computed in float32:
-/// the subtraction z − lse is rounded at the logits' magnitude, and the sum of V exponentials
-/// inside lse drifts by about √V roundings.
-pub fn f32_error_scale(lse: f64, max_abs_logit: f64, vocab: usize) -> f64 {
-    1.0 + lse.abs() + max_abs_logit + (vocab as f64).sqrt()
+/// Lanes of the narrowest vector sum a float32 log-softmax is likely to take (AVX2's 8):
+/// each lane adds V/8 exponentials one after the other.
+pub const SUM_LANES: f64 = 8.0;
+
+/// How far a correct float32 log-softmax (and so cross-entropy) of one position may be off,
+/// absolutely: [`ROUNDING_SAFETY`] roundings of the subtraction z − lse at the logits'
+/// magnitude, plus the drift of the sum of V exponentials inside lse, which libtorch's CPU
+/// kernel adds V/8 at a time into f32 lanes. One of those lanes holds the maximum's term, 1,
+/// and every term added to it is rounded at 1: up to V/8 roundings, 2·u·V/8, in the worst case
+/// (seen: 1.4·10⁻⁴ at V = 32000). But the sum cannot lose more than its small part, e^ℓ − 1 ≈
+/// ℓ, so the drift is at most twice the loss `loss` itself: on a confident model, whose losses
+/// are far below that, the value of a formula says little, and the gradient's weights decide.
+pub fn log_softmax_error(lse: f64, max_abs_logit: f64, vocab: usize, loss: f64) -> f64 {
+    let rounding = ROUNDING_SAFETY * F32_UNIT * (1.0 + lse.abs() + max_abs_logit);
+    let drift = 2.0 * (F32_UNIT * vocab as f64 / SUM_LANES).min(loss.abs());
+    rounding + drift
 }
 
 /// The relative error of the target's component of the fit above which [`fit`] leaves it out:
@@ -226,12 +235,12 @@ pub struct FitSums {
     pub d_t: f64,
 }
 
-/// One position's weight, given `unit` (the absolute rounding of its float32 log-softmax,
-/// which g_t carries as w·unit). The plain least-squares fit over every component, unless the
+/// One position's weight, given `error` (its [`log_softmax_error`], which g_t carries as
+/// w·error). The plain least-squares fit over every component, unless the
 /// target's rounding exceeds [`TARGET_FIT_ERROR`] of d_t while the other components have
 /// cross-entropy's shape ([`OFF_TARGET_SHAPE`]): then those alone. 0 where there is nothing
 /// to fit.
-pub fn fit(s: FitSums, unit: f64) -> f64 {
+pub fn fit(s: FitSums, error: f64) -> f64 {
     let ratio = |a: f64, b: f64| {
         if b > 0.0 && (a / b).is_finite() {
             a / b
@@ -240,7 +249,7 @@ pub fn fit(s: FitSums, unit: f64) -> f64 {
         }
     };
     let plain = ratio(s.off_gp + s.g_t * s.d_t, s.off_pp + s.d_t * s.d_t);
-    let target_error = ROUNDING_SAFETY * unit / s.d_t.abs();
+    let target_error = error / s.d_t.abs();
     if target_error <= TARGET_FIT_ERROR || s.off_pp <= 0.0 || s.off_gg <= 0.0 {
         return plain;
     }
@@ -254,13 +263,12 @@ pub fn fit(s: FitSums, unit: f64) -> f64 {
 }
 
 /// The residual ‖g − w·d‖/‖g‖ that rounding alone can leave at one position of a correct
-/// float32 loss, given `unit` (an absolute error of its float32 log-softmax, see
-/// [`f32_error_scale`]) and the fitted weight `w`: every component of g (and of maskaudit's
-/// own d) is off by about unit·p_j, the target's by unit absolute, so ‖g − w·d‖ may reach
-/// unit·√(1 + Σp²)·|w|. Where the model is certain, ‖g‖ → 0 against that and the tolerance
-/// grows without bound instead of calling rounding a leak.
-pub fn residual_tolerance(unit: f64, sum_p2: f64, w: f64, g_norm: f64) -> f64 {
-    let tolerance = ROUNDING_SAFETY * unit * (1.0 + sum_p2).sqrt() * w.abs() / g_norm;
+/// float32 loss, given `error` (its [`log_softmax_error`]) and the fitted weight `w`: every
+/// component of g (and of maskaudit's own d) is off by about error·p_j, the target's by error
+/// absolute, so ‖g − w·d‖ may reach error·√(1 + Σp²)·|w|. Where the model is certain, ‖g‖ → 0
+/// against that and the tolerance grows without bound instead of calling rounding a leak.
+pub fn residual_tolerance(error: f64, sum_p2: f64, w: f64, g_norm: f64) -> f64 {
+    let tolerance = error * (1.0 + sum_p2).sqrt() * w.abs() / g_norm;
     if tolerance.is_nan() {
         f64::INFINITY
     } else {
