@@ -572,8 +572,7 @@ impl LossAudit {
         batch: &Batch,
         tensors: &BatchTensors,
         logits: &Tensor,
-        losses: &[f32],
-        next: &BatchSums,
+        (losses, next): (&[f32], &BatchSums),
         num_items: i64,
     ) -> anyhow::Result<UserBatch> {
         let device = logits.device();

@@ -284,7 +284,7 @@ pub(super) fn process_batch(
                 _ => logits.shallow_clone(),
             };
             let user = audit
-                .observe(model, batch, &tensors, &logits, &losses, &sums, num_items)
+                .observe(model, batch, &tensors, &logits, (&losses, &sums), num_items)
                 .with_context(|| {
                     format!(
                         "your loss, on the batch starting at {}",
