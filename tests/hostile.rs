@@ -815,6 +815,49 @@ fn maskaudit_stdin_from(args: &[String], stdin: &str, env: &[(&str, &str)]) -> O
 
 const OUTPUT_OPTIONS: [&str; 4] = ["--weights-out", "--junit", "--html", "--write-baseline"];
 
+/// The report itself, appended onto an input (`maskaudit … >> INPUT`): exit 2 before the run,
+/// and every input byte for byte as it was; appended to another file, the run goes on.
+#[test]
+fn standard_output_cannot_append_to_an_input() {
+    let dir = TempDir::new("safety-stdout");
+    let inputs = safety_inputs(&dir);
+    let before = contents(&inputs);
+    let scratch = dir.path().join("scratch.html").display().to_string();
+    let data = inputs[0].1.clone();
+    let args = safety_args(&inputs, &data, None, &scratch);
+    for (what, input) in inputs.iter().take(4) {
+        let out = Command::new(env!("CARGO_BIN_EXE_maskaudit"))
+            .args(&args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env_remove("GITHUB_STEP_SUMMARY")
+            .stdout(
+                std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(input)
+                    .unwrap(),
+            )
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(out.status.code(), Some(2), "{what}: {stderr}");
+        assert!(
+            stderr.contains("standard output is the"),
+            "{what}: {stderr}"
+        );
+        assert_eq!(contents(&inputs), before, "{what} was written to");
+    }
+    let report = dir.path().join("report.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_maskaudit"))
+        .args(&args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("GITHUB_STEP_SUMMARY")
+        .stdout(std::fs::File::create(&report).unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(std::fs::metadata(&report).unwrap().len() > 0);
+}
+
 /// Every output (the four options and GITHUB_STEP_SUMMARY) aimed at every input, by its path,
 /// a symbolic link and a hard link: exit 2 naming the output, and every input byte for byte
 /// as it was. Long because it is one table: outputs × inputs × ways to name a file.

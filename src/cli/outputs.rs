@@ -209,6 +209,26 @@ pub fn check(outputs: &[Planned], inputs: &[Input]) -> Result<(), String> {
     Ok(())
 }
 
+/// What standard output is when it is a regular file (`maskaudit … >> FILE`), `fstat(1)`.
+fn stdout_id() -> Option<FileId> {
+    let fd = io::stdout().as_fd().try_clone_to_owned().ok()?;
+    let meta = File::from(fd).metadata().ok()?;
+    meta.is_file().then(|| FileId::of(&meta))
+}
+
+/// The report on standard output is an output too: appended to an input (`>> data.jsonl`),
+/// it would grow the file being read. (`> data.jsonl` has emptied it before the run starts:
+/// that the shell does, and the run then finds no data.)
+fn check_stdout(stdout: Option<FileId>, inputs: &[Input]) -> Result<(), String> {
+    match inputs.iter().find(|input| Some(input.id) == stdout) {
+        Some(input) => Err(format!(
+            "standard output is the {} of this run ({}); refusing to write the report onto an input, redirect it to another file",
+            input.what, input.shown
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Where an output's bytes go until the run ends.
 struct Staged {
     output: Output,
@@ -258,6 +278,7 @@ impl Outputs {
             });
         }
         check(&planned, inputs).map_err(|e| anyhow!(e))?;
+        check_stdout(stdout_id(), inputs).map_err(|e| anyhow!(e))?;
         let mut staged = Vec::with_capacity(planned.len());
         for plan in planned {
             let shown = plan.path.display().to_string();
@@ -369,6 +390,26 @@ fn temp_file(dir: &Path, name: &OsString, mode: Option<u32>) -> io::Result<(File
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn standard_output_onto_an_input_is_refused() {
+        let data = Input {
+            what: "DATA",
+            shown: "d.jsonl".into(),
+            id: FileId { dev: 1, ino: 7 },
+        };
+        let err =
+            check_stdout(Some(FileId { dev: 1, ino: 7 }), std::slice::from_ref(&data)).unwrap_err();
+        assert!(
+            err.starts_with("standard output is the DATA of this run (d.jsonl)"),
+            "{err}"
+        );
+        assert_eq!(
+            check_stdout(Some(FileId { dev: 1, ino: 8 }), std::slice::from_ref(&data)),
+            Ok(())
+        );
+        assert_eq!(check_stdout(None, &[data]), Ok(()));
+    }
 
     fn id(ino: u64) -> FileId {
         FileId { dev: 1, ino }
