@@ -75,8 +75,9 @@ hf-models: setup
 	  nice $(VENV_PYTHON) tests/export/build_models.py; \
 	  if $(VENV_PYTHON) -c 'import trl' 2>/dev/null; then \
 	    nice $(VENV_PYTHON) tests/export/trl_pipelines.py >/dev/null; \
+	    nice $(VENV_PYTHON) tests/export/capture_runs.py >/dev/null; \
 	  else \
-	    echo "skipping tests/export/trl_pipelines.py: $(VENV_PYTHON) has no trl"; \
+	    echo "skipping tests/export/trl_pipelines.py and capture_runs.py: $(VENV_PYTHON) has no trl"; \
 	  fi; \
 	fi
 

@@ -514,11 +514,24 @@ fn check_shown(command: &str, makefile: &str, console: &[String], dir: &Path) ->
         // `# check and lint …` lines name options of both: each must be in one of the two.
         return (!missing.is_empty()).then(|| format!("not in `{subcommand} --help`: {missing:?}"));
     }
+    // A capture runs with the model it was captured from (tests/export/capture_runs.py).
+    let captured = args.contains(&"run.parquet");
     let fixtures = [
-        ("model.pt", "fixtures/tiny_lm.pt"),
+        (
+            "model.pt",
+            if captured {
+                "target/hf-models/capture/model.pt"
+            } else {
+                "fixtures/tiny_lm.pt"
+            },
+        ),
         ("data/train.jsonl", "fixtures/ragged.jsonl"),
         ("data.jsonl", "fixtures/ragged.jsonl"),
         ("sft.jsonl", "fixtures/ragged.jsonl"),
+        (
+            "run.parquet",
+            "target/hf-models/capture/sft_accumulation/run.parquet",
+        ),
     ];
     let args: Vec<String> = args
         .iter()

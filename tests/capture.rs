@@ -1,0 +1,76 @@
+//! `maskaudit.capture` (python/maskaudit) on real trainers: a trl SFTTrainer with gradient
+//! accumulation, and a plain loop through the forward hook, captured by
+//! tests/export/capture_runs.py (`make hf-models`, under target/hf-models/capture; it also
+//! fails unless training is identical with and without the capture). `check` reads the
+//! Parquet capture as the trainer batched it and gives the trainer's numbers.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use serde_json::Value;
+
+fn dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/hf-models/capture");
+    assert!(
+        dir.join("model.pt").is_file(),
+        "{} is missing: run `make hf-models` (make test does)",
+        dir.display()
+    );
+    dir
+}
+
+#[test]
+fn a_capture_is_checked_with_the_trainers_numbers() {
+    let dir = dir();
+    let model = dir.join("model.pt").display().to_string();
+    for case in ["sft_accumulation", "plain_loop"] {
+        let expected: Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join(case).join("expected.json")).unwrap(),
+        )
+        .unwrap();
+        let data = dir.join(case).join("run.parquet").display().to_string();
+        let batch = expected["batch_size"].to_string();
+        let out = maskaudit(&[
+            "check",
+            "--device",
+            "cpu",
+            "--format",
+            "json",
+            &model,
+            &data,
+            "--batch-size",
+            &batch,
+            "--pad-id",
+            "0",
+        ]);
+        assert_eq!(out.code, 0, "{case}: {out:?}");
+        let json: Value = serde_json::from_str(&out.stdout).unwrap();
+        let loud: Vec<&Value> = json["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["severity"] != "info")
+            .collect();
+        assert!(loud.is_empty(), "{case}: {loud:?}");
+        assert_eq!(json["data"]["batches"], expected["micro_batches"], "{case}");
+        assert_eq!(
+            json["data"]["supervised_positions"], expected["trained"],
+            "{case}"
+        );
+        // Exact against the eager model in float64; the trainer's own float32 number (trl's
+        // fused LM head) is within its rounding.
+        let got = json["losses"]["masked_token_mean"].as_f64().unwrap();
+        let want = expected["token_mean"].as_f64().unwrap();
+        assert!(
+            (got - want).abs() <= 1e-6 * want,
+            "{case}: maskaudit {got}, exact {want}"
+        );
+        let trainer = expected["trainer_token_mean"].as_f64().unwrap();
+        assert!(
+            (got - trainer).abs() <= 1e-4 * trainer,
+            "{case}: maskaudit {got}, the trainer's {trainer}"
+        );
+    }
+}

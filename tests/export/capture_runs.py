@@ -1,0 +1,173 @@
+#!/usr/bin/env python3
+"""`maskaudit.capture` on real trainers (run by `make hf-models`, read by tests/capture.rs).
+
+    capture_runs.py [--out DIR]        (default target/hf-models/capture)
+
+A tiny Llama (tests/export/trl_pipelines.py's, exported to DIR/model.pt) is trained twice for
+two optimizer steps with the same seed, once plainly and once with
+`maskaudit.capture(trainer, path, steps=1)`: the logged losses must be identical (a capture
+never changes training; this script fails otherwise). Cases:
+
+    sft_accumulation   trl SFTTrainer, completion-only, batches of 2, gradient accumulation 2
+    plain_loop         a hand-written loop through `maskaudit.capture_forward` (accumulation 2)
+
+DIR/<case>/run.parquet is the capture; DIR/<case>/expected.json holds {"batch_size",
+"micro_batches", "trained", "trainer_token_mean", "token_mean"}: trainer_token_mean = Σ over
+the captured micro-batches of the trainer's loss × its normaliser (num_items_in_batch, or the
+micro-batch's own count for a per-micro-batch mean) / Σ trained targets, the captured steps'
+token mean as the trainer computed it; token_mean the same from the eager model in float64.
+
+Skipped when DIR/.stamp matches this script, the capture module and the library versions.
+"""
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT / "python"))
+
+import trl_pipelines as tp  # noqa: E402
+
+CAPTURE = ROOT / "python" / "maskaudit" / "capture.py"
+# One captured step: its micro-batches all run on the weights exported before training, so
+# check's numbers equal the trainer's exactly (later steps run on updated weights).
+STEPS, BATCH, ACCUM = 1, 2, 2
+
+
+def stamp_text() -> str:
+    h = hashlib.sha256()
+    for path in (Path(__file__), CAPTURE, tp.EXPORTER):
+        h.update(path.read_bytes())
+    return h.hexdigest() + " " + tp.stamp_text()
+
+
+def sft(hf_dir: Path, tmp: Path, path):
+    import numpy as np
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    import maskaudit
+
+    torch.manual_seed(tp.SEED)
+    rng = np.random.default_rng(tp.SEED)
+    rows = [{"prompt": tp.words(rng, int(rng.integers(1, 8))),
+             "completion": " " + tp.words(rng, int(rng.integers(1, 12)))} for _ in range(16)]
+    args = SFTConfig(
+        output_dir=str(tmp / "out"), per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=ACCUM, max_steps=STEPS + 1, report_to=[], seed=tp.SEED,
+        data_seed=tp.SEED, use_cpu=True, save_strategy="no", logging_steps=1,
+    )
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(hf_dir), args=args,
+        train_dataset=Dataset.from_list(rows), processing_class=tp.tokenizer(False),
+    )
+    if path is not None:
+        maskaudit.capture(trainer, path, steps=STEPS)
+    trainer.train()
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def plain_loop(hf_dir: Path, path):
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import maskaudit
+
+    torch.manual_seed(tp.SEED)
+    rng = np.random.default_rng(tp.SEED)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    hook = maskaudit.capture_forward(model, path, steps=STEPS, accumulation=ACCUM) if path else None
+    losses = []
+    for step in range(STEPS + 1):
+        for _ in range(ACCUM):
+            lens = [int(n) for n in rng.integers(3, 12, size=BATCH)]
+            width = max(lens)
+            ids = torch.zeros(BATCH, width, dtype=torch.long)
+            att = torch.zeros(BATCH, width, dtype=torch.long)
+            for r, n in enumerate(lens):
+                ids[r, :n] = torch.from_numpy(rng.integers(3, tp.VOCAB, size=n))
+                att[r, :n] = 1
+            labels = ids.masked_fill(att == 0, -100)
+            loss = model(input_ids=ids, attention_mask=att, labels=labels).loss
+            (loss / ACCUM).backward()
+            losses.append(loss.item())
+        opt.step()
+        opt.zero_grad()
+    if hook is not None:
+        hook.close()
+    return losses
+
+
+def expected(path: Path, per_micro_batch_mean: bool, hf_dir: Path) -> dict:
+    """The trainer's numbers from the capture, and the truth: the eager model in float64 on
+    the captured micro-batches (trl's fused LM head is off by about 2e-5 in float32)."""
+    import pyarrow.parquet as pq
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir).double().eval()
+    d = pq.read_table(path).to_pydict()
+    keys = list(zip(d["maskaudit_step"], d["maskaudit_micro_batch"]))
+    groups = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(k, []).append(i)
+    total, exact, trained = 0.0, 0.0, 0
+    for rows in groups.values():
+        batch = {k: torch.tensor([d[k][i] for i in rows])
+                 for k in ("input_ids", "attention_mask", "labels")}
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        loss = d["maskaudit_trainer_loss"][rows[0]]
+        norm = n if per_micro_batch_mean else d["maskaudit_num_items_in_batch"][rows[0]]
+        total += loss * norm
+        trained += n
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        exact += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                 batch["labels"][:, 1:].reshape(-1), reduction="sum").item()
+    return {"batch_size": BATCH, "micro_batches": len(groups), "trained": trained,
+            "trainer_token_mean": total / trained, "token_mean": exact / trained}
+
+
+def main(argv) -> int:
+    out = Path(argv[argv.index("--out") + 1]) if "--out" in argv else (
+        ROOT / "target" / "hf-models" / "capture")
+    stamp = out / ".stamp"
+    if stamp.is_file() and stamp.read_text() == stamp_text():
+        print(f"captures up to date in {out}")
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        hf_dir = tp.model_dir(tmp)
+        tp.export(hf_dir, out / "model.pt")
+        for name, run, per_mb in [
+            ("sft_accumulation", lambda p: sft(hf_dir, tmp, p), False),
+            ("plain_loop", lambda p: plain_loop(hf_dir, p), True),
+        ]:
+            case = out / name
+            case.mkdir(exist_ok=True)
+            plain = run(None)
+            captured = run(case / "run.parquet")
+            if plain != captured:
+                raise SystemExit(f"{name}: the capture changed training: {plain} vs {captured}")
+            (case / "expected.json").write_text(
+                json.dumps(expected(case / "run.parquet", per_mb, hf_dir), indent=2) + "\n")
+            print(f"ok   {name}: losses identical with and without the capture")
+    stamp.write_text(stamp_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
