@@ -70,7 +70,7 @@ for t in cuda_ce cuda_runtime; do
 done
 
 CHECK="./maskaudit check $W/lm383.pt $W/edges.jsonl --pad-id 0 --batch-size 4 --device cuda --quiet --format json"
-LOSS="--loss $ROOT/fixtures/losses/correct_shifted.pt"
+LOSS="--loss $ROOT/fixtures/losses/correct_labels.pt"
 # name | command (exit 0 or 1: a check may fail, nothing may break)
 CASES=(
     "f32-tf32|$CHECK --dtype float32 --tf32 on"
@@ -88,7 +88,7 @@ sanitize() {
     local tool=$1 name=$2 cmd=$3
     local log="$W/logs/$tool-$name.log" start=$SECONDS
     # shellcheck disable=SC2086
-    compute-sanitizer --tool "$tool" --print-limit 50 --show-backtrace device $cmd >"$log" 2>&1
+    timeout "${RUN_TIMEOUT:-400}" compute-sanitizer --tool "$tool" --print-limit 50 --show-backtrace device $cmd >"$log" 2>&1
     local rc=$?
     local errors
     errors=$(grep -o 'ERROR SUMMARY: [0-9]* error' "$log" | grep -o '[0-9]*' | tail -1)
@@ -101,7 +101,7 @@ sanitize() {
         "${errors:-?}" "$((SECONDS - start))" "$kernels"
 }
 export -f sanitize
-export W
+export W RUN_TIMEOUT
 for tool in $TOOLS; do
     for c in "${CASES[@]}"; do
         printf '%s|%s\n' "$tool" "$c"

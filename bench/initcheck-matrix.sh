@@ -21,7 +21,7 @@ python3 "$ROOT/bench/gen.py" data "$W/rows.jsonl" --rows 12 --min-len 8 --max-le
     --vocab 384 >/dev/null
 M="./maskaudit check $W/lm384.pt $W/rows.jsonl --pad-id 0 --batch-size 4 --device cuda --quiet --format json"
 P="python3 $ROOT/bench/peer.py $W/lm384.pt $W/rows.jsonl --pad-id 0 --batch-size 4 --device cuda"
-LOSS="--loss $ROOT/fixtures/losses/reduce_then_mask.pt"
+LOSS="--loss $ROOT/fixtures/losses/reduce_then_mask.pt --loss-args shift_logits,targets,loss_mask"
 NC="PYTORCH_NO_CUDA_MEMORY_CACHING=1"
 # name | tool | environment | command
 cases=(
@@ -52,13 +52,13 @@ run_case() {
     IFS='|' read -r name tool envs cmd <<<"$1"
     local log="$W/logs/$name.log" start=$SECONDS
     # shellcheck disable=SC2086
-    env $envs timeout 200 compute-sanitizer --tool "$tool" --print-limit 3000 \
+    env $envs timeout "${RUN_TIMEOUT:-200}" compute-sanitizer --tool "$tool" --print-limit 3000 \
         --show-backtrace no $cmd >"$log" 2>&1
     local rc=$? errors
     errors=$(grep -o 'ERROR SUMMARY: [0-9]* error' "$log" | grep -o '[0-9]*' | tail -1)
     local kernels
     kernels=$(grep -E '^=========     at ' "$log" | sed -E 's/^=========     at //; s/\+0x[0-9a-f]+$//' |
-        sed -E 's/^void //' | cut -c1-70 | sort | uniq -c | sort -rn | head -4 |
+        sed -E 's/^void //' | cut -c1-60 | sort | uniq -c | sort -rn | head -3 |
         awk '{c=$1; $1=""; printf "%s×%s;", c, $0}')
     local ce
     ce=$(grep -o '"cross_entropy": *"[a-z+-]*"' "$log" | head -1)
