@@ -122,7 +122,8 @@ GPU_CHECK_DIR ?= target/gpu-check
 gpu-check-build: setup
 	$(CARGO) build --release --locked
 	@mkdir -p $(GPU_CHECK_DIR)
-	@cp "$${CARGO_TARGET_DIR:-target}/release/maskaudit" bench/gpu-check.sh $(GPU_CHECK_DIR)/
+	@cp "$${CARGO_TARGET_DIR:-target}/release/maskaudit" bench/gpu-check.sh bench/initcheck_linear.py \
+	    $(GPU_CHECK_DIR)/
 	@$(CARGO) test --release --locked --no-run --test cuda_ce --test cuda_runtime \
 	    --message-format=json-render-diagnostics \
 	  | grep -o '"executable":"[^"]*"' | cut -d'"' -f4 \
