@@ -19,7 +19,7 @@ VENV ?= $(CACHE_DIR)/venv-torch-$(TORCH_VERSION)
 PYTHON ?= python3
 CARGO ?= cargo
 
-.PHONY: all setup build demo test test-tools fixtures export hf-models bench check-fmt clippy fuzz
+.PHONY: all setup build demo test test-tools fixtures export hf-models bench gpu-check gpu-check-build check-fmt clippy fuzz
 
 all: build
 
@@ -120,6 +120,29 @@ fixtures: setup
 # Several minutes; BENCH_ARGS go to bench/bench.py, e.g. BENCH_ARGS='--only compute --reps 9'.
 bench: build
 	PYTHON=$(VENV_PYTHON) bench/run.sh $(BENCH_ARGS)
+
+# The GPU checks (docs/guide.md, "On a GPU"): the CUDA tests (tests/cuda_ce.rs,
+# tests/cuda_runtime.rs) and compute-sanitizer's memcheck, initcheck, racecheck and synccheck
+# over every CUDA path, each to end with 0 errors. gpu-check-build stages the release binary,
+# the CUDA test binaries and bench/gpu-check.sh in $(GPU_CHECK_DIR); on a GPU machine without
+# Rust, copy that folder into a checkout and run its gpu-check.sh. gpu-check runs it here (a
+# GPU, compute-sanitizer and a python3 with PyTorch's CUDA build needed).
+GPU_CHECK_DIR ?= target/gpu-check
+gpu-check-build: setup
+	$(CARGO) build --release --locked
+	@mkdir -p $(GPU_CHECK_DIR)
+	@cp "$${CARGO_TARGET_DIR:-target}/release/maskaudit" bench/gpu-check.sh bench/initcheck_linear.py \
+	    $(GPU_CHECK_DIR)/
+	@$(CARGO) test --release --locked --no-run --test cuda_ce --test cuda_runtime \
+	    --message-format=json-render-diagnostics \
+	  | grep -o '"executable":"[^"]*"' | cut -d'"' -f4 \
+	  | while read -r exe; do \
+	      name=$$(basename "$$exe"); cp "$$exe" "$(GPU_CHECK_DIR)/$${name%-*}"; \
+	    done
+	@echo "staged in $(GPU_CHECK_DIR): $$(ls $(GPU_CHECK_DIR) | tr '\n' ' ')"
+
+gpu-check: gpu-check-build
+	ROOT=$(CURDIR) OUT=$(GPU_CHECK_DIR)/out PYTHON=$(VENV_PYTHON) $(GPU_CHECK_DIR)/gpu-check.sh
 
 check-fmt:
 	$(CARGO) fmt --all -- --check
