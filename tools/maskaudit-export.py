@@ -417,6 +417,7 @@ class Exporter:
         layouts = [args.layout] + (["padded"] if args.layout != "padded" else [])
         impls = ["sdpa", "eager"] if args.attention == "sdpa" else ["eager"]
         fallbacks = {"attention_fallback": None, "layout_fallback": None}
+        first = None
         for li, layout in enumerate(layouts):
             for ii, impl in enumerate(impls):
                 last = li == len(layouts) - 1 and ii == len(impls) - 1
@@ -426,8 +427,14 @@ class Exporter:
                                  transformers.__version__)
                     return
                 except ExportError as exc:
-                    if exc.code == 2 or last:
-                        raise
+                    # Every attempt failed: the last layout's error, unless a second trace of
+                    # the same model failed where its first got further.
+                    if exc.code == 2 or (last and ("tracing failed" not in str(exc)
+                                                   or first is None)):
+                        raise exc
+                    if last:
+                        raise first
+                    first = exc if li == len(layouts) - 1 else None
                     if ii < len(impls) - 1:
                         fallbacks["attention_fallback"] = f"{impl}: {exc}"
                         self.say(f"  {impl} attention failed ({exc}); trying eager")
