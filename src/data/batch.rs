@@ -279,11 +279,8 @@ pub fn split_rows(
             out.push(row.clone());
         }
     }
-    let rule = PaddingRule {
-        pad_id: Some(rule.pad_id.unwrap_or(0)),
-        ..rule
-    };
-    let mut batch = pad_rows(&out, rule, path, unit)?;
+    // The fill id only: padding is still told by the rule as given.
+    let mut batch = pad_rows_filled(&out, rule, Some(rule.pad_id.unwrap_or(0)), path, unit)?;
     batch.split_rows = split;
     batch.split_documents = documents;
     Ok(batch)
@@ -296,8 +293,19 @@ pub fn pad_rows(
     path: &str,
     unit: Unit,
 ) -> Result<Batch, BatchError> {
+    pad_rows_filled(rows, rule, rule.pad_id, path, unit)
+}
+
+/// [`pad_rows`] appending `fill` (the pad id, or 0 for split rows without one).
+fn pad_rows_filled(
+    rows: &[Row],
+    rule: PaddingRule,
+    fill_id: Option<i64>,
+    path: &str,
+    unit: Unit,
+) -> Result<Batch, BatchError> {
     let seq_len = rows.iter().map(|r| r.input_ids.len()).max().unwrap_or(0);
-    let pad = match rule.pad_id {
+    let pad = match fill_id {
         Some(p) => p,
         None => {
             let longest = rows.iter().find(|r| r.input_ids.len() == seq_len);
