@@ -98,6 +98,7 @@ fn main() -> Result<()> {
             BatchTensors::new(b, tch::Device::Cpu).map(|t| BatchTensors {
                 input_ids: pin(t.input_ids),
                 attention_mask: pin(t.attention_mask),
+                position_ids: pin(t.position_ids),
             })
         })
         .collect::<Result<Vec<_>, _>>()?;

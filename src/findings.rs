@@ -90,6 +90,10 @@ codes! {
         "The data was declared pre-shifted (--shifted) but its labels are aligned with input_ids, so a loss that does not shift trains each token to predict itself.";
     PackedBoundarySupervised => "packed-boundary-supervised",
         "In packed rows, the first token of a document is a trained target, predicted from the end of the previous document.";
+    PackedRowsSplit => "packed-rows-split",
+        "Packed rows were split into their documents, each run as its own row, because the model cannot keep documents apart: the losses are the per-document truth.";
+    ModelCrossesDocuments => "model-crosses-documents",
+        "A packed row's per-token losses differ from those of its documents run alone: the model lets a document attend to the ones before it.";
     MaskLabelDisagree => "mask-label-disagree",
         "loss_mask, labels and attention_mask disagree about which tokens are trained, so the loss depends on which field the training code reads.";
     PaddingTrained => "padding-trained",

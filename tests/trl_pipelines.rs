@@ -108,3 +108,93 @@ fn a_correct_loss_on_a_correct_pipeline_passes() {
         );
     }
 }
+
+/// trl's padding-free rows, the documents given by position_ids, cu_seqlens or a 4D mask.
+const PACKED: [&str; 3] = ["packed_position_ids", "packed_cu_seqlens", "packed_4d_mask"];
+
+/// `check` on a packed case through `model`, at `batch` rows a batch.
+fn check_packed(case: &str, model: &str, batch: &str) -> (Value, Value, Output) {
+    let dir = dir();
+    let expected: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join(case).join("expected.json")).unwrap(),
+    )
+    .unwrap();
+    let model = dir.join(model).display().to_string();
+    let data = dir.join(case).join("data.jsonl").display().to_string();
+    // Packed rows are longer than the exporter's verified lengths; each document is not.
+    let args = [
+        "check",
+        "--device",
+        "cpu",
+        "--format",
+        "json",
+        &model,
+        &data,
+        "--batch-size",
+        batch,
+        "--pad-id",
+        "0",
+        "--eos-id",
+        "2",
+        "--allow",
+        "model-length-unverified",
+    ];
+    let out = maskaudit(&args);
+    let json = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{case}: {e}: {out:?}"));
+    (json, expected, out)
+}
+
+#[test]
+fn packed_rows_give_the_trainers_loss_kept_apart_or_split() {
+    for case in PACKED {
+        for (model, split) in [("model.pt", false), ("model_padded.pt", true)] {
+            for batch in ["1", "4"] {
+                let what = format!("{case} through {model} at batch size {batch}");
+                let (json, expected, out) = check_packed(case, model, batch);
+                assert_eq!(out.code, 0, "{what}: {out:?}");
+                assert_eq!(loud(&json), Vec::<String>::new(), "{what}");
+                assert_eq!(
+                    json["data"]["supervised_positions"], expected["trained"],
+                    "{what}"
+                );
+                let got = json["losses"]["masked_token_mean"].as_f64().unwrap();
+                let want = expected["token_mean"].as_f64().unwrap();
+                assert!(
+                    (got - want).abs() <= 1e-5 * want.abs(),
+                    "{what}: maskaudit {got}, transformers {want}"
+                );
+                let packing = &json["data"]["packing"];
+                assert!(packing["packed_rows"].as_u64().unwrap() > 0, "{what}");
+                let split_codes = json["findings"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|f| f["code"] == "packed-rows-split")
+                    .count();
+                if split {
+                    assert!(packing["split_documents"].as_u64().unwrap() > 4, "{what}");
+                    assert_eq!(split_codes, 1, "{what}");
+                } else {
+                    assert_eq!(packing["split_rows"], 0, "{what}");
+                    assert_eq!(split_codes, 0, "{what}");
+                    let d = packing["probe_difference"].as_f64().unwrap();
+                    assert!(d <= packing["probe_tolerance"].as_f64().unwrap(), "{what}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_model_that_lets_documents_attend_across_fails_the_packing_probe() {
+    let (json, _, out) = check_packed("packed_cu_seqlens", "model_crossing.pt", "1");
+    assert_eq!(out.code, 1, "{out:?}");
+    let codes: Vec<&str> = json["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["severity"] == "error")
+        .map(|f| f["code"].as_str().unwrap())
+        .collect();
+    assert_eq!(codes, ["model-crosses-documents"], "{json}");
+}

@@ -194,6 +194,76 @@ class LogitsOnly(nn.Module):
         return out.logits
 
 
+def document_mask(position_ids: Tensor, attention_mask: Optional[Tensor], dtype) -> Tensor:
+    """The additive 4D mask [B, 1, T, T] keeping a packed row's documents apart: a query sees
+    the keys at or before it in its own document (and, with an attention mask, not padding).
+    A document starts wherever the position does not go up by one (transformers' own rule for
+    padding-free batches, find_packed_sequence_indices). Built from tensors only, so a trace
+    keeps it for every row."""
+    first = position_ids[:, :1] - 1
+    doc = (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
+    index = torch.arange(position_ids.shape[1], device=position_ids.device)
+    causal = index[None, :] <= index[:, None]
+    allowed = causal[None] & (doc[:, :, None] == doc[:, None, :])
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.bool()[:, None, :]
+    zeros = torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device)
+    # The dtype's minimum, not -inf: a query that sees nothing (left padding) stays finite.
+    return zeros.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+class PackedLogits(nn.Module):
+    """forward(input_ids, attention_mask, position_ids) -> logits [B, T, V], documents apart."""
+
+    def __init__(self, model: nn.Module, dtype):
+        super().__init__()
+        self.model = model
+        self.dtype = dtype
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
+        mask = document_mask(position_ids, attention_mask, self.dtype)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                         use_cache=False)
+        return out.logits
+
+
+class PaddingFreeLogits(nn.Module):
+    """forward(input_ids, position_ids) -> logits [B, T, V]: trl's padding-free rows."""
+
+    def __init__(self, model: nn.Module, dtype):
+        super().__init__()
+        self.model = model
+        self.dtype = dtype
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
+        mask = document_mask(position_ids, None, self.dtype)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                         use_cache=False)
+        return out.logits
+
+
+# --layout: the traced forward's arguments and the row layouts its record says it supports.
+LAYOUTS = {
+    "packed": (["input_ids", "attention_mask", "position_ids"], ["padded", "packed_position_ids"]),
+    "padding-free": (["input_ids", "position_ids"], ["packed_position_ids"]),
+    "padded": (["input_ids", "attention_mask"], ["padded"]),
+}
+
+
+@contextlib.contextmanager
+def attention(model: nn.Module, implementation: str):
+    """The model runs with this attention implementation inside the block."""
+    before = model.config._attn_implementation
+    try:
+        model.set_attn_implementation(implementation)
+    except Exception as exc:  # noqa: BLE001: a model without it falls back
+        raise ExportError(f"no {implementation} attention: {first_line(exc, 120)}")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
+
+
 def load_model(model_dir: Path, dtype: torch.dtype):
     if not model_dir.exists():
         raise ExportError(f"{model_dir}: no such directory", 2)
@@ -331,21 +401,68 @@ class Exporter:
         vocab = config_int(config, "vocab_size") or 2
         max_pos = config_int(config, "max_position_embeddings")
         window = config_int(config, "sliding_window")
-        wrapper = LogitsOnly(model).eval()
-        self.wrapper = wrapper
+        # The reference every check compares with: the eager model, documents run alone.
+        self.wrapper = LogitsOnly(model).eval()
+        self.model = model
 
         trace_len = args.trace_length
         if max_pos is not None and trace_len > max_pos:
             trace_len = max_pos
-        example = self.batch([trace_len, max(1, trace_len - trace_len // 3)], vocab)
         self.say(
             f"maskaudit-export: {architecture} ({model_type}) from {model_dir}, {self.dtype_name}, "
             f"traced at length {trace_len} (2 rows, one right-padded)"
         )
+        # SDPA where it verifies, else eager; the packed layouts where they verify, else the
+        # padded one. Each fallback's reason goes into the record.
+        layouts = [args.layout] + (["padded"] if args.layout != "padded" else [])
+        impls = ["sdpa", "eager"] if args.attention == "sdpa" else ["eager"]
+        fallbacks = {"attention_fallback": None, "layout_fallback": None}
+        first = None
+        for li, layout in enumerate(layouts):
+            for ii, impl in enumerate(impls):
+                last = li == len(layouts) - 1 and ii == len(impls) - 1
+                try:
+                    self.attempt(layout, impl, fallbacks, out, model_dir, architecture,
+                                 model_type, vocab, max_pos, window, trace_len,
+                                 transformers.__version__)
+                    return
+                except ExportError as exc:
+                    # Every attempt failed: the last layout's error, unless a second trace of
+                    # the same model failed where its first got further.
+                    if exc.code == 2 or (last and ("tracing failed" not in str(exc)
+                                                   or first is None)):
+                        raise exc
+                    if last:
+                        raise first
+                    first = exc if li == len(layouts) - 1 else None
+                    if ii < len(impls) - 1:
+                        fallbacks["attention_fallback"] = f"{impl}: {exc}"
+                        self.say(f"  {impl} attention failed ({exc}); trying eager")
+                    else:
+                        fallbacks["layout_fallback"] = f"{layout}: {exc}"
+                        self.say(f"  layout {layout} failed ({exc}); trying padded")
+
+    def attempt(self, layout, impl, fallbacks, out, model_dir, architecture, model_type, vocab,
+                max_pos, window, trace_len, tf_version) -> None:
+        """Traces one layout with one attention implementation, verifies and writes it."""
+        args = self.args
+        model = self.model
+        self.layout = layout
+        if layout == "packed":
+            wrapper = PackedLogits(model, self.dtype).eval()
+        elif layout == "padding-free":
+            wrapper = PaddingFreeLogits(model, self.dtype).eval()
+        else:
+            wrapper = LogitsOnly(model).eval()
+        ids, mask = self.batch([trace_len, max(1, trace_len - trace_len // 3)], vocab)
+        example = self.inputs(ids, mask)
+        self.say(f"  layout {layout}: forward({', '.join(LAYOUTS[layout][0])}), "
+                 f"{impl} attention")
         substitutes = (
             traceable_substitutes(model) if args.substitutes else contextlib.nullcontext([])
         )
-        with warnings.catch_warnings(), torch.no_grad(), substitutes as swapped:
+        with warnings.catch_warnings(), torch.no_grad(), substitutes as swapped, \
+                attention(model, impl):
             warnings.simplefilter("ignore")
             if swapped:
                 self.say(f"  traced with {', '.join(sorted(set(swapped)))} replaced by a stand-in "
@@ -368,10 +485,67 @@ class Exporter:
         try:
             self.save_verify_rename(
                 traced, tmp_dir / out.name, out, architecture, model_type, vocab, vocab_out,
-                max_pos, window, trace_len, probe.dtype, transformers.__version__,
+                max_pos, window, trace_len, probe.dtype, tf_version,
+                dict(fallbacks, attention=impl),
             )
         finally:
             shutil.rmtree(tmp_dir, ignore_errors=True)
+
+    def inputs(self, ids: Tensor, mask: Tensor, positions: Optional[Tensor] = None):
+        """The traced forward's arguments for a batch; positions 0..T-1 unless given (what
+        maskaudit passes for rows that are not packed)."""
+        if positions is None:
+            positions = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape)
+        if self.layout == "packed":
+            return (ids, mask, positions)
+        if self.layout == "padding-free":
+            return (ids, positions)
+        return (ids, mask)
+
+    def verify_packed(self, loaded, architecture, vocab, trace_len, limit) -> List[List[int]]:
+        """Packed rows through the trace against every document run alone in eager."""
+        n = trace_len
+        layouts = [[[3, n // 2 + 1, n]], [[n, 5], [2, 2, 2, 2, 7], [2 * n + 3], [1, 9, 4]]]
+        checked = []
+        worst = 0.0
+        for rows in layouts:
+            rows = [[min(d, limit) if limit else d for d in docs] for docs in rows]
+            width = max(sum(docs) for docs in rows)
+            ids = torch.zeros(len(rows), width, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            pos = torch.zeros_like(ids)
+            for r, docs in enumerate(rows):
+                total = sum(docs)
+                ids[r, :total] = torch.randint(1, vocab, (total,), generator=self.gen)
+                mask[r, :total] = 1
+                pos[r] = torch.cat([torch.arange(d) for d in docs]
+                                   + [torch.arange(total, total + width - total)])
+            ids, mask, pos = ids.to(self.device), mask.to(self.device), pos.to(self.device)
+            try:
+                with torch.no_grad():
+                    got = loaded(*self.inputs(ids, mask, pos)).float()
+            except Exception as exc:  # noqa: BLE001
+                raise ExportError(f"{architecture}: the trace fails on packed rows: "
+                                  f"{first_line(exc)}")
+            diff = 0.0
+            for r, docs in enumerate(rows):
+                at = 0
+                for d in docs:
+                    one = ids[r:r + 1, at:at + d]
+                    want = self.eager(one, torch.ones_like(one)).float()
+                    diff = max(diff, relative_difference(want, got[r:r + 1, at:at + d],
+                                                         torch.ones_like(one)))
+                    at += d
+            worst = max(worst, diff)
+            self.say(f"  packed, batch {len(rows)}, documents {rows}: max relative logit "
+                     f"difference {diff:.2e} against each document run alone"
+                     + ("" if diff <= self.tolerance else "  FAIL"))
+            if not diff <= self.tolerance:
+                raise ExportError(f"{architecture}: packed rows differ from their documents run "
+                                  f"alone by {diff:.2e} (tolerance {self.tolerance:.0e})")
+            checked.extend(rows)
+        self.packed_worst = worst
+        return checked
 
     def eager(self, ids: Tensor, mask: Tensor) -> Tensor:
         with torch.no_grad():
@@ -404,8 +578,8 @@ class Exporter:
         changed = ids.clone()
         changed[0, k] = changed[0, k] % (vocab - 1) + 1
         with torch.no_grad():
-            before = loaded(ids, mask).float()
-            after = loaded(changed, mask).float()
+            before = loaded(*self.inputs(ids, mask)).float()
+            after = loaded(*self.inputs(changed, mask)).float()
         scale = float(before[mask.bool()].abs().max().clamp_min(1e-12))
         earlier = float((after[0, :k] - before[0, :k]).abs().max()) / scale
         others = float((after[1:] - before[1:]).abs().max()) / scale
@@ -426,7 +600,8 @@ class Exporter:
             )
 
     def save_verify_rename(self, traced, tmp, out, architecture, model_type, vocab, vocab_out,
-                           max_pos, window, trace_len, logits_dtype, tf_version) -> None:
+                           max_pos, window, trace_len, logits_dtype, tf_version,
+                           extra) -> None:
         # Save, then verify what was saved: the file the user gets is the one checked.
         try:
             torch.jit.save(traced, str(tmp))
@@ -503,7 +678,7 @@ class Exporter:
                                   f"{first_line(exc)}")
             try:
                 with torch.no_grad():
-                    got = loaded(ids, mask)
+                    got = loaded(*self.inputs(ids, mask))
             except Exception as exc:  # noqa: BLE001
                 raise ExportError(f"{architecture}: the trace fails at length {n}, batch "
                                   f"{len(rows)}: {first_line(exc)}")
@@ -532,6 +707,10 @@ class Exporter:
             self.say(f"  {line}")
         if not failures:
             self.check_causal(loaded, architecture, vocab, trace_len)
+        packed_rows = []
+        if not failures and "packed_position_ids" in LAYOUTS[self.layout][1]:
+            packed_rows = self.verify_packed(loaded, architecture, vocab, trace_len,
+                                             length_limit or max_pos)
         if failures:
             n, rows, diff, note = max(failures, key=lambda f: f[2])
             hint = ""
@@ -549,7 +728,12 @@ class Exporter:
 
         record = {
             "format_version": FORMAT_VERSION,
-            "forward_args": ["input_ids", "attention_mask"],
+            "forward_args": LAYOUTS[self.layout][0],
+            "layouts": LAYOUTS[self.layout][1],
+            "verified_packed_rows": packed_rows,
+            "attention": extra["attention"],
+            "attention_fallback": extra["attention_fallback"],
+            "layout_fallback": extra["layout_fallback"],
             "output": "logits",
             "architecture": architecture,
             "model_type": model_type,
@@ -578,8 +762,10 @@ class Exporter:
         config_vocab = config_int(self.config, "vocab_size")
         vocab_note = "" if config_vocab in (None, vocab_out) else f" (config says {config_vocab})"
         self.say(
-            f"wrote {out}: forward(input_ids, attention_mask) -> logits [B, T, {vocab_out}]"
-            f"{vocab_note}, {self.dtype_name}; verified at lengths "
+            f"wrote {out}: forward({', '.join(record['forward_args'])}) -> logits "
+            f"[B, T, {vocab_out}]"
+            f"{vocab_note}, {self.dtype_name}, {extra['attention']} attention, layouts "
+            f"{', '.join(record['layouts'])}; verified at lengths "
             f"{', '.join(map(str, record['verified_lengths']))}; max relative difference "
             f"{worst:.2e} (tolerance {self.tolerance:.0e})"
         )
@@ -605,6 +791,15 @@ def parse_args(argv):
                    "(default 1e-4 for float32, 2e-2 for bfloat16/float16)")
     p.add_argument("--max-verify-length", type=int, default=4096,
                    help="longest length run in verification (default 4096)")
+    p.add_argument("--layout", choices=sorted(LAYOUTS), default="packed",
+                   help="the traced forward: packed = forward(input_ids, attention_mask, "
+                   "position_ids), documents of a packed row kept apart by their position ids "
+                   "(default); padding-free = forward(input_ids, position_ids); padded = "
+                   "forward(input_ids, attention_mask). A packed layout that fails verification "
+                   "falls back to padded, the reason in the record")
+    p.add_argument("--attention", choices=["sdpa", "eager"], default="sdpa",
+                   help="trace with SDPA attention where it verifies against eager, else eager "
+                   "(the reason in the record); eager = eager only")
     p.add_argument("--no-substitutes", dest="substitutes", action="store_false",
                    help="trace every module as it is "
                    "(no stand-in for Bloom's GeLU or dynamic RoPE)")

@@ -41,6 +41,8 @@ fn long_form(code: Code) -> &'static str {
         Code::LabelsPreShifted => include_str!("explain/labels-pre-shifted.md"),
         Code::LabelsNotShifted => include_str!("explain/labels-not-shifted.md"),
         Code::PackedBoundarySupervised => include_str!("explain/packed-boundary-supervised.md"),
+        Code::PackedRowsSplit => include_str!("explain/packed-rows-split.md"),
+        Code::ModelCrossesDocuments => include_str!("explain/model-crosses-documents.md"),
         Code::MaskLabelDisagree => include_str!("explain/mask-label-disagree.md"),
         Code::PaddingTrained => include_str!("explain/padding-trained.md"),
         Code::UnexpectedNegativeLabel => include_str!("explain/unexpected-negative-label.md"),

@@ -1,5 +1,9 @@
 //! Grouping rows into right-padded batches, in file order.
 //!
+//! Each row's position ids come with it (`data::documents`: its own, or restarting at each
+//! packed document). For a model that cannot keep a packed row's documents apart, the batcher
+//! splits such rows into one row per document ([`Batcher::with_split`]), and counts them.
+//!
 //! Pure code: no tensors. A batch is `rows × seq_len` with every row padded to the longest
 //! row of the batch; padding added here gets mask 0 and attention 0. Each position is also
 //! classified as padding or not by [`PaddingRule`] (`data::padding`), the one definition
@@ -7,7 +11,7 @@
 //! attention mask the model gets as the row gave it.
 #![warn(clippy::arithmetic_side_effects)]
 
-use crate::data::{PaddingRule, Pos, Row, Unit};
+use crate::data::{documents, PaddingRule, Pos, Row, Unit};
 
 /// A padded batch, row-major.
 #[derive(Debug, Clone, PartialEq)]
@@ -23,8 +27,16 @@ pub struct Batch {
     /// Aligned with `input_ids`: 1 where the token is padding ([`PaddingRule`]: the row's own
     /// padding, left padding included, and what was appended here).
     pub padding: Vec<u8>,
+    /// Aligned with `input_ids`: the position ids a forward taking them gets
+    /// ([`documents::positions`]); appended padding continues its row's count.
+    pub position_ids: Vec<i64>,
     /// Line number of each row.
     pub lines: Vec<usize>,
+    /// Indices of the rows that are packed (several documents), as run.
+    pub packed_rows: Vec<usize>,
+    /// Packed rows split into their documents ([`Batcher::with_split`]), and the documents.
+    pub split_rows: u64,
+    pub split_documents: u64,
 }
 
 /// How a batch's next-token targets divide: each is padding or a real token, trained or not.
@@ -110,6 +122,19 @@ impl Batch {
             .collect()
     }
 
+    /// [`Self::row_lengths`] with packed rows' as 0: the trace-consistency probe runs rows
+    /// with positions 0, 1, …, which a packed row run with its own does not have (the packing
+    /// probe checks those).
+    pub fn probe_lengths(&self) -> Vec<i64> {
+        let mut lengths = self.row_lengths();
+        for &r in &self.packed_rows {
+            if let Some(l) = lengths.get_mut(r) {
+                *l = 0;
+            }
+        }
+        lengths
+    }
+
     /// `m[b,t] = mask[b,t+shift]`, shape `rows × (seq_len-shift)`.
     pub fn shifted_mask(&self, shift: usize) -> Vec<u8> {
         shifted(&self.mask, self.rows, self.seq_len, shift)
@@ -148,6 +173,7 @@ pub struct Batcher {
     rule: PaddingRule,
     path: String,
     unit: Unit,
+    split: bool,
     pending: Vec<Row>,
 }
 
@@ -159,6 +185,7 @@ impl Batcher {
             rule: PaddingRule::new(pad_id, None),
             path: path.into(),
             unit: Unit::Line,
+            split: false,
             // Grown as rows arrive: the option is a bound, not a size to reserve.
             pending: Vec::new(),
         }
@@ -173,6 +200,13 @@ impl Batcher {
     /// The EOS id (`--eos-id`), which padding by pad id needs when the two are the same.
     pub fn with_eos_id(mut self, eos_id: Option<i64>) -> Self {
         self.rule.eos_id = eos_id;
+        self
+    }
+
+    /// Split packed rows into one row per document: for a model that would let a document
+    /// attend to the ones before it.
+    pub fn with_split(mut self, split: bool) -> Self {
+        self.split = split;
         self
     }
 
@@ -197,8 +231,59 @@ impl Batcher {
 
     fn flush(&mut self) -> Result<Batch, BatchError> {
         let rows = std::mem::take(&mut self.pending);
+        if self.split {
+            return split_rows(&rows, self.rule, &self.path, self.unit);
+        }
         pad_rows(&rows, self.rule, &self.path, self.unit)
     }
+}
+
+/// [`pad_rows`] after splitting every packed row into its documents; rows that are ragged
+/// only because of the split are padded with the pad id, or 0 without one (attention 0).
+pub fn split_rows(
+    rows: &[Row],
+    rule: PaddingRule,
+    path: &str,
+    unit: Unit,
+) -> Result<Batch, BatchError> {
+    // Rows of different lengths still need a pad id, as without the split.
+    let longest = rows.iter().map(|r| r.input_ids.len()).max().unwrap_or(0);
+    if rule.pad_id.is_none() {
+        if let Some(short) = rows.iter().find(|r| r.input_ids.len() != longest) {
+            let long = rows.iter().find(|r| r.input_ids.len() == longest);
+            return Err(BatchError::NeedsPadId {
+                path: path.to_string(),
+                at: Pos {
+                    unit,
+                    n: short.line,
+                },
+                len: short.input_ids.len(),
+                other_at: Pos {
+                    unit,
+                    n: long.map_or(0, |r| r.line),
+                },
+                other_len: longest,
+            });
+        }
+    }
+    let (mut split, mut documents) = (0u64, 0u64);
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let starts = documents::starts(row, rule.of_row(row));
+        if documents::is_packed(row, &starts) {
+            let parts = documents::split(row, &starts);
+            split = split.saturating_add(1);
+            documents = documents.saturating_add(parts.len() as u64);
+            out.extend(parts);
+        } else {
+            out.push(row.clone());
+        }
+    }
+    // The fill id only: padding is still told by the rule as given.
+    let mut batch = pad_rows_filled(&out, rule, Some(rule.pad_id.unwrap_or(0)), path, unit)?;
+    batch.split_rows = split;
+    batch.split_documents = documents;
+    Ok(batch)
 }
 
 /// Right-pads rows to the longest one, with `rule.pad_id` (0 when rows are all as long).
@@ -208,8 +293,19 @@ pub fn pad_rows(
     path: &str,
     unit: Unit,
 ) -> Result<Batch, BatchError> {
+    pad_rows_filled(rows, rule, rule.pad_id, path, unit)
+}
+
+/// [`pad_rows`] appending `fill` (the pad id, or 0 for split rows without one).
+fn pad_rows_filled(
+    rows: &[Row],
+    rule: PaddingRule,
+    fill_id: Option<i64>,
+    path: &str,
+    unit: Unit,
+) -> Result<Batch, BatchError> {
     let seq_len = rows.iter().map(|r| r.input_ids.len()).max().unwrap_or(0);
-    let pad = match rule.pad_id {
+    let pad = match fill_id {
         Some(p) => p,
         None => {
             let longest = rows.iter().find(|r| r.input_ids.len() == seq_len);
@@ -238,9 +334,13 @@ pub fn pad_rows(
         attention_mask: Vec::with_capacity(n),
         mask: Vec::with_capacity(n),
         padding: Vec::with_capacity(n),
+        position_ids: Vec::with_capacity(n),
         lines: rows.iter().map(|r| r.line).collect(),
+        packed_rows: Vec::new(),
+        split_rows: 0,
+        split_documents: 0,
     };
-    for row in rows {
+    for (index, row) in rows.iter().enumerate() {
         let len = row.input_ids.len();
         let fill = seq_len.saturating_sub(len);
         batch.input_ids.extend_from_slice(&row.input_ids);
@@ -252,6 +352,16 @@ pub fn pad_rows(
         batch.mask.extend_from_slice(&row.mask);
         batch.mask.extend(std::iter::repeat_n(0, fill));
         let span = rule.of_row(row);
+        let starts = documents::starts(row, span);
+        if documents::is_packed(row, &starts) {
+            batch.packed_rows.push(index);
+        }
+        let positions = documents::positions(row, &starts);
+        let next = positions.last().map_or(0, |&p| p.saturating_add(1));
+        batch.position_ids.extend_from_slice(&positions);
+        batch
+            .position_ids
+            .extend((0..fill).map(|i| next.saturating_add(i as i64)));
         batch
             .padding
             .extend((0..len).map(|i| u8::from(span.contains(i))));

@@ -197,6 +197,7 @@ pub fn parse_row(
             message: format!("not a JSON object: {}", echo(&strip_position(&e))),
         })?;
     let mut raw = RawRow::default();
+    let mut from_mask = None;
     for name in fields.all() {
         let Some(value) = object.get(name) else {
             continue;
@@ -207,19 +208,96 @@ pub fn parse_row(
         if slot.is_some() || value.get() == "null" {
             continue;
         }
-        let values =
-            serde_json::from_str::<Vec<i64>>(value.get()).map_err(|e| DataError::Field {
-                path: path.to_string(),
-                at,
-                field: name.to_string(),
-                message: format!(
+        let field_error = |message: String| DataError::Field {
+            path: path.to_string(),
+            at,
+            field: name.to_string(),
+            message,
+        };
+        let values = match serde_json::from_str::<Vec<i64>>(value.get()) {
+            Ok(values) => values,
+            Err(_) if name == fields.attention_mask && value.get().starts_with("[[") => {
+                let (attention, cu) = block_mask(value.get()).map_err(field_error)?;
+                from_mask = Some(cu);
+                attention
+            }
+            Err(e) => {
+                return Err(field_error(format!(
                     "expected an array of integers: {}",
                     echo(&strip_position(&e))
-                ),
-            })?;
+                )))
+            }
+        };
         *slot = Some(values);
     }
+    if raw.cu_seqlens.is_none() {
+        raw.cu_seqlens = from_mask.filter(|cu| cu.len() > 2);
+    }
     validate(raw, path, at, fields)
+}
+
+/// A packed row's 2D (`[T, T]`) or 4D (`[1, 1, T, T]`, any leading dimensions of 1) attention
+/// mask, 1 or `true` where query i sees key j: its 1D attention mask (the diagonal: a token
+/// that sees nothing is padding) and its documents as `cu_seqlens` (a document starts where a
+/// token does not see the one before it). Anything but a causal mask of 0/1 is an error.
+fn block_mask(text: &str) -> Result<(Vec<i64>, Vec<i64>), String> {
+    use serde_json::Value;
+    let mut value: Value = serde_json::from_str(text).map_err(|e| strip_position(&e))?;
+    while let Value::Array(items) = &value {
+        match items.first() {
+            Some(Value::Array(inner))
+                if items.len() == 1 && inner.first().is_some_and(Value::is_array) =>
+            {
+                value = items[0].clone();
+            }
+            _ => break,
+        }
+    }
+    let bad =
+        || "expected a 1D mask, or a square 2D/4D block-diagonal causal mask of 0/1".to_string();
+    let Value::Array(rows) = value else {
+        return Err(bad());
+    };
+    let n = rows.len();
+    let mut m = Vec::with_capacity(n);
+    for row in &rows {
+        let Value::Array(cells) = row else {
+            return Err(bad());
+        };
+        if cells.len() != n {
+            return Err(format!(
+                "a {n}-row mask has a row of {} entries: not square",
+                cells.len()
+            ));
+        }
+        let cells: Option<Vec<bool>> = cells
+            .iter()
+            .map(|c| match c {
+                Value::Bool(b) => Some(*b),
+                Value::Number(x) if x.as_i64() == Some(0) => Some(false),
+                Value::Number(x) if x.as_i64() == Some(1) => Some(true),
+                _ => None,
+            })
+            .collect();
+        m.push(cells.ok_or_else(bad)?);
+    }
+    if let Some((i, j)) = (0..n)
+        .flat_map(|i| (i + 1..n).map(move |j| (i, j)))
+        .find(|&(i, j)| m[i][j])
+    {
+        return Err(format!(
+            "query {i} sees key {j} after it: not a causal mask"
+        ));
+    }
+    let attention = (0..n).map(|i| i64::from(m[i][i])).collect();
+    let mut cu = vec![0];
+    cu.extend(
+        (1..n)
+            .filter(|&i| m[i][i] && m[i - 1][i - 1] && !m[i][i - 1])
+            .map(|i| i as i64),
+    );
+    cu.push(n as i64);
+    Ok((attention, cu))
 }
 
 /// serde_json appends "at line 1 column N"; within one line the column is noise.
@@ -284,6 +362,32 @@ mod tests {
             .starts_with("d.jsonl:7: seq_lens: expected an array of integers"));
         assert!(msg("{not json").starts_with("d.jsonl:7: not a JSON object"));
         assert!(msg("[1,2]").starts_with("d.jsonl:7: not a JSON object"));
+    }
+
+    #[test]
+    fn block_diagonal_masks_give_documents_and_padding() {
+        // Two documents of 2 tokens, then a padding token; 4D, as transformers takes it.
+        let r = parse(
+            r#"{"input_ids":[5,6,7,8,0],"attention_mask":[[[[1,0,0,0,0],[1,1,0,0,0],[0,0,1,0,0],[0,0,1,1,0],[0,0,0,0,0]]]]}"#,
+        )
+        .unwrap();
+        assert_eq!(r.attention_mask, vec![1, 1, 1, 1, 0]);
+        assert_eq!(r.cu_seqlens, Some(vec![0, 2, 5]));
+        // 2D, booleans, one document: not packed.
+        let r =
+            parse(r#"{"input_ids":[5,6],"attention_mask":[[true,false],[true,true]]}"#).unwrap();
+        assert_eq!((r.attention_mask, r.cu_seqlens), (vec![1, 1], None));
+        let msg = parse(r#"{"input_ids":[5,6],"attention_mask":[[1,1],[1,1]]}"#)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            msg,
+            "d.jsonl:7: attention_mask: query 0 sees key 1 after it: not a causal mask"
+        );
+        let msg = parse(r#"{"input_ids":[5,6],"attention_mask":[[1],[1,1]]}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("not square"), "{msg}");
     }
 
     #[test]

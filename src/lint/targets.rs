@@ -1,9 +1,7 @@
 //! A row's geometry as the checks see it: its target slots after the shift, its padding
 //! (`data::padding`, the definition `check` uses too), and where its packed documents start.
 
-use std::collections::BTreeSet;
-
-use crate::data::{PaddingRule, PaddingSpan, Row};
+use crate::data::{documents, PaddingRule, PaddingSpan, Row};
 
 /// One target slot of a row: a position whose prediction the loss may train.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,31 +47,12 @@ pub fn padding(row: &Row, pad_id: Option<i64>, eos_id: Option<i64>) -> PaddingSp
 }
 
 /// Token indices where a packed row's documents start, the first excepted, inside the row's
-/// content (`span`: a left-padded row's positions restart at its first real token, its
-/// padding's at the padding): from `position_ids` restarting at 0, `seq_lens` and
-/// `cu_seqlens`.
+/// content (see [`crate::data::documents::starts`]).
 pub fn document_starts(row: &Row, span: PaddingSpan) -> Vec<usize> {
-    let mut starts = BTreeSet::new();
-    if let Some(positions) = &row.position_ids {
-        starts.extend((1..positions.len()).filter(|&i| positions[i] == 0));
-    }
-    if let Some(lens) = &row.seq_lens {
-        let mut at = 0usize;
-        for &n in lens {
-            at = at.saturating_add(usize::try_from(n).unwrap_or(usize::MAX));
-            starts.insert(at);
-        }
-    }
-    if let Some(cu) = &row.cu_seqlens {
-        starts.extend(cu.iter().map(|&b| b as usize));
-    }
-    starts
-        .into_iter()
-        .filter(|&s| s > span.start && s < span.end)
-        .collect()
+    documents::starts(row, span)
 }
 
 /// Whether a row is packed: several documents, or a field that says so.
 pub fn is_packed(row: &Row, starts: &[usize]) -> bool {
-    !starts.is_empty() || row.seq_lens.is_some() || row.cu_seqlens.is_some()
+    documents::is_packed(row, starts)
 }

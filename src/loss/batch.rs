@@ -48,6 +48,8 @@ pub fn check_vocabulary(
 pub struct BatchTensors {
     pub input_ids: Tensor,
     pub attention_mask: Tensor,
+    /// Each row's position ids (`Batch::position_ids`).
+    pub position_ids: Tensor,
 }
 
 impl BatchTensors {
@@ -69,6 +71,7 @@ impl BatchTensors {
         Ok(Self {
             input_ids: upload(&batch.input_ids)?,
             attention_mask: upload(&batch.attention_mask)?,
+            position_ids: upload(&batch.position_ids)?,
         })
     }
 }
@@ -90,7 +93,11 @@ pub fn batch_losses<M: LanguageModel + ?Sized>(
     check_memory(model, batch, &path, at)?;
     let tensors = BatchTensors::new(batch, model.device())?;
     let logits = model
-        .logits(&tensors.input_ids, &tensors.attention_mask)
+        .logits_at(
+            &tensors.input_ids,
+            &tensors.attention_mask,
+            &tensors.position_ids,
+        )
         .map_err(|e| e.at_batch(&path, first_line))?;
     let in_batch = |e: tch::TchError| ModelError::in_batch(&path, first_line, &e);
     let losses =

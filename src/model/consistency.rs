@@ -229,6 +229,61 @@ impl ProbeRows {
     }
 }
 
+/// The packing probe: one packed row's per-token losses, run with its own position ids,
+/// against those of each of its documents run alone (positions from 0). Equal in a model
+/// that keeps documents apart. Returns the largest |a − b| / max(1, |b|) over the documents'
+/// targets (the target across a boundary excepted), and the logits' tolerance; `None` when no
+/// document has two tokens.
+pub fn packing_probe<M: LanguageModel + ?Sized>(
+    model: &M,
+    ids: &[i64],
+    positions: &[i64],
+    starts: &[usize],
+) -> Result<Option<(f64, f64)>, ModelError> {
+    let device = model.device();
+    let run = |ids: &[i64], positions: &[i64]| -> Result<(Vec<f64>, Kind), ModelError> {
+        let n = ids.len() as i64;
+        let t = Tensor::f_from_slice(ids)?
+            .f_view([1, n])?
+            .f_to_device(device)?;
+        let p = Tensor::f_from_slice(positions)?
+            .f_view([1, n])?
+            .f_to_device(device)?;
+        let logits = model.logits_at(&t, &t.f_ones_like()?, &p)?;
+        let kind = logits.kind();
+        let lp = logits
+            .f_narrow(1, 0, n - 1)?
+            .f_log_softmax(-1, Kind::Double)?;
+        let target = t.f_narrow(1, 1, n - 1)?.f_unsqueeze(-1)?;
+        let nll = lp
+            .f_gather(-1, &target, false)?
+            .f_neg()?
+            .f_flatten(0, -1)?
+            .f_to_device(tch::Device::Cpu)?;
+        Ok((Vec::<f64>::try_from(nll)?, kind))
+    };
+    let (packed, kind) = run(ids, positions)?;
+    let mut bounds = vec![0];
+    bounds.extend_from_slice(starts);
+    bounds.push(ids.len());
+    let mut worst: Option<f64> = None;
+    for w in bounds.windows(2) {
+        let (s, e) = (w[0], w[1]);
+        if e < s + 2 {
+            continue;
+        }
+        let own: Vec<i64> = (0..(e - s) as i64).collect();
+        let (alone, _) = run(&ids[s..e], &own)?;
+        for (a, b) in packed[s..e - 1].iter().zip(&alone) {
+            let d = (a - b).abs() / b.abs().max(1.0);
+            worst = Some(worst.map_or(d, |w: f64| {
+                w.max(if d.is_nan() { f64::INFINITY } else { d })
+            }));
+        }
+    }
+    Ok(worst.map(|w| (w, logit_tolerance(kind))))
+}
+
 /// The probe's calls on rows of one batch, compared with the batch's own logits.
 struct Calls<'a, M: ?Sized> {
     model: &'a M,

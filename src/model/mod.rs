@@ -13,6 +13,23 @@ pub trait LanguageModel {
     fn device(&self) -> Device;
     /// Logits `[B, T, V]` for `input_ids` `[B, T]`; `attention_mask` is 1 for tokens, 0 for padding.
     fn logits(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor, ModelError>;
+    /// [`Self::logits`] with each row's own position ids `[B, T]` (a packed row's restart at
+    /// each document). A forward that takes none ignores them: the default.
+    fn logits_at(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        position_ids: &Tensor,
+    ) -> Result<Tensor, ModelError> {
+        let _ = position_ids;
+        self.logits(input_ids, attention_mask)
+    }
+    /// Whether a packed row's documents stay apart in the forward: it takes position ids and
+    /// its record says it supports packed rows (`packed_position_ids`). Otherwise `check`
+    /// splits packed rows into their documents.
+    fn keeps_documents_apart(&self) -> bool {
+        false
+    }
 }
 
 /// A model file loaded for `check`: the forward, and what the report says of it. One

@@ -54,6 +54,15 @@ pub struct ExportRecord {
     /// traced on the CPU only.
     #[serde(default)]
     pub device: Option<String>,
+    /// The row layouts the trace was verified on: `padded`, `packed_position_ids` (a packed
+    /// row's documents kept apart by position ids restarting at 0); absent in older records.
+    #[serde(default)]
+    pub layouts: Vec<String>,
+    /// The attention the trace runs (`sdpa`, `eager`), and why SDPA was not used.
+    #[serde(default)]
+    pub attention: Option<String>,
+    #[serde(default)]
+    pub attention_fallback: Option<String>,
 }
 
 impl ExportRecord {

@@ -372,12 +372,14 @@ fn check_args(args: &[ForwardArg]) -> Result<(), String> {
     Ok(())
 }
 
-/// The forward's inputs for a batch, built from its ids and attention mask. Every tensor is a
-/// fresh copy: a forward that writes into its inputs cannot change maskaudit's.
+/// The forward's inputs for a batch, built from its ids, attention mask and, when given, its
+/// rows' position ids (else 0, 1, … along each row). Every tensor is a fresh copy: a forward
+/// that writes into its inputs cannot change maskaudit's.
 pub fn forward_inputs(
     args: &[ForwardArg],
     input_ids: &Tensor,
     attention_mask: &Tensor,
+    position_ids: Option<&Tensor>,
 ) -> Result<Vec<IValue>, tch::TchError> {
     let copy = |t: &Tensor| -> Result<Tensor, tch::TchError> {
         let mut out = t.f_empty_like()?;
@@ -389,6 +391,9 @@ pub fn forward_inputs(
             Ok(IValue::Tensor(match arg {
                 ForwardArg::InputIds => copy(input_ids)?,
                 ForwardArg::AttentionMask => copy(attention_mask)?,
+                ForwardArg::PositionIds if position_ids.is_some() => {
+                    copy(position_ids.expect("matched as Some"))?
+                }
                 ForwardArg::PositionIds => {
                     let size = input_ids.size();
                     Tensor::f_arange(size[1], (Kind::Int64, input_ids.device()))?
@@ -407,7 +412,7 @@ fn call(
     input_ids: &Tensor,
     second: &Tensor,
 ) -> Result<IValue, tch::TchError> {
-    module.forward_is(&forward_inputs(args, input_ids, second)?)
+    module.forward_is(&forward_inputs(args, input_ids, second, None)?)
 }
 
 /// One call with a two-token input: the vocabulary size and where the logits are.
@@ -868,12 +873,41 @@ impl LanguageModel for TorchScriptLm {
     }
 
     fn logits(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor, ModelError> {
-        let out = call(
-            &self.module,
+        self.forward_logits(input_ids, attention_mask, None)
+    }
+
+    fn logits_at(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        position_ids: &Tensor,
+    ) -> Result<Tensor, ModelError> {
+        self.forward_logits(input_ids, attention_mask, Some(position_ids))
+    }
+
+    fn keeps_documents_apart(&self) -> bool {
+        self.signature.args.contains(&ForwardArg::PositionIds)
+            && self
+                .record
+                .as_ref()
+                .is_some_and(|r| r.layouts.iter().any(|l| l == "packed_position_ids"))
+    }
+}
+
+impl TorchScriptLm {
+    fn forward_logits(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        position_ids: Option<&Tensor>,
+    ) -> Result<Tensor, ModelError> {
+        let inputs = forward_inputs(
             &self.signature.args,
             input_ids,
             attention_mask,
+            position_ids,
         )?;
+        let out = self.module.forward_is(&inputs)?;
         let (logits, _) = extract_logits(out).map_err(|found| ModelError::Output {
             path: self.path.clone(),
             found,

@@ -115,6 +115,24 @@ pub struct DataSummary {
     /// What record numbers count (not in the JSON, which predates it).
     #[serde(skip)]
     pub records: Unit,
+    /// Packed rows and what became of them; absent when no row was packed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub packing: Option<PackingSummary>,
+}
+
+/// Packed rows (several documents in a row) in a `check` run.
+#[derive(Debug, Clone, Serialize)]
+pub struct PackingSummary {
+    /// Rows with several documents (or a `seq_lens`/`cu_seqlens` field).
+    pub packed_rows: u64,
+    /// Of those, split into their documents, each run as its own row (the model cannot keep
+    /// documents apart), and the documents they gave.
+    pub split_rows: u64,
+    pub split_documents: u64,
+    /// The packing probe (packed rows run as they are): the largest relative difference of a
+    /// per-token loss from its document run alone, and the tolerance.
+    pub probe_difference: Option<f64>,
+    pub probe_tolerance: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]

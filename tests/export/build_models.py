@@ -338,7 +338,13 @@ def main(argv: List[str]) -> int:
         assert "max relative logit difference" in stdout, stdout
         record = read_record(pt)
         assert record["format_version"] == 1 and record["exporter"] == "maskaudit-export 1"
-        assert record["forward_args"] == ["input_ids", "attention_mask"], record
+        # The packed layout where it verifies (Gemma 2's sliding window: padded, and why).
+        assert record["forward_args"] in (["input_ids", "attention_mask", "position_ids"],
+                                          ["input_ids", "attention_mask"]), record
+        assert ("packed_position_ids" in record["layouts"]) == (
+            "position_ids" in record["forward_args"]), record
+        assert (record["layout_fallback"] is None) == (
+            "position_ids" in record["forward_args"]), record
         assert record["output"] == "logits" and record["dtype"] == dtype, record
         assert record["max_relative_difference"] <= record["tolerance"], record
         assert record["verified_lengths"], record
@@ -358,7 +364,10 @@ def main(argv: List[str]) -> int:
 
         def traced_logits(ids, attention):
             with torch.no_grad():
-                out = traced(ids.to(DEVICE), attention.to(DEVICE)).cpu()
+                args = [ids.to(DEVICE), attention.to(DEVICE)]
+                if "position_ids" in record["forward_args"]:
+                    args.append(torch.arange(ids.shape[1], device=DEVICE).expand(ids.shape))
+                out = traced(*args).cpu()
             assert out.shape[-1] == record["vocab_size"], (out.shape, record["vocab_size"])
             return out
 
@@ -518,7 +527,8 @@ def main(argv: List[str]) -> int:
         # Larger weights than the default init, so attention (and so RoPE) matters.
         hf = build("llama", dict(COMMON, num_hidden_layers=1, initializer_range=0.3,
                                  rope_scaling={"rope_type": "dynamic", "factor": 4.0}))
-        note = fails([str(hf), str(scratch / "m.pt"), "--no-substitutes"], 1, "dynamic RoPE")
+        note = fails([str(hf), str(scratch / "m.pt"), "--no-substitutes",
+                      "--layout", "padded", "--attention", "eager"], 1, "dynamic RoPE")
         code, stdout, stderr = run_exporter(exporter, [str(hf), str(scratch / "dyn.pt")])
         assert code == 0, stderr
         assert "past max_position_embeddings" in stdout, stdout

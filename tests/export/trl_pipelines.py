@@ -15,6 +15,17 @@ it no warning and no error, and its masked token mean must equal the trainer's l
     sft_pad_is_eos        the same with the tokenizer's pad token = its eos token
     sft_text              trl SFTTrainer on plain text rows (every token trained)
     pretrain_hf_collator  transformers' DataCollatorForLanguageModeling(mlm=False), pad != eos
+    packed_position_ids   trl's DataCollatorForLanguageModeling(padding_free=True): one row of
+                          several documents a batch, position_ids restarting at 0, no attention
+                          mask, the first label of each document -100
+    packed_cu_seqlens     the same rows with cu_seqlens instead of position_ids
+    packed_4d_mask        the same rows with a 4D block-diagonal attention_mask [1, 1, T, T]
+
+The packed cases are audited at batch size 1 (the trainer's) and 4 (token_mean is a token
+mean over all batches, so it does not change), through model.pt (the exporter's default
+layout, documents kept apart) and through model_padded.pt (--layout padded: no position ids,
+so maskaudit splits packed rows into their documents). model_crossing.pt takes position ids but
+lets documents attend across, under model.pt's record: the packing probe must fail it.
 
 Per case, DIR/<case>/data.jsonl holds the collated batches row by row (input_ids,
 attention_mask, labels exactly as the model receives them, padding included) and
@@ -94,14 +105,14 @@ def model_dir(tmp: Path) -> Path:
     return path
 
 
-def export(hf_dir: Path, out: Path) -> None:
+def export(hf_dir: Path, out: Path, *extra: str) -> None:
     sys.dont_write_bytecode = True
     spec = importlib.util.spec_from_file_location("maskaudit_export", EXPORTER)
     exporter = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(exporter)
     err = io.StringIO()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-        code = exporter.main([str(hf_dir), str(out)])
+        code = exporter.main([str(hf_dir), str(out), *extra])
     if code != 0:
         raise SystemExit(f"the exporter failed ({code}): {err.getvalue()}")
 
@@ -150,6 +161,92 @@ def hf_collator_batches(hf_dir: Path):
     return AutoModelForCausalLM.from_pretrained(hf_dir), batches
 
 
+def padding_free_batches(hf_dir: Path):
+    """trl's padding-free collator on tokenized rows: one packed row a batch."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    rng = np.random.default_rng(SEED)
+    tok = tokenizer(False)
+    texts = [words(rng, int(rng.integers(2, 20))) for _ in range(N_ROWS)]
+    encoded = [{"input_ids": tok(t + " </s>")["input_ids"]} for t in texts]
+    collate = DataCollatorForLanguageModeling(pad_token_id=PAD, padding_free=True)
+    batches = [collate(encoded[i:i + BATCH_SIZE]) for i in range(0, N_ROWS, BATCH_SIZE)]
+    return AutoModelForCausalLM.from_pretrained(hf_dir), batches
+
+
+def packed_fields(row: dict, layout: str) -> dict:
+    """A padding-free row with its documents given by `layout`."""
+    pos = row["position_ids"]
+    if layout == "packed_position_ids":
+        return row
+    out = {k: v for k, v in row.items() if k != "position_ids"}
+    starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
+    if layout == "packed_cu_seqlens":
+        out["cu_seqlens"] = starts
+    else:
+        doc = [sum(1 for s in starts[1:-1] if s <= i) for i in range(len(pos))]
+        out["attention_mask"] = [[[[int(j <= i and doc[i] == doc[j]) for j in range(len(pos))]
+                                   for i in range(len(pos))]]]
+    return out
+
+
+def crossing_model(hf_dir: Path, good: Path, out: Path) -> None:
+    """A trace that takes position ids but lets documents attend across (a plain 2D mask), with
+    the record of a good export, which claims the packed layout: maskaudit's packing probe must
+    catch it."""
+    import torch
+    from torch import nn
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").eval()
+
+    class Crossing(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask, position_ids):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=position_ids, use_cache=False).logits
+
+    ids = torch.randint(3, VOCAB, (2, 12))
+    example = (ids, torch.ones_like(ids), torch.arange(12).expand(2, 12))
+    with torch.no_grad():
+        traced = torch.jit.trace(Crossing(model), example, strict=False, check_trace=False)
+    extra = {"maskaudit.json": ""}
+    torch.jit.load(str(good), _extra_files=extra)
+    torch.jit.save(traced, str(out), _extra_files=extra)
+
+
+def write_packed(out: Path, model, batches) -> None:
+    """The padding-free batches, with transformers' loss of each, in the three layouts."""
+    import torch
+
+    model.eval()
+    total, trained, rows = 0.0, 0, []
+    for batch in batches:
+        batch = {k: v for k, v in batch.items() if k in ("input_ids", "position_ids", "labels")}
+        assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
+        # Without a cache, as in training: transformers then keeps the documents apart by
+        # their position ids (with one, its mask lets them attend across).
+        with torch.no_grad():
+            loss = model(**batch, use_cache=False).loss.double().item()
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        total += loss * n
+        trained += n
+        rows.append({k: batch[k][0].tolist() for k in batch})
+    for layout in ("packed_position_ids", "packed_cu_seqlens", "packed_4d_mask"):
+        case = out / layout
+        case.mkdir(parents=True, exist_ok=True)
+        (case / "data.jsonl").write_text("".join(
+            json.dumps(packed_fields(r, layout), separators=(",", ":")) + "\n" for r in rows))
+        expected = {"batch_size": 1, "pad_id": PAD, "eos_id": EOS, "batches": len(batches),
+                    "trained": trained, "token_mean": total / trained}
+        (case / "expected.json").write_text(json.dumps(expected, indent=2) + "\n")
+
+
 def write_case(out: Path, model, batches, pad_id: int) -> None:
     import torch
 
@@ -187,6 +284,8 @@ def main(argv) -> int:
         tmp = Path(tmp)
         hf_dir = model_dir(tmp)
         export(hf_dir, out / "model.pt")
+        export(hf_dir, out / "model_padded.pt", "--layout", "padded")
+        crossing_model(hf_dir, out / "model.pt", out / "model_crossing.pt")
         cases = {
             "sft_completion_only": lambda: sft_batches(hf_dir, tmp / "a", False, True),
             "sft_pad_is_eos": lambda: sft_batches(hf_dir, tmp / "b", True, True),
@@ -198,6 +297,9 @@ def main(argv) -> int:
             pad_id = EOS if name == "sft_pad_is_eos" else PAD
             write_case(out / name, model, batches, pad_id)
             print(f"ok   {name}: {len(batches)} batches")
+        model, batches = padding_free_batches(hf_dir)
+        write_packed(out, model, batches)
+        print(f"ok   packed: {len(batches)} batches")
     stamp.write_text(stamp_text())
     return 0
 

@@ -329,7 +329,7 @@ fn probe_consistency(
         &tensors.input_ids,
         &tensors.attention_mask,
         logits,
-        &batch.row_lengths(),
+        &batch.probe_lengths(),
         opts.pad_id.unwrap_or(0),
         probe_padding(model),
     )?;

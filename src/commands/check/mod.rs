@@ -12,7 +12,7 @@ use anyhow::Result;
 use indicatif::ProgressBar;
 use tch::Device;
 
-use crate::data::batch::Batcher;
+use crate::data::batch::{Batch, Batcher};
 use crate::data::{guard, DataError, FieldNames, RowSource, Unit};
 use crate::findings::{Code, Finding, SeverityOverrides};
 use crate::lint::{LintOptions, LintState, LintStats};
@@ -29,12 +29,14 @@ use crate::sys;
 use batches::{run_step, RunState, Simulation, StepContext};
 use findings::{contamination_finding, data_findings, step_findings, ContaminationEvidence};
 use overlap::Overlap;
+use packing::Packing;
 use read::{read_ahead, Batches, ReadSummary};
 use timing::Timing;
 
 mod batches;
 mod findings;
 mod overlap;
+mod packing;
 mod read;
 mod timing;
 
@@ -143,13 +145,25 @@ fn run_loaded(
         thread: reading,
         path: data_path,
         unit,
-    } = start_reading(opts, model.vocab_size(), progress)?;
+    } = start_reading(
+        opts,
+        model.vocab_size(),
+        !model.keeps_documents_apart(),
+        progress,
+    )?;
     timing.mark("the special ids and the reading thread");
     let mut pass = Pass {
         totals: LossTotals::default(),
         run: RunState::new(opts.model_probe, unit),
         simulation: Simulation::default(),
     };
+    // Packed rows are counted, and the first run as it is probed, before the batch runs.
+    let mut packing = Packing::default();
+    let batches = batches.map(|item| {
+        let (batch, bytes_read) = item?;
+        packing.observe(model, &batch, opts.model_probe)?;
+        Ok((batch, bytes_read))
+    });
     stream(
         model,
         opts,
@@ -182,6 +196,7 @@ fn run_loaded(
         run: &run,
         losses: &losses,
         contamination,
+        packing: &packing,
     };
     let (mut findings, user_loss, steps) = concluded.findings(lint_findings, audit, simulation)?;
     opts.overrides.apply(&mut findings);
@@ -191,7 +206,10 @@ fn run_loaded(
     Ok(Report {
         schema_version: SCHEMA_VERSION,
         model: model_info(model, opts, device, tf32, run.consistency.clone()),
-        data: data_summary(opts, &totals, data_path, unit, &statistics),
+        data: DataSummary {
+            packing: packing.summary(),
+            ..data_summary(opts, &totals, data_path, unit, &statistics)
+        },
         statistics,
         losses,
         contamination,
@@ -211,6 +229,7 @@ struct Conclusion<'a> {
     run: &'a RunState,
     losses: &'a Aggregates,
     contamination: Option<Contamination>,
+    packing: &'a Packing,
 }
 
 impl Conclusion<'_> {
@@ -225,6 +244,7 @@ impl Conclusion<'_> {
         let (opts, losses) = (self.opts, self.losses);
         let mut findings = data_findings(self.totals);
         findings.extend(self.run.findings(self.model, losses));
+        findings.extend(self.packing.findings());
         // The lint checks report it too; this one counts the batches' positions.
         findings.extend(
             lint_findings
@@ -278,7 +298,7 @@ struct Pass {
 fn stream(
     model: &dyn LoadedModel,
     opts: &CheckOptions,
-    batches: Batches,
+    batches: impl Iterator<Item = Result<(Batch, u64)>>,
     mut audit: Option<&mut LossAudit>,
     pass: &mut Pass,
     progress: &ProgressBar,
@@ -400,7 +420,12 @@ struct Reading {
 
 /// Opens the dataset and starts the reading thread, which batches the rows, checks their ids
 /// against the vocabulary and runs the lint checks on them.
-fn start_reading(opts: &CheckOptions, vocab: i64, progress: &ProgressBar) -> Result<Reading> {
+fn start_reading(
+    opts: &CheckOptions,
+    vocab: i64,
+    split: bool,
+    progress: &ProgressBar,
+) -> Result<Reading> {
     // Off the main thread: a decoder that stalls on the file's metadata is then an error.
     let (data, fields) = (opts.data.clone(), opts.fields.clone());
     let reader = guard::off_thread(move || RowSource::open(&data, fields))
@@ -413,7 +438,8 @@ fn start_reading(opts: &CheckOptions, vocab: i64, progress: &ProgressBar) -> Res
     let unit = reader.unit();
     let batcher = Batcher::new(opts.batch_size, opts.pad_id, path.clone())
         .with_unit(unit)
-        .with_eos_id(opts.eos_id);
+        .with_eos_id(opts.eos_id)
+        .with_split(split);
     let lint = LintState::new(LintOptions {
         pad_id: opts.pad_id,
         eos_id: opts.eos_id,
@@ -454,6 +480,7 @@ fn data_summary(
         untrained_real_target_positions: totals.targets.untrained_real,
         mask_source: statistics.mask_source.clone(),
         records: unit,
+        packing: None,
     }
 }
 

@@ -6,7 +6,6 @@ use indicatif::ProgressBar;
 use tch::{Device, Kind, Tensor};
 
 use super::batches::{check_length_limit, probe_padding, with_tf32_tolerance, RunState};
-use super::read::Batches;
 use super::timing::Timing;
 use super::CheckOptions;
 use crate::data::batch::Batch;
@@ -24,7 +23,7 @@ use crate::model::{self, CudaEvent, LoadedModel, ModelError};
 pub(super) fn stream(
     model: &dyn LoadedModel,
     opts: &CheckOptions,
-    batches: Batches,
+    batches: impl Iterator<Item = Result<(Batch, u64)>>,
     (totals, run): (&mut LossTotals, &mut RunState),
     progress: &ProgressBar,
     timing: &mut Timing,
@@ -231,7 +230,11 @@ impl Overlap {
         let tensors = BatchTensors::new(&batch, model.device())?;
         let in_batch = |e: tch::TchError| ModelError::in_batch(&path, line, &e);
         let logits = model
-            .logits(&tensors.input_ids, &tensors.attention_mask)
+            .logits_at(
+                &tensors.input_ids,
+                &tensors.attention_mask,
+                &tensors.position_ids,
+            )
             .map_err(|e| e.at_batch(&path, line))?;
         let forwarded = timed.then(|| CudaEvent::record_timed(self.device_index));
         let (losses, finite) = queue_losses(&logits, &tensors.input_ids, &path, line)?;
@@ -357,7 +360,7 @@ fn probe_work(
     path: &str,
 ) -> Result<ProbeWork, ModelError> {
     let line = batch.lines.first().copied().unwrap_or(0);
-    let lengths = batch.row_lengths();
+    let lengths = batch.probe_lengths();
     let copied = ProbeRows::copy(
         &tensors.input_ids,
         &tensors.attention_mask,
