@@ -111,6 +111,9 @@ pub(super) struct ContaminationEvidence<'a> {
     pub(super) pad_id: Option<i64>,
     /// The user's loss, when one was audited, and its findings.
     pub(super) user_loss: Option<(&'a UserLossReport, &'a [Finding])>,
+    /// Whether every padding target is one that splitting packed rows appended (the rows as
+    /// read have none): a padding-free trainer has no such padding, so neither has the run.
+    pub(super) only_split_padding: bool,
 }
 
 /// `padding-contamination`: what a loss that leaves the padding targets unmasked reads against
@@ -122,7 +125,7 @@ pub(super) struct ContaminationEvidence<'a> {
 pub(super) fn contamination_finding(e: &ContaminationEvidence) -> Option<Finding> {
     let c = e.contamination;
     let t = e.targets;
-    if t.padding == 0 {
+    if t.padding == 0 || e.only_split_padding {
         let hint = if e.pad_id.is_none() {
             " (without --pad-id, pad ids in rows without an attention mask are not padding)"
         } else {
@@ -213,6 +216,7 @@ mod tests {
                 max,
                 pad_id: Some(0),
                 user_loss: None,
+                only_split_padding: false,
             })
             .unwrap()
             .severity
@@ -228,6 +232,7 @@ mod tests {
             max: Some(0.1),
             pad_id: Some(0),
             user_loss: None,
+            only_split_padding: false,
         })
         .unwrap();
         assert_eq!((f.code, f.severity), (Code::NoPadding, Severity::Info));
@@ -237,8 +242,20 @@ mod tests {
             max: None,
             pad_id: Some(0),
             user_loss: None,
+            only_split_padding: false,
         })
         .is_none());
+        // Padding that only splitting packed rows appended is no padding of the run's.
+        let f = contamination_finding(&ContaminationEvidence {
+            contamination: c,
+            targets: counts(3, 0),
+            max: Some(0.1),
+            pad_id: Some(0),
+            user_loss: None,
+            only_split_padding: true,
+        })
+        .unwrap();
+        assert_eq!((f.code, f.severity), (Code::NoPadding, Severity::Info));
     }
 
     #[test]
@@ -252,6 +269,7 @@ mod tests {
             max: None,
             pad_id: Some(0),
             user_loss: None,
+            only_split_padding: false,
         })
         .unwrap();
         assert!(

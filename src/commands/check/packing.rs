@@ -68,6 +68,11 @@ impl Packing {
     }
 
     /// The report's `data.packing`, when any row was packed.
+    /// Whether any packed row was split into its documents.
+    pub(super) fn split(&self) -> bool {
+        self.split_rows > 0
+    }
+
     pub(super) fn summary(&self) -> Option<PackingSummary> {
         if self.kept == 0 && self.split_rows == 0 {
             return None;
