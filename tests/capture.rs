@@ -31,19 +31,10 @@ fn a_capture_is_checked_with_the_trainers_numbers() {
         )
         .unwrap();
         let data = dir.join(case).join("run.parquet").display().to_string();
-        let batch = expected["batch_size"].to_string();
+        // No --batch-size: a capture is batched as the trainer batched it (the default of 8
+        // would merge micro-batches).
         let out = maskaudit(&[
-            "check",
-            "--device",
-            "cpu",
-            "--format",
-            "json",
-            &model,
-            &data,
-            "--batch-size",
-            &batch,
-            "--pad-id",
-            "0",
+            "check", "--device", "cpu", "--format", "json", &model, &data, "--pad-id", "0",
         ]);
         assert_eq!(out.code, 0, "{case}: {out:?}");
         let json: Value = serde_json::from_str(&out.stdout).unwrap();
@@ -72,5 +63,49 @@ fn a_capture_is_checked_with_the_trainers_numbers() {
             (got - trainer).abs() <= 1e-4 * trainer,
             "{case}: maskaudit {got}, the trainer's {trainer}"
         );
+        let capture = &json["data"]["capture"];
+        assert_eq!(
+            capture["micro_batches"], expected["micro_batches"],
+            "{case}"
+        );
+        let read = capture["trainer_token_mean"].as_f64().unwrap();
+        assert!(
+            (read - trainer).abs() <= 1e-9 * trainer,
+            "{case}: {capture}"
+        );
+        // The trainer passed num_items_in_batch in the SFT run; the plain loop has none.
+        let compared = u64::from(case == "sft_accumulation");
+        assert_eq!(capture["counts_compared"], compared, "{case}: {capture}");
     }
+}
+
+/// A trainer whose num_items_in_batch counts one token per row too many (labels counted
+/// before the shift) divides by the wrong count: an error, naming the step.
+#[test]
+fn a_wrong_num_items_in_batch_is_an_error() {
+    let dir = dir();
+    let model = dir.join("model.pt").display().to_string();
+    let data = dir
+        .join("count_before_shift/run.parquet")
+        .display()
+        .to_string();
+    let out = maskaudit(&[
+        "check", "--device", "cpu", "--format", "json", &model, &data, "--pad-id", "0",
+    ]);
+    assert_eq!(out.code, 1, "{out:?}");
+    let json: Value = serde_json::from_str(&out.stdout).unwrap();
+    let finding = json["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["code"] == "trainer-count-mismatch")
+        .unwrap_or_else(|| panic!("{}", json["findings"]));
+    assert_eq!(finding["severity"], "error");
+    assert!(
+        finding["message"]
+            .as_str()
+            .unwrap()
+            .contains("first at step 0 (rank 0)"),
+        "{finding}"
+    );
 }

@@ -170,6 +170,9 @@ pub enum BatchError {
 /// Collects rows and emits a padded batch every `batch_size` rows.
 pub struct Batcher {
     batch_size: usize,
+    /// The rows of each batch to come, in order, when they are given ([`Batcher::with_sizes`]);
+    /// `batch_size` once they run out.
+    sizes: std::collections::VecDeque<usize>,
     rule: PaddingRule,
     path: String,
     unit: Unit,
@@ -182,6 +185,7 @@ impl Batcher {
         assert!(batch_size > 0, "batch size is validated by the CLI");
         Self {
             batch_size,
+            sizes: Default::default(),
             rule: PaddingRule::new(pad_id, None),
             path: path.into(),
             unit: Unit::Line,
@@ -210,10 +214,19 @@ impl Batcher {
         self
     }
 
-    /// Adds a row; returns a batch once `batch_size` rows are pending.
+    /// Batches of these many rows, in order (a captured run's micro-batches), instead of
+    /// `batch_size` each; a size of 0 counts as 1.
+    pub fn with_sizes(mut self, sizes: Vec<usize>) -> Self {
+        self.sizes = sizes.into_iter().map(|n| n.max(1)).collect();
+        self
+    }
+
+    /// Adds a row; returns a batch once the batch's rows are pending.
     pub fn push(&mut self, row: Row) -> Result<Option<Batch>, BatchError> {
         self.pending.push(row);
-        if self.pending.len() == self.batch_size {
+        let size = self.sizes.front().copied().unwrap_or(self.batch_size);
+        if self.pending.len() >= size {
+            self.sizes.pop_front();
             self.flush().map(Some)
         } else {
             Ok(None)
@@ -453,6 +466,19 @@ mod tests {
             Unit::Line
         )
         .is_ok());
+    }
+
+    #[test]
+    fn given_sizes_set_each_batch_then_the_batch_size_takes_over() {
+        let mut batcher = Batcher::new(2, Some(0), "d").with_sizes(vec![1, 3]);
+        let mut sizes = vec![];
+        for line in 1..=7 {
+            if let Some(b) = batcher.push(row(line, &[5, 6])).unwrap() {
+                sizes.push(b.rows);
+            }
+        }
+        sizes.extend(batcher.finish().unwrap().map(|b| b.rows));
+        assert_eq!(sizes, vec![1, 3, 2, 1]);
     }
 
     #[test]

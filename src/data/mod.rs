@@ -9,6 +9,7 @@
 //! (`file:7` for line 7 of JSONL, `file:row 7` for the 7th Parquet row) and the field.
 
 pub mod batch;
+pub mod capture;
 pub mod documents;
 pub mod echo;
 pub mod guard;

@@ -118,6 +118,9 @@ pub struct DataSummary {
     /// Packed rows and what became of them; absent when no row was packed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub packing: Option<PackingSummary>,
+    /// A captured training run (`maskaudit.capture`), batched as captured; absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capture: Option<crate::data::capture::CaptureSummary>,
 }
 
 /// Packed rows (several documents in a row) in a `check` run.

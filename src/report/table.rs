@@ -250,6 +250,17 @@ fn write_data<W: Write>(out: &mut W, report: &Report) -> std::io::Result<()> {
         target_split(d),
         d.mask_source
     )?;
+    if let Some(c) = &d.capture {
+        let trainer = c
+            .trainer_token_mean
+            .map(|m| format!("; the trainer's loss as a token mean {m:.6}"))
+            .unwrap_or_default();
+        writeln!(
+            out,
+            "  run    a captured run ({}): {} micro-batches in {} steps, batched as captured{trainer}",
+            c.source, c.micro_batches, c.steps
+        )?;
+    }
     if let Some(l) = report.statistics.length {
         writeln!(
             out,

@@ -10,6 +10,8 @@ never changes training; this script fails otherwise). Cases:
 
     sft_accumulation   trl SFTTrainer, completion-only, batches of 2, gradient accumulation 2
     plain_loop         a hand-written loop through `maskaudit.capture_forward` (accumulation 2)
+    count_before_shift the SFT capture with num_items_in_batch counted before the shift (one
+                       token per row too many, as transformers PR 46204 fixed): no expected.json
 
 DIR/<case>/run.parquet is the capture; DIR/<case>/expected.json holds {"batch_size",
 "micro_batches", "trained", "trainer_token_mean", "token_mean"}: trainer_token_mean = Σ over
@@ -140,6 +142,25 @@ def expected(path: Path, per_micro_batch_mean: bool, hf_dir: Path) -> dict:
             "trainer_token_mean": total / trained, "token_mean": exact / trained}
 
 
+def count_before_shift(source: Path, case: Path) -> None:
+    """The SFT capture as a trainer that counts labels before the shift would have written it
+    (one extra token per row: transformers PR 46204): num_items_in_batch + the step's rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(source)
+    d = table.to_pydict()
+    rows_in_step = {}
+    for step in d["maskaudit_step"]:
+        rows_in_step[step] = rows_in_step.get(step, 0) + 1
+    wrong = [n + rows_in_step[s] for n, s in zip(d["maskaudit_num_items_in_batch"],
+                                                 d["maskaudit_step"])]
+    column = table.schema.get_field_index("maskaudit_num_items_in_batch")
+    table = table.set_column(column, "maskaudit_num_items_in_batch", pa.array(wrong, pa.float64()))
+    case.mkdir(exist_ok=True)
+    pq.write_table(table, case / "run.parquet")
+
+
 def main(argv) -> int:
     out = Path(argv[argv.index("--out") + 1]) if "--out" in argv else (
         ROOT / "target" / "hf-models" / "capture")
@@ -165,6 +186,7 @@ def main(argv) -> int:
             (case / "expected.json").write_text(
                 json.dumps(expected(case / "run.parquet", per_mb, hf_dir), indent=2) + "\n")
             print(f"ok   {name}: losses identical with and without the capture")
+        count_before_shift(out / "sft_accumulation" / "run.parquet", out / "count_before_shift")
     stamp.write_text(stamp_text())
     return 0
 

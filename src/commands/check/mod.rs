@@ -27,6 +27,7 @@ use crate::model::{
 use crate::report::{DataSummary, ModelInfo, Report, Verdict, SCHEMA_VERSION};
 use crate::sys;
 use batches::{run_step, RunState, Simulation, StepContext};
+use captured::Captured;
 use findings::{contamination_finding, data_findings, step_findings, ContaminationEvidence};
 use overlap::Overlap;
 use packing::Packing;
@@ -34,6 +35,7 @@ use read::{read_ahead, Batches, ReadSummary};
 use timing::Timing;
 
 mod batches;
+mod captured;
 mod findings;
 mod overlap;
 mod packing;
@@ -140,6 +142,7 @@ fn run_loaded(
     let tf32 = model::apply_tf32(opts.tf32, device, model.run_kind());
     check_special_ids(opts, model.vocab_size())?;
     let mut audit = open_audit(opts, device)?;
+    let mut captured = read_capture(opts)?.map(Captured::new);
     let Reading {
         batches,
         thread: reading,
@@ -149,6 +152,7 @@ fn run_loaded(
         opts,
         model.vocab_size(),
         !model.keeps_documents_apart(),
+        captured.as_ref().map(Captured::batch_sizes),
         progress,
     )?;
     timing.mark("the special ids and the reading thread");
@@ -162,6 +166,9 @@ fn run_loaded(
     let batches = batches.map(|item| {
         let (batch, bytes_read) = item?;
         packing.observe(model, &batch, opts.model_probe)?;
+        if let Some(captured) = captured.as_mut() {
+            captured.observe(&batch);
+        }
         Ok((batch, bytes_read))
     });
     stream(
@@ -197,8 +204,12 @@ fn run_loaded(
         losses: &losses,
         contamination,
         packing: &packing,
+        data_padding_tokens: statistics.padding.tokens,
     };
     let (mut findings, user_loss, steps) = concluded.findings(lint_findings, audit, simulation)?;
+    if let Some(captured) = &captured {
+        findings.extend(captured.findings());
+    }
     opts.overrides.apply(&mut findings);
     let verdict = Verdict::of(&findings);
     timing.mark("findings");
@@ -208,6 +219,7 @@ fn run_loaded(
         model: model_info(model, opts, device, tf32, run.consistency.clone()),
         data: DataSummary {
             packing: packing.summary(),
+            capture: captured.as_ref().map(Captured::summary),
             ..data_summary(opts, &totals, data_path, unit, &statistics)
         },
         statistics,
@@ -230,6 +242,8 @@ struct Conclusion<'a> {
     losses: &'a Aggregates,
     contamination: Option<Contamination>,
     packing: &'a Packing,
+    /// Padding tokens in the rows as read (lint's count, before any split).
+    data_padding_tokens: u64,
 }
 
 impl Conclusion<'_> {
@@ -268,6 +282,7 @@ impl Conclusion<'_> {
             max: opts.max_contamination,
             pad_id: opts.pad_id,
             user_loss: user_loss.as_ref().map(|u| (u, &loss_findings[..])),
+            only_split_padding: self.packing.split() && self.data_padding_tokens == 0,
         }));
         findings.extend(loss_findings);
         let steps = opts.steps.map(|config| {
@@ -418,12 +433,23 @@ struct Reading {
     unit: Unit,
 }
 
+/// The training run captured in DATA (`maskaudit.capture`), when DATA is one: its batches are
+/// then the captured micro-batches, whatever `--batch-size` says.
+fn read_capture(opts: &CheckOptions) -> Result<Option<crate::data::capture::Capture>> {
+    if opts.data.as_os_str() == "-" || !crate::data::capture::is_parquet(&opts.data) {
+        return Ok(None);
+    }
+    crate::data::capture::read(&opts.data)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", opts.data.display()))
+}
+
 /// Opens the dataset and starts the reading thread, which batches the rows, checks their ids
 /// against the vocabulary and runs the lint checks on them.
 fn start_reading(
     opts: &CheckOptions,
     vocab: i64,
     split: bool,
+    sizes: Option<Vec<usize>>,
     progress: &ProgressBar,
 ) -> Result<Reading> {
     // Off the main thread: a decoder that stalls on the file's metadata is then an error.
@@ -439,7 +465,8 @@ fn start_reading(
     let batcher = Batcher::new(opts.batch_size, opts.pad_id, path.clone())
         .with_unit(unit)
         .with_eos_id(opts.eos_id)
-        .with_split(split);
+        .with_split(split)
+        .with_sizes(sizes.unwrap_or_default());
     let lint = LintState::new(LintOptions {
         pad_id: opts.pad_id,
         eos_id: opts.eos_id,
@@ -481,6 +508,7 @@ fn data_summary(
         mask_source: statistics.mask_source.clone(),
         records: unit,
         packing: None,
+        capture: None,
     }
 }
 
