@@ -36,15 +36,27 @@ fn a_capture_is_checked_with_the_trainers_numbers() {
         let out = maskaudit(&[
             "check", "--device", "cpu", "--format", "json", &model, &data, "--pad-id", "0",
         ]);
-        assert_eq!(out.code, 0, "{case}: {out:?}");
         let json: Value = serde_json::from_str(&out.stdout).unwrap();
-        let loud: Vec<&Value> = json["findings"]
+        let loud: Vec<String> = json["findings"]
             .as_array()
             .unwrap()
             .iter()
             .filter(|f| f["severity"] != "info")
+            .map(|f| f["code"].as_str().unwrap().to_string())
             .collect();
-        assert!(loud.is_empty(), "{case}: {loud:?}");
+        // The plain loop divides each micro-batch's own mean by the accumulation, as most
+        // hand-written loops do: a mean of micro-batch means, which the capture shows.
+        let (code, want_loud) = match case {
+            "plain_loop" => (1, vec!["accumulation-misweighted".to_string()]),
+            _ => (0, vec![]),
+        };
+        assert_eq!(out.code, code, "{case}: {out:?}");
+        assert_eq!(loud, want_loud, "{case}: {}", json["findings"]);
+        let verdict = json["data"]["capture"]["trainer_verdict"].as_str().unwrap();
+        assert!(
+            verdict.starts_with("the trainer's loss is the masked token mean"),
+            "{case}: {verdict}"
+        );
         assert_eq!(json["data"]["batches"], expected["micro_batches"], "{case}");
         assert_eq!(
             json["data"]["supervised_positions"], expected["trained"],
@@ -107,5 +119,41 @@ fn a_wrong_num_items_in_batch_is_an_error() {
             .unwrap()
             .contains("first at step 0 (rank 0)"),
         "{finding}"
+    );
+}
+
+/// The founding bug inside a trainer (F.cross_entropy's default mean over every position, in
+/// an SFTTrainer subclass that also ignores num_items_in_batch): the trainer's loss is named
+/// for what it is, and the accumulation it then skips is an error too.
+#[test]
+fn a_trainer_loss_over_every_position_is_named() {
+    let dir = dir();
+    let model = dir.join("model.pt").display().to_string();
+    let data = dir
+        .join("sft_over_all_positions/run.parquet")
+        .display()
+        .to_string();
+    let out = maskaudit(&[
+        "check", "--device", "cpu", "--format", "json", &model, &data, "--pad-id", "0",
+    ]);
+    assert_eq!(out.code, 1, "{out:?}");
+    let json: Value = serde_json::from_str(&out.stdout).unwrap();
+    let codes: Vec<&str> = json["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["severity"] == "error")
+        .map(|f| f["code"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        codes,
+        ["loss-includes-padding", "accumulation-misweighted"],
+        "{}",
+        json["findings"]
+    );
+    let verdict = json["data"]["capture"]["trainer_verdict"].as_str().unwrap();
+    assert!(
+        verdict.starts_with("the trainer's loss is the mean over all positions"),
+        "{verdict}"
     );
 }

@@ -32,6 +32,9 @@ pub struct CaptureSummary {
     /// loss times its normaliser (`num_items_in_batch` where the trainer passed it to the
     /// loss, else the micro-batch's own trained count), summed, over the trained targets.
     pub trainer_token_mean: Option<f64>,
+    /// Which formula the trainer's loss computes, as a sentence (the next-token formulas of
+    /// `--loss`, held to the same derived tolerance); null when it was not compared.
+    pub trainer_verdict: Option<String>,
 }
 
 /// The metadata key a capture's settings are under.

@@ -173,6 +173,8 @@ impl Tally {
 #[derive(Debug, Clone)]
 pub struct Diagnosis {
     rtol: f64,
+    /// What the sentences call the loss: "your loss", "the trainer's loss".
+    subject: &'static str,
     user_sum: f64,
     tallies: [Tally; 7],
 }
@@ -181,9 +183,16 @@ impl Diagnosis {
     pub fn new(rtol: f64) -> Self {
         Self {
             rtol,
+            subject: "your loss",
             user_sum: 0.0,
             tallies: [Tally::default(); 7],
         }
+    }
+
+    /// The same comparison, its sentences naming the loss `subject`.
+    pub fn with_subject(mut self, subject: &'static str) -> Self {
+        self.subject = subject;
+        self
     }
 
     /// The masked token mean's tally: it is defined on exactly the batches that are compared.
@@ -411,33 +420,34 @@ pub fn conclude(
 
 /// The verdict sentence for people.
 pub fn verdict_sentence(conclusion: &Conclusion, diagnosis: &Diagnosis) -> String {
+    let subject = diagnosis.subject;
     let user = diagnosis.user_mean().unwrap_or(f64::NAN);
     let reference = diagnosis.reference_mean().unwrap_or(f64::NAN);
     let gap = crate::loss::aggregate::relative_difference(user, reference) * 100.0;
     match conclusion {
         Conclusion::Matched(Hypothesis::MaskedTokenMean) => format!(
-            "your loss is {}: {user:.4} (mean over {} batches)",
+            "{subject} is {}: {user:.4} (mean over {} batches)",
             Hypothesis::MaskedTokenMean.phrase(),
             diagnosis.batches()
         ),
         Conclusion::Matched(h) => format!(
-            "your loss is {}: {user:.4} where the masked token mean is {reference:.4}, {gap:+.1}%",
+            "{subject} is {}: {user:.4} where the masked token mean is {reference:.4}, {gap:+.1}%",
             h.phrase()
         ),
         Conclusion::Ambiguous(hs) => format!(
-            "your loss matches {} equally on this data: they cannot be told apart here (the probes below decide)",
+            "{subject} matches {} equally on this data: they cannot be told apart here (the probes below decide)",
             names(hs)
         ),
         Conclusion::NoMatch { closest } => match closest {
             Some((h, err)) => format!(
-                "your loss matches no known formula: {user:.4} where the masked token mean is {reference:.4}; closest is {} ({:.2}% off at worst)",
+                "{subject} matches no known formula: {user:.4} where the masked token mean is {reference:.4}; closest is {} ({:.2}% off at worst)",
                 h.name(),
                 err * 100.0
             ),
-            None => "your loss matches no known formula".to_string(),
+            None => format!("{subject} matches no known formula"),
         },
         Conclusion::NoBatches => {
-            "your loss was not compared: no batch has a trained target".to_string()
+            format!("{subject} was not compared: no batch has a trained target")
         }
     }
 }

@@ -260,6 +260,9 @@ fn write_data<W: Write>(out: &mut W, report: &Report) -> std::io::Result<()> {
             "  run    a captured run ({}): {} micro-batches in {} steps, batched as captured{trainer}",
             c.source, c.micro_batches, c.steps
         )?;
+        if let Some(verdict) = &c.trainer_verdict {
+            writeln!(out, "         {verdict}")?;
+        }
     }
     if let Some(l) = report.statistics.length {
         writeln!(

@@ -10,6 +10,8 @@ never changes training; this script fails otherwise). Cases:
 
     sft_accumulation   trl SFTTrainer, completion-only, batches of 2, gradient accumulation 2
     plain_loop         a hand-written loop through `maskaudit.capture_forward` (accumulation 2)
+    sft_over_all_positions  an SFTTrainer subclass whose compute_loss is F.cross_entropy's
+                       default mean over every position (the founding bug)
     count_before_shift the SFT capture with num_items_in_batch counted before the shift (one
                        token per row too many, as transformers PR 46204 fixed): no expected.json
 
@@ -49,7 +51,7 @@ def stamp_text() -> str:
     return h.hexdigest() + " " + tp.stamp_text()
 
 
-def sft(hf_dir: Path, tmp: Path, path):
+def sft(hf_dir: Path, tmp: Path, path, over_all_positions: bool = False):
     import numpy as np
     import torch
     from datasets import Dataset
@@ -67,7 +69,8 @@ def sft(hf_dir: Path, tmp: Path, path):
         gradient_accumulation_steps=ACCUM, max_steps=STEPS + 1, report_to=[], seed=tp.SEED,
         data_seed=tp.SEED, use_cpu=True, save_strategy="no", logging_steps=1,
     )
-    trainer = SFTTrainer(
+    cls = AllPositionsTrainer if over_all_positions else SFTTrainer
+    trainer = cls(
         model=AutoModelForCausalLM.from_pretrained(hf_dir), args=args,
         train_dataset=Dataset.from_list(rows), processing_class=tp.tokenizer(False),
     )
@@ -75,6 +78,28 @@ def sft(hf_dir: Path, tmp: Path, path):
         maskaudit.capture(trainer, path, steps=STEPS)
     trainer.train()
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def _all_positions_trainer():
+    import torch.nn.functional as F
+    from trl import SFTTrainer
+
+    class AllPositionsTrainer(SFTTrainer):
+        """The founding bug in a trainer: F.cross_entropy's default mean over every position,
+        prompts and padding included, against the next input id."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            logits = model(input_ids=inputs["input_ids"],
+                           attention_mask=inputs["attention_mask"]).logits
+            v = logits.shape[-1]
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, v),
+                                   inputs["input_ids"][:, 1:].reshape(-1))
+            return (loss, None) if return_outputs else loss
+
+    return AllPositionsTrainer
+
+
+AllPositionsTrainer = None
 
 
 def plain_loop(hf_dir: Path, path):
@@ -173,9 +198,12 @@ def main(argv) -> int:
         tmp = Path(tmp)
         hf_dir = tp.model_dir(tmp)
         tp.export(hf_dir, out / "model.pt")
+        global AllPositionsTrainer
+        AllPositionsTrainer = _all_positions_trainer()
         for name, run, per_mb in [
             ("sft_accumulation", lambda p: sft(hf_dir, tmp, p), False),
             ("plain_loop", lambda p: plain_loop(hf_dir, p), True),
+            ("sft_over_all_positions", lambda p: sft(hf_dir, tmp, p, True), True),
         ]:
             case = out / name
             case.mkdir(exist_ok=True)

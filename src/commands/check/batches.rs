@@ -7,7 +7,7 @@ use super::CheckOptions;
 use crate::data::batch::Batch;
 use crate::data::{Pos, Unit};
 use crate::findings::{Code, Finding, Severity};
-use crate::loss::aggregate::LossTotals;
+use crate::loss::aggregate::{BatchSums, LossTotals};
 use crate::loss::batch::{batch_losses, BatchTensors};
 use crate::loss::steps::{self, MicroBatch, Step, UserMicroBatch};
 use crate::loss::user::{LossArg, LossAudit};
@@ -26,6 +26,9 @@ pub(super) struct RunState {
     pub(super) unit: Unit,
     /// The first rows with their per-token losses, for the HTML report.
     pub(super) token_rows: Vec<TokenRow>,
+    /// For a captured run, every batch's sums, to hold the trainer's loss against the
+    /// formulas (`captured`); `None` otherwise.
+    pub(super) trainer_batches: Option<Vec<super::captured::TrainerBatch>>,
 }
 
 impl RunState {
@@ -38,6 +41,7 @@ impl RunState {
             probe,
             consistency: Consistency::default(),
             token_rows: vec![],
+            trainer_batches: None,
         }
     }
 
@@ -48,8 +52,25 @@ impl RunState {
         totals: &mut LossTotals,
         opts: &CheckOptions,
     ) {
-        totals.add_batch(&[], &[], &[], batch.rows);
+        let sums = totals.add_batch(&[], &[], &[], batch.rows);
+        self.keep_trainer_batch(batch, &[], &[], sums, 1);
         self.keep_rows(batch, &[], None, opts);
+    }
+
+    /// For a captured run, the batch's sums for the trainer's loss (`captured`).
+    pub(super) fn keep_trainer_batch(
+        &mut self,
+        batch: &Batch,
+        losses: &[f32],
+        mask: &[u8],
+        sums: BatchSums,
+        vocab: i64,
+    ) {
+        if let Some(kept) = self.trainer_batches.as_mut() {
+            kept.push(super::captured::TrainerBatch::of(
+                batch, losses, mask, sums, vocab,
+            ));
+        }
     }
 
     /// Keeps the batch's rows, with their losses, while fewer than `limit` are kept.
@@ -274,6 +295,7 @@ pub(super) fn process_batch(
         &batch.padding_target_mask(),
         batch.rows,
     );
+    run.keep_trainer_batch(batch, &losses, &target_mask, sums, model.vocab_size());
     let user = match audit {
         Some(audit) => {
             // The user's loss gets the logits in float32, as Hugging Face's loss functions upcast

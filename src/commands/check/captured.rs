@@ -8,6 +8,52 @@ use std::collections::BTreeMap;
 use crate::data::batch::Batch;
 use crate::data::capture::{Capture, CaptureSummary};
 use crate::findings::{Code, Finding, Severity};
+use crate::loss::aggregate::BatchSums;
+use crate::loss::diagnosis::{
+    self, batch_hypotheses, BatchLosses, Conclusion, Diagnosis, Hypothesis, ProbeResult,
+};
+use crate::loss::weights;
+
+/// The logits' magnitude the trainer's tolerance assumes: the capture holds no logits, and a
+/// language model's stay far below it.
+const ASSUMED_LOGIT_BOUND: f64 = 100.0;
+
+/// One batch's next-token sums, and the same formulas applied to each position's rounding
+/// bound: what the trainer's loss is held against.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct TrainerBatch {
+    rows: usize,
+    positions: usize,
+    sums: BatchSums,
+    errors: BatchSums,
+}
+
+impl TrainerBatch {
+    /// From the batch's per-token losses and target mask (`[B, T-1]`) and their sums.
+    pub(super) fn of(
+        batch: &Batch,
+        losses: &[f32],
+        mask: &[u8],
+        sums: BatchSums,
+        vocab: i64,
+    ) -> Self {
+        let v = usize::try_from(vocab).unwrap_or(1);
+        let ln_v = (v as f64).ln();
+        let errors: Vec<f32> = losses
+            .iter()
+            .map(|&l| {
+                let bound = ASSUMED_LOGIT_BOUND;
+                weights::log_softmax_error(bound + ln_v, bound, v, f64::from(l)) as f32
+            })
+            .collect();
+        Self {
+            rows: batch.rows,
+            positions: losses.len(),
+            sums,
+            errors: BatchSums::of(&errors, mask, batch.rows),
+        }
+    }
+}
 
 /// The capture and what `check` counted of each of its micro-batches.
 pub(super) struct Captured {
@@ -90,7 +136,167 @@ impl Captured {
                 steps.values().filter(|(_, items)| items.is_some()).count() as u64
             },
             trainer_token_mean: (complete && trained > 0).then(|| total / trained as f64),
+            trainer_verdict: None,
         }
+    }
+
+    /// The trainer's loss of every micro-batch against the next-token formulas, as `--loss`
+    /// holds a loss file's: which one the trainer computes, read both ways a trainer may
+    /// normalise it (by the step's `num_items_in_batch`, or per micro-batch), and what that
+    /// does to the step given how the trainer then accumulates. `batches` are the run's, in
+    /// order. The tolerance is the derived one plus 1e-4 relative: fused and chunked loss
+    /// kernels (trl's fused LM head) round differently from a plain cross-entropy.
+    pub(super) fn trainer_findings(
+        &self,
+        batches: &[TrainerBatch],
+    ) -> (Option<String>, Vec<Finding>) {
+        if batches.len() != self.capture.micro_batches.len()
+            || self
+                .capture
+                .micro_batches
+                .iter()
+                .any(|m| m.trainer_loss.is_none())
+        {
+            return (None, vec![]);
+        }
+        let by_step = self.normalised_by_step();
+        let has_items = self
+            .capture
+            .micro_batches
+            .iter()
+            .all(|m| m.num_items.is_some());
+        let scale = if self.capture.setting("average_tokens_across_devices") {
+            self.capture.world_size().max(1) as f64
+        } else {
+            1.0
+        };
+        let per_step = self.diagnose(batches, |m, b| match m.num_items {
+            Some(items) if b.sums.trained > 0 => items / scale / b.sums.trained as f64,
+            _ => 1.0,
+        });
+        let per_micro = self.diagnose(batches, |_, _| 1.0);
+        let conclude = |d: &Diagnosis| diagnosis::conclude(d, &ProbeResult::default(), &());
+        let token = |c: &Conclusion| match c {
+            Conclusion::Matched(h) => *h == Hypothesis::MaskedTokenMean,
+            Conclusion::Ambiguous(hs) => hs.contains(&Hypothesis::MaskedTokenMean),
+            _ => false,
+        };
+        let (step_c, micro_c) = (conclude(&per_step), conclude(&per_micro));
+        let accumulation = self.accumulation();
+        if by_step && has_items {
+            if token(&step_c) {
+                return (
+                    Some(diagnosis::verdict_sentence(&step_c, &per_step)),
+                    vec![],
+                );
+            }
+            // Normalised per micro-batch, not by the step's count the trainer passed: the
+            // trainer then does not divide by the accumulation either.
+            if token(&micro_c) || matches!(micro_c, Conclusion::Matched(_)) {
+                let (sentence, mut findings) = self.formula_findings(&micro_c, &per_micro);
+                if accumulation > 1 {
+                    findings.push(Finding::new(
+                        Code::AccumulationMisweighted,
+                        Severity::Error,
+                        format!("the trainer's loss is normalised per micro-batch, yet the trainer passes num_items_in_batch and so does not divide by gradient_accumulation_steps ({accumulation}): each step's gradient is {accumulation}× too large, and its micro-batches weigh alike whatever their token counts"),
+                    ));
+                }
+                return (sentence, findings);
+            }
+            return self.formula_findings(&step_c, &per_step);
+        }
+        if token(&micro_c) {
+            let sentence = diagnosis::verdict_sentence(&micro_c, &per_micro);
+            let findings = self
+                .uneven_step(batches)
+                .filter(|_| accumulation > 1)
+                .map(|(rank, step, lo, hi)| {
+                    Finding::new(
+                        Code::AccumulationMisweighted,
+                        Severity::Error,
+                        format!("the trainer's loss is each micro-batch's own token mean, accumulated {accumulation} micro-batches a step with equal weight: a mean of micro-batch means, so in step {step} (rank {rank}), with micro-batches of {lo} and {hi} trained tokens, one token weighs up to {:.2}× another; normalise by the step's trained tokens (num_items_in_batch: a model that accepts loss kwargs, or compute_loss_func)", hi as f64 / lo.max(1) as f64),
+                    )
+                })
+                .into_iter()
+                .collect();
+            return (Some(sentence), findings);
+        }
+        self.formula_findings(&micro_c, &per_micro)
+    }
+
+    /// The trainer's loss of each micro-batch, times `rescale`, against the next-token formulas.
+    fn diagnose(
+        &self,
+        batches: &[TrainerBatch],
+        rescale: impl Fn(&crate::data::capture::MicroBatch, &TrainerBatch) -> f64,
+    ) -> Diagnosis {
+        let mut d = Diagnosis::new(1e-4).with_subject("the trainer's loss");
+        let none: (&[f32], &[u8]) = (&[], &[]);
+        for (micro, b) in self.capture.micro_batches.iter().zip(batches) {
+            let loss = micro.trainer_loss.unwrap_or(f64::NAN);
+            let values = batch_hypotheses(&BatchLosses {
+                rows: b.rows,
+                next: b.sums,
+                unshifted: none,
+                double_shifted: none,
+            });
+            let mut tolerances = batch_hypotheses(&BatchLosses {
+                rows: b.rows,
+                next: b.errors,
+                unshifted: none,
+                double_shifted: none,
+            });
+            let summation =
+                weights::ROUNDING_SAFETY * weights::F32_UNIT * (b.positions.max(1) as f64).sqrt();
+            for (t, v) in tolerances.iter_mut().zip(&values) {
+                if let (Some(t), Some(v)) = (t.as_mut(), v) {
+                    *t += summation * v.abs();
+                }
+            }
+            d.observe(loss * rescale(micro, b), &values, &tolerances);
+        }
+        d
+    }
+
+    /// The findings of a conclusion other than the token mean: the formula's own, or a
+    /// warning when none matches (a trainer may add an auxiliary term).
+    fn formula_findings(&self, c: &Conclusion, d: &Diagnosis) -> (Option<String>, Vec<Finding>) {
+        let sentence = diagnosis::verdict_sentence(c, d);
+        let findings = match c {
+            Conclusion::Matched(Hypothesis::MaskedTokenMean) | Conclusion::NoBatches => vec![],
+            Conclusion::Ambiguous(hs) if hs.contains(&Hypothesis::MaskedTokenMean) => vec![],
+            Conclusion::NoMatch { .. } => vec![Finding::new(
+                Code::LossMismatch,
+                Severity::Warning,
+                format!("{sentence} (captured): an auxiliary term, label smoothing, or a normalisation of its own"),
+            )],
+            _ => diagnosis::findings(c, d, &ProbeResult::default(), &ProbeResult::default(), None),
+        };
+        (Some(sentence), findings)
+    }
+
+    /// Micro-batches per optimizer step (the most in any step).
+    fn accumulation(&self) -> usize {
+        let mut counts: BTreeMap<(i64, i64), usize> = BTreeMap::new();
+        for m in &self.capture.micro_batches {
+            *counts.entry((m.rank, m.step)).or_default() += 1;
+        }
+        counts.values().copied().max().unwrap_or(1)
+    }
+
+    /// The first step whose micro-batches hold different numbers of trained tokens: (rank,
+    /// step, fewest, most).
+    fn uneven_step(&self, batches: &[TrainerBatch]) -> Option<(i64, i64, u64, u64)> {
+        let mut steps: BTreeMap<(i64, i64), (u64, u64)> = BTreeMap::new();
+        for (m, b) in self.capture.micro_batches.iter().zip(batches) {
+            let e = steps.entry((m.rank, m.step)).or_insert((u64::MAX, 0));
+            e.0 = e.0.min(b.sums.trained);
+            e.1 = e.1.max(b.sums.trained);
+        }
+        steps
+            .into_iter()
+            .find(|(_, (lo, hi))| lo != hi)
+            .map(|((rank, step), (lo, hi))| (rank, step, lo, hi))
     }
 
     /// `trainer-count-mismatch`: a step whose `num_items_in_batch` is not the trained targets

@@ -13,6 +13,7 @@ use indicatif::ProgressBar;
 use tch::Device;
 
 use crate::data::batch::{Batch, Batcher};
+use crate::data::capture::CaptureSummary;
 use crate::data::{guard, DataError, FieldNames, RowSource, Unit};
 use crate::findings::{Code, Finding, SeverityOverrides};
 use crate::lint::{LintOptions, LintState, LintStats};
@@ -161,6 +162,9 @@ fn run_loaded(
         run: RunState::new(opts.model_probe, unit),
         simulation: Simulation::default(),
     };
+    if captured.is_some() {
+        pass.run.trainer_batches = Some(vec![]);
+    }
     // Packed rows are counted, and the first run as it is probed, before the batch runs.
     let mut packing = Packing::default();
     let batches = batches.map(|item| {
@@ -207,8 +211,13 @@ fn run_loaded(
         data_padding_tokens: statistics.padding.tokens,
     };
     let (mut findings, user_loss, steps) = concluded.findings(lint_findings, audit, simulation)?;
+    let mut trainer_verdict = None;
     if let Some(captured) = &captured {
         findings.extend(captured.findings());
+        let kept = run.trainer_batches.as_deref().unwrap_or_default();
+        let (verdict, trainer_findings) = captured.trainer_findings(kept);
+        trainer_verdict = verdict;
+        findings.extend(trainer_findings);
     }
     opts.overrides.apply(&mut findings);
     let verdict = Verdict::of(&findings);
@@ -219,7 +228,10 @@ fn run_loaded(
         model: model_info(model, opts, device, tf32, run.consistency.clone()),
         data: DataSummary {
             packing: packing.summary(),
-            capture: captured.as_ref().map(Captured::summary),
+            capture: captured.as_ref().map(|c| CaptureSummary {
+                trainer_verdict,
+                ..c.summary()
+            }),
             ..data_summary(opts, &totals, data_path, unit, &statistics)
         },
         statistics,
