@@ -188,7 +188,7 @@ def export_model(path: Path, vocab: int, width: int, layers: int, heads: int, ma
         rms_norm_eps=1e-6)
     model = transformers.Qwen2ForCausalLM(config).to(DTYPES[dtype])
     params = sum(p.numel() for p in model.parameters())
-    exporter = Path(__file__).resolve().parents[1] / "tools" / "maskaudit-export.py"
+    exporter = Path(__file__).resolve().parents[1] / "python" / "maskaudit" / "export.py"
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="maskaudit-gen-") as tmp:
         model.save_pretrained(tmp)

@@ -157,3 +157,46 @@ fn a_trainer_loss_over_every_position_is_named() {
         "{verdict}"
     );
 }
+
+/// transformers' ForCausalLMLoss, unedited, traced by maskaudit.trace_loss, audited on the
+/// captured run: the masked token mean, as it is and normalised by num_items_in_batch.
+#[test]
+fn a_traced_transformers_loss_is_audited() {
+    let dir = dir();
+    let model = dir.join("model.pt").display().to_string();
+    let data = dir
+        .join("sft_accumulation/run.parquet")
+        .display()
+        .to_string();
+    for (file, args) in [
+        ("for_causal_lm.pt", "logits,labels"),
+        (
+            "for_causal_lm_num_items.pt",
+            "logits,labels,num_items_in_batch",
+        ),
+    ] {
+        let loss = dir.join("losses").join(file).display().to_string();
+        let out = maskaudit(&[
+            "check",
+            "--device",
+            "cpu",
+            "--format",
+            "json",
+            &model,
+            &data,
+            "--pad-id",
+            "0",
+            "--loss",
+            &loss,
+            "--loss-args",
+            args,
+        ]);
+        assert_eq!(out.code, 0, "{file}: {out:?}");
+        let json: Value = serde_json::from_str(&out.stdout).unwrap();
+        assert_eq!(
+            json["user_loss"]["matched"], "masked_token_mean",
+            "{file}: {}",
+            json["user_loss"]
+        );
+    }
+}

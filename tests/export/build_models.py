@@ -62,7 +62,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 ROOT = Path(__file__).resolve().parents[2]
-EXPORTER = ROOT / "tools" / "maskaudit-export.py"
+EXPORTER = ROOT / "python" / "maskaudit" / "export.py"
 OUT = ROOT / "target" / "hf-models"
 # --device: where the models are exported (the exporter's --device) and the eager references
 # run; bench/gpu.sh uses cuda. The wrong traces and failure checks stay on the CPU.

@@ -12,6 +12,8 @@ never changes training; this script fails otherwise). Cases:
     plain_loop         a hand-written loop through `maskaudit.capture_forward` (accumulation 2)
     sft_over_all_positions  an SFTTrainer subclass whose compute_loss is F.cross_entropy's
                        default mean over every position (the founding bug)
+    losses/            transformers' ForCausalLMLoss traced by maskaudit.trace_loss (mean, and
+                       with num_items_in_batch); a shape-dependent loss must be refused
     count_before_shift the SFT capture with num_items_in_batch counted before the shift (one
                        token per row too many, as transformers PR 46204 fixed): no expected.json
 
@@ -39,6 +41,7 @@ sys.path.insert(0, str(ROOT / "python"))
 import trl_pipelines as tp  # noqa: E402
 
 CAPTURE = ROOT / "python" / "maskaudit" / "capture.py"
+LOSS = ROOT / "python" / "maskaudit" / "loss.py"
 # One captured step: its micro-batches all run on the weights exported before training, so
 # check's numbers equal the trainer's exactly (later steps run on updated weights).
 STEPS, BATCH, ACCUM = 1, 2, 2
@@ -46,7 +49,7 @@ STEPS, BATCH, ACCUM = 1, 2, 2
 
 def stamp_text() -> str:
     h = hashlib.sha256()
-    for path in (Path(__file__), CAPTURE, tp.EXPORTER):
+    for path in (Path(__file__), CAPTURE, LOSS, tp.EXPORTER):
         h.update(path.read_bytes())
     return h.hexdigest() + " " + tp.stamp_text()
 
@@ -186,6 +189,37 @@ def count_before_shift(source: Path, case: Path) -> None:
     pq.write_table(table, case / "run.parquet")
 
 
+def trace_losses(capture: Path, out: Path) -> None:
+    """transformers' ForCausalLMLoss through maskaudit.trace_loss, as a trainer calls it (mean,
+    and normalised by num_items_in_batch); and a loss that branches on the batch's shape in
+    Python, which trace_loss must refuse."""
+    import torch.nn.functional as F
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    import maskaudit
+
+    out.mkdir(exist_ok=True)
+    maskaudit.trace_loss(ForCausalLMLoss, out / "for_causal_lm.pt", args=("logits", "labels"),
+                         vocab_size=tp.VOCAB, capture=str(capture))
+    maskaudit.trace_loss(ForCausalLMLoss, out / "for_causal_lm_num_items.pt",
+                         args=("logits", "labels", "num_items_in_batch"), vocab_size=tp.VOCAB,
+                         capture=str(capture))
+
+    def branchy(logits, labels):
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                               labels[:, 1:].reshape(-1))
+        return loss * (2.0 if logits.shape[0] > 3 else 1.0)
+
+    try:
+        maskaudit.trace_loss(branchy, out / "branchy.pt", vocab_size=tp.VOCAB)
+    except ValueError as e:
+        assert "another shape" in str(e), e
+    else:
+        raise SystemExit("trace_loss accepted a loss that branches on the shape in Python")
+    assert not (out / "branchy.pt").exists()
+    print("ok   trace_loss: ForCausalLMLoss traced both ways; a shape-dependent loss refused")
+
+
 def main(argv) -> int:
     out = Path(argv[argv.index("--out") + 1]) if "--out" in argv else (
         ROOT / "target" / "hf-models" / "capture")
@@ -215,6 +249,7 @@ def main(argv) -> int:
                 json.dumps(expected(case / "run.parquet", per_mb, hf_dir), indent=2) + "\n")
             print(f"ok   {name}: losses identical with and without the capture")
         count_before_shift(out / "sft_accumulation" / "run.parquet", out / "count_before_shift")
+        trace_losses(out / "sft_accumulation" / "run.parquet", out / "losses")
     stamp.write_text(stamp_text())
     return 0
 

@@ -54,7 +54,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("WANDB_DISABLED", "true")
 
 ROOT = Path(__file__).resolve().parents[2]
-EXPORTER = ROOT / "tools" / "maskaudit-export.py"
+EXPORTER = ROOT / "python" / "maskaudit" / "export.py"
 PAD, BOS, EOS = 0, 1, 2
 VOCAB = 160
 BATCH_SIZE = 4
