@@ -200,3 +200,45 @@ fn a_traced_transformers_loss_is_audited() {
         );
     }
 }
+
+/// The collator bugs, from a real SFTTrainer's capture: pad = eos with every pad id's label
+/// set to -100 (EOS never trained), and labels that are the input ids (padding trained, which
+/// the trainer's loss then includes).
+#[test]
+fn collator_bugs_are_caught_from_the_capture() {
+    let dir = dir();
+    let model = dir.join("model.pt").display().to_string();
+    for (case, pad, code) in [
+        ("sft_eos_masked", "2", "eos-masked"),
+        ("sft_padding_trained", "0", "padding-trained"),
+    ] {
+        let data = dir.join(case).join("run.parquet").display().to_string();
+        let out = maskaudit(&[
+            "check", "--device", "cpu", "--format", "json", &model, &data, "--pad-id", pad,
+            "--eos-id", "2",
+        ]);
+        assert_eq!(out.code, 1, "{case}: {out:?}");
+        let json: Value = serde_json::from_str(&out.stdout).unwrap();
+        let errors: Vec<&str> = json["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["severity"] == "error")
+            .map(|f| f["code"].as_str().unwrap())
+            .collect();
+        assert_eq!(errors, [code], "{case}: {}", json["findings"]);
+    }
+    let data = dir
+        .join("sft_padding_trained/run.parquet")
+        .display()
+        .to_string();
+    let out = maskaudit(&[
+        "check", "--device", "cpu", "--format", "json", &model, &data, "--pad-id", "0",
+    ]);
+    let json: Value = serde_json::from_str(&out.stdout).unwrap();
+    let verdict = json["data"]["capture"]["trainer_verdict"].as_str().unwrap();
+    assert!(
+        verdict.contains("so the loss includes padding"),
+        "{verdict}"
+    );
+}

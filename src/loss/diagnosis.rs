@@ -435,8 +435,13 @@ pub fn verdict_sentence(conclusion: &Conclusion, diagnosis: &Diagnosis) -> Strin
             h.phrase()
         ),
         Conclusion::Ambiguous(hs) => format!(
-            "{subject} matches {} equally on this data: they cannot be told apart here (the probes below decide)",
-            names(hs)
+            "{subject} matches {} equally on this data: they cannot be told apart here{}",
+            names(hs),
+            if subject == "your loss" {
+                " (the probes below decide)"
+            } else {
+                ""
+            }
         ),
         Conclusion::NoMatch { closest } => match closest {
             Some((h, err)) => format!(

@@ -12,6 +12,8 @@ never changes training; this script fails otherwise). Cases:
     plain_loop         a hand-written loop through `maskaudit.capture_forward` (accumulation 2)
     sft_over_all_positions  an SFTTrainer subclass whose compute_loss is F.cross_entropy's
                        default mean over every position (the founding bug)
+    sft_eos_masked     pad = eos and a collator that sets every pad id's label to -100
+    sft_padding_trained  a collator whose labels are the input ids, padding included
     losses/            transformers' ForCausalLMLoss traced by maskaudit.trace_loss (mean, and
                        with num_items_in_batch); a shape-dependent loss must be refused
     count_before_shift the SFT capture with num_items_in_batch counted before the shift (one
@@ -54,7 +56,29 @@ def stamp_text() -> str:
     return h.hexdigest() + " " + tp.stamp_text()
 
 
-def sft(hf_dir: Path, tmp: Path, path, over_all_positions: bool = False):
+def collator(pad_id: int, mode: str):
+    """A hand-written collator with a masking bug: `pad_ids_masked` sets every pad id's label to
+    -100 (with pad == eos that masks every EOS: transformers #23530), `labels_are_input_ids`
+    keeps the labels over the padding (the padding is trained)."""
+    import torch
+
+    def collate(examples):
+        width = max(len(e["input_ids"]) for e in examples)
+        ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        for r, e in enumerate(examples):
+            ids[r, :len(e["input_ids"])] = torch.tensor(e["input_ids"])
+            attention[r, :len(e["input_ids"])] = 1
+        if mode == "pad_ids_masked":
+            labels = ids.masked_fill(ids == pad_id, -100)
+        else:
+            labels = ids.clone()
+        return {"input_ids": ids, "attention_mask": attention, "labels": labels}
+
+    return collate
+
+
+def sft(hf_dir: Path, tmp: Path, path, over_all_positions: bool = False, bug: str = ""):
     import numpy as np
     import torch
     from datasets import Dataset
@@ -73,9 +97,12 @@ def sft(hf_dir: Path, tmp: Path, path, over_all_positions: bool = False):
         data_seed=tp.SEED, use_cpu=True, save_strategy="no", logging_steps=1,
     )
     cls = AllPositionsTrainer if over_all_positions else SFTTrainer
+    pad_is_eos = bug == "pad_ids_masked"
+    extra = {"data_collator": collator(tp.EOS if pad_is_eos else tp.PAD, bug)} if bug else {}
     trainer = cls(
         model=AutoModelForCausalLM.from_pretrained(hf_dir), args=args,
-        train_dataset=Dataset.from_list(rows), processing_class=tp.tokenizer(False),
+        train_dataset=Dataset.from_list(rows), processing_class=tp.tokenizer(pad_is_eos),
+        **extra,
     )
     if path is not None:
         maskaudit.capture(trainer, path, steps=STEPS)
@@ -238,6 +265,9 @@ def main(argv) -> int:
             ("sft_accumulation", lambda p: sft(hf_dir, tmp, p), False),
             ("plain_loop", lambda p: plain_loop(hf_dir, p), True),
             ("sft_over_all_positions", lambda p: sft(hf_dir, tmp, p, True), True),
+            ("sft_eos_masked", lambda p: sft(hf_dir, tmp, p, bug="pad_ids_masked"), False),
+            ("sft_padding_trained", lambda p: sft(hf_dir, tmp, p, bug="labels_are_input_ids"),
+             False),
         ]:
             case = out / name
             case.mkdir(exist_ok=True)

@@ -23,6 +23,8 @@ const ASSUMED_LOGIT_BOUND: f64 = 100.0;
 #[derive(Debug, Clone, Copy)]
 pub(super) struct TrainerBatch {
     rows: usize,
+    /// Padding targets the mask trains.
+    padding_trained: u64,
     positions: usize,
     sums: BatchSums,
     errors: BatchSums,
@@ -48,6 +50,7 @@ impl TrainerBatch {
             .collect();
         Self {
             rows: batch.rows,
+            padding_trained: batch.target_counts().padding_trained,
             positions: losses.len(),
             sums,
             errors: BatchSums::of(&errors, mask, batch.rows),
@@ -150,6 +153,21 @@ impl Captured {
         &self,
         batches: &[TrainerBatch],
     ) -> (Option<String>, Vec<Finding>) {
+        let (verdict, findings) = self.trainer_formula(batches);
+        let trained_padding: u64 = batches.iter().map(|b| b.padding_trained).sum();
+        // The formulas are over the mask as the batches give it: a mask that trains padding
+        // makes even the token mean include it.
+        let verdict = verdict.map(|v| {
+            if trained_padding > 0 {
+                format!("{v}; but its mask trains {trained_padding} padding targets, so the loss includes padding (see padding-trained)")
+            } else {
+                v
+            }
+        });
+        (verdict, findings)
+    }
+
+    fn trainer_formula(&self, batches: &[TrainerBatch]) -> (Option<String>, Vec<Finding>) {
         if batches.len() != self.capture.micro_batches.len()
             || self
                 .capture
