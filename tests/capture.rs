@@ -242,3 +242,57 @@ fn collator_bugs_are_caught_from_the_capture() {
         "{verdict}"
     );
 }
+
+/// A Trainer whose model does not accept loss kwargs divides each micro-batch's own mean by the
+/// accumulation: accumulation-misweighted, from the captured run itself.
+#[test]
+fn a_mean_of_micro_batch_means_in_a_trainer_is_caught() {
+    let dir = dir();
+    let model = dir.join("model.pt").display().to_string();
+    let data = dir
+        .join("sft_no_loss_kwargs/run.parquet")
+        .display()
+        .to_string();
+    let out = maskaudit(&[
+        "check", "--device", "cpu", "--format", "json", &model, &data, "--pad-id", "0",
+    ]);
+    assert_eq!(out.code, 1, "{out:?}");
+    let json: Value = serde_json::from_str(&out.stdout).unwrap();
+    let errors: Vec<&str> = json["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["severity"] == "error")
+        .map(|f| f["code"].as_str().unwrap())
+        .collect();
+    assert_eq!(errors, ["accumulation-misweighted"], "{}", json["findings"]);
+}
+
+/// trl's packing=True: padding-free rows of several documents, run with their own position ids
+/// through the packed export, give the per-document truth and the trainer's loss. (The rows
+/// are longer than the lengths the exporter verified: that warning is the exporter's, and
+/// only errors are held here.)
+#[test]
+fn a_packed_trl_run_gives_the_per_document_truth() {
+    let dir = dir();
+    let model = dir.join("model.pt").display().to_string();
+    let case = dir.join("sft_packing");
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(case.join("expected.json")).unwrap())
+            .unwrap();
+    let data = case.join("run.parquet").display().to_string();
+    let out = maskaudit(&[
+        "check", "--device", "cpu", "--format", "json", &model, &data, "--pad-id", "0",
+    ]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let json: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert!(json["data"]["packing"]["packed_rows"].as_u64().unwrap() > 0);
+    let got = json["losses"]["masked_token_mean"].as_f64().unwrap();
+    let want = expected["token_mean"].as_f64().unwrap();
+    assert!(
+        (got - want).abs() <= 1e-6 * want,
+        "maskaudit {got}, exact {want}"
+    );
+    let verdict = json["data"]["capture"]["trainer_verdict"].as_str().unwrap();
+    assert!(verdict.contains("masked_token_mean"), "{verdict}");
+}

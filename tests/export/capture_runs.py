@@ -14,6 +14,9 @@ never changes training; this script fails otherwise). Cases:
                        default mean over every position (the founding bug)
     sft_eos_masked     pad = eos and a collator that sets every pad id's label to -100
     sft_padding_trained  a collator whose labels are the input ids, padding included
+    sft_no_loss_kwargs  model_accepts_loss_kwargs False: each micro-batch's own mean, divided
+                       by the accumulation
+    sft_packing        packing=True: padding-free rows of several documents
     losses/            transformers' ForCausalLMLoss traced by maskaudit.trace_loss (mean, and
                        with num_items_in_batch); a shape-dependent loss must be refused
     count_before_shift the SFT capture with num_items_in_batch counted before the shift (one
@@ -78,7 +81,8 @@ def collator(pad_id: int, mode: str):
     return collate
 
 
-def sft(hf_dir: Path, tmp: Path, path, over_all_positions: bool = False, bug: str = ""):
+def sft(hf_dir: Path, tmp: Path, path, over_all_positions: bool = False, bug: str = "",
+        packing: bool = False):
     import numpy as np
     import torch
     from datasets import Dataset
@@ -95,15 +99,21 @@ def sft(hf_dir: Path, tmp: Path, path, over_all_positions: bool = False, bug: st
         output_dir=str(tmp / "out"), per_device_train_batch_size=BATCH,
         gradient_accumulation_steps=ACCUM, max_steps=STEPS + 1, report_to=[], seed=tp.SEED,
         data_seed=tp.SEED, use_cpu=True, save_strategy="no", logging_steps=1,
+        **({"packing": True, "max_length": 48} if packing else {}),
     )
     cls = AllPositionsTrainer if over_all_positions else SFTTrainer
     pad_is_eos = bug == "pad_ids_masked"
-    extra = {"data_collator": collator(tp.EOS if pad_is_eos else tp.PAD, bug)} if bug else {}
+    collated = bug in ("pad_ids_masked", "labels_are_input_ids")
+    extra = {"data_collator": collator(tp.EOS if pad_is_eos else tp.PAD, bug)} if collated else {}
     trainer = cls(
         model=AutoModelForCausalLM.from_pretrained(hf_dir), args=args,
         train_dataset=Dataset.from_list(rows), processing_class=tp.tokenizer(pad_is_eos),
         **extra,
     )
+    if bug == "no_loss_kwargs":
+        # A model whose forward takes no num_items_in_batch: the trainer divides each
+        # micro-batch's own mean by the accumulation.
+        trainer.model_accepts_loss_kwargs = False
     if path is not None:
         maskaudit.capture(trainer, path, steps=STEPS)
     trainer.train()
@@ -182,15 +192,19 @@ def expected(path: Path, per_micro_batch_mean: bool, hf_dir: Path) -> dict:
         groups.setdefault(k, []).append(i)
     total, exact, trained = 0.0, 0.0, 0
     for rows in groups.values():
+        # Padded rows have an attention mask; padding-free ones position ids restarting at 0,
+        # which keep their documents apart (with use_cache=False, as in training).
         batch = {k: torch.tensor([d[k][i] for i in rows])
-                 for k in ("input_ids", "attention_mask", "labels")}
+                 for k in ("input_ids", "attention_mask", "position_ids", "labels")
+                 if k in d and d[k][rows[0]] is not None}
         n = int((batch["labels"][:, 1:] != -100).sum())
         loss = d["maskaudit_trainer_loss"][rows[0]]
         norm = n if per_micro_batch_mean else d["maskaudit_num_items_in_batch"][rows[0]]
         total += loss * norm
         trained += n
         with torch.no_grad():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            logits = model(**inputs, use_cache=False).logits
         exact += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                  batch["labels"][:, 1:].reshape(-1), reduction="sum").item()
     return {"batch_size": BATCH, "micro_batches": len(groups), "trained": trained,
@@ -268,6 +282,8 @@ def main(argv) -> int:
             ("sft_eos_masked", lambda p: sft(hf_dir, tmp, p, bug="pad_ids_masked"), False),
             ("sft_padding_trained", lambda p: sft(hf_dir, tmp, p, bug="labels_are_input_ids"),
              False),
+            ("sft_no_loss_kwargs", lambda p: sft(hf_dir, tmp, p, bug="no_loss_kwargs"), True),
+            ("sft_packing", lambda p: sft(hf_dir, tmp, p, packing=True), False),
         ]:
             case = out / name
             case.mkdir(exist_ok=True)
