@@ -90,6 +90,8 @@ codes! {
         "The data was declared pre-shifted (--shifted) but its labels are aligned with input_ids, so a loss that does not shift trains each token to predict itself.";
     PackedBoundarySupervised => "packed-boundary-supervised",
         "In packed rows, the first token of a document is a trained target, predicted from the end of the previous document.";
+    LoggedLossMismatch => "logged-loss-mismatch",
+        "A captured step's logged loss is not the step's token mean: the number watched during training is not the loss of the step.";
     TrainerCountMismatch => "trainer-count-mismatch",
         "A captured step's num_items_in_batch is not the number of trained targets in its micro-batches, so the trainer divides the loss by the wrong count.";
     PackedRowsSplit => "packed-rows-split",

@@ -85,9 +85,23 @@ fn a_capture_is_checked_with_the_trainers_numbers() {
             (read - trainer).abs() <= 1e-9 * trainer,
             "{case}: {capture}"
         );
-        // The trainer passed num_items_in_batch in the SFT run; the plain loop has none.
-        let compared = u64::from(case == "sft_accumulation");
-        assert_eq!(capture["counts_compared"], compared, "{case}: {capture}");
+        // The trainer passed num_items_in_batch in the SFT run, and logged every step's loss;
+        // the plain loop has neither.
+        let sft = case == "sft_accumulation";
+        assert_eq!(
+            capture["counts_compared"],
+            u64::from(sft),
+            "{case}: {capture}"
+        );
+        let logged = capture["logged_steps"].as_array().unwrap();
+        assert_eq!(logged.len(), usize::from(sft), "{case}: {capture}");
+        for step in logged {
+            let (l, t) = (
+                step["logged"].as_f64().unwrap(),
+                step["token_mean"].as_f64().unwrap(),
+            );
+            assert!((l - t).abs() <= 1e-4 * t, "{case}: {step}");
+        }
     }
 }
 
@@ -156,6 +170,13 @@ fn a_trainer_loss_over_every_position_is_named() {
         verdict.starts_with("the trainer's loss is the mean over all positions"),
         "{verdict}"
     );
+    // The step it logged reads about twice the truth: two micro-batch means, summed.
+    let warned = json["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f["code"] == "logged-loss-mismatch" && f["severity"] == "warning");
+    assert!(warned, "{}", json["findings"]);
 }
 
 /// transformers' ForCausalLMLoss, unedited, traced by maskaudit.trace_loss, audited on the

@@ -214,9 +214,22 @@ def capture(trainer, path, steps: int = 1, max_tokens: int = DEFAULT_MAX_TOKENS)
             state["micro"] += 1
         return out
 
+    logged: Dict[str, float] = {}
+    recorder.settings["logged_losses"] = logged
+    recorder.settings["logging_steps"] = getattr(args, "logging_steps", None)
+
+    # The file is written once the last captured step's loss is logged, or, where nothing is
+    # logged, at the end of the step after it (or of training).
     class _Done(TrainerCallback):
         def on_step_end(self, args, train_state, control, **kwargs):
-            if int(train_state.global_step) >= recorder.steps and not recorder.done:
+            if int(train_state.global_step) > recorder.steps and not recorder.done:
+                finish()
+
+        def on_log(self, args, train_state, control, logs=None, **kwargs):
+            step = int(train_state.global_step)
+            if logs and "loss" in logs and 0 < step <= recorder.steps and not recorder.done:
+                logged[str(step - 1)] = float(logs["loss"])
+            if step >= recorder.steps and not recorder.done:
                 finish()
 
         def on_train_end(self, args, train_state, control, **kwargs):

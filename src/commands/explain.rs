@@ -41,6 +41,7 @@ fn long_form(code: Code) -> &'static str {
         Code::LabelsPreShifted => include_str!("explain/labels-pre-shifted.md"),
         Code::LabelsNotShifted => include_str!("explain/labels-not-shifted.md"),
         Code::PackedBoundarySupervised => include_str!("explain/packed-boundary-supervised.md"),
+        Code::LoggedLossMismatch => include_str!("explain/logged-loss-mismatch.md"),
         Code::TrainerCountMismatch => include_str!("explain/trainer-count-mismatch.md"),
         Code::PackedRowsSplit => include_str!("explain/packed-rows-split.md"),
         Code::ModelCrossesDocuments => include_str!("explain/model-crosses-documents.md"),

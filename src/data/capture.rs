@@ -35,6 +35,17 @@ pub struct CaptureSummary {
     /// Which formula the trainer's loss computes, as a sentence (the next-token formulas of
     /// `--loss`, held to the same derived tolerance); null when it was not compared.
     pub trainer_verdict: Option<String>,
+    /// Each captured step the trainer logged a loss for (at `logging_steps` 1): the loss it
+    /// logged (rounded to 4 decimals by transformers) and the step's true token mean.
+    pub logged_steps: Vec<LoggedStep>,
+}
+
+/// One step's logged loss beside its token mean.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LoggedStep {
+    pub step: i64,
+    pub logged: f64,
+    pub token_mean: f64,
 }
 
 /// The metadata key a capture's settings are under.
@@ -76,6 +87,23 @@ impl Capture {
     /// A boolean setting of the run, false when absent.
     pub fn setting(&self, name: &str) -> bool {
         self.settings[name].as_bool().unwrap_or(false)
+    }
+
+    /// The loss the trainer logged for each captured step (0-based), where it logged one every
+    /// step.
+    pub fn logged_losses(&self) -> Vec<(i64, f64)> {
+        if self.settings["logging_steps"].as_f64() != Some(1.0) {
+            return vec![];
+        }
+        let Some(logged) = self.settings["logged_losses"].as_object() else {
+            return vec![];
+        };
+        let mut out: Vec<(i64, f64)> = logged
+            .iter()
+            .filter_map(|(k, v)| Some((k.parse().ok()?, v.as_f64()?)))
+            .collect();
+        out.sort_by_key(|&(step, _)| step);
+        out
     }
 
     /// The run's world size (1 when absent).

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use crate::data::batch::Batch;
-use crate::data::capture::{Capture, CaptureSummary};
+use crate::data::capture::{Capture, CaptureSummary, LoggedStep};
 use crate::findings::{Code, Finding, Severity};
 use crate::loss::aggregate::BatchSums;
 use crate::loss::diagnosis::{
@@ -140,6 +140,7 @@ impl Captured {
             },
             trainer_token_mean: (complete && trained > 0).then(|| total / trained as f64),
             trainer_verdict: None,
+            logged_steps: vec![],
         }
     }
 
@@ -315,6 +316,57 @@ impl Captured {
             .into_iter()
             .find(|(_, (lo, hi))| lo != hi)
             .map(|((rank, step), (lo, hi))| (rank, step, lo, hi))
+    }
+
+    /// Each captured step's logged loss (where the trainer logged every step, on one rank)
+    /// beside the step's token mean, from the run's own batches.
+    pub(super) fn logged_steps(&self, batches: &[TrainerBatch]) -> Vec<LoggedStep> {
+        if batches.len() != self.capture.micro_batches.len() || self.capture.world_size() > 1 {
+            return vec![];
+        }
+        let mut steps: BTreeMap<i64, (f64, u64)> = BTreeMap::new();
+        for (m, b) in self.capture.micro_batches.iter().zip(batches) {
+            let e = steps.entry(m.step).or_default();
+            e.0 += b.sums.masked_loss_sum;
+            e.1 = e.1.saturating_add(b.sums.trained);
+        }
+        self.capture
+            .logged_losses()
+            .into_iter()
+            .filter_map(|(step, logged)| {
+                let &(sum, trained) = steps.get(&step)?;
+                (trained > 0).then(|| LoggedStep {
+                    step,
+                    logged,
+                    token_mean: sum / trained as f64,
+                })
+            })
+            .collect()
+    }
+
+    /// `logged-loss-mismatch`: a step whose logged loss is not its token mean, beyond the
+    /// 4 decimals transformers rounds it to and the drift of a fused loss kernel.
+    pub(super) fn logged_findings(&self, logged: &[LoggedStep]) -> Vec<Finding> {
+        let off: Vec<&LoggedStep> = logged
+            .iter()
+            .filter(|l| (l.logged - l.token_mean).abs() > 5e-5 + 2e-4 * l.token_mean.abs())
+            .collect();
+        let Some(first) = off.first() else {
+            return vec![];
+        };
+        vec![Finding::new(
+            Code::LoggedLossMismatch,
+            Severity::Warning,
+            format!(
+                "the loss the trainer logged differs from the step's token mean in {} of {} captured steps; step {}: {:.4} logged, {:.4} the token mean ({:+.2}%): the number you watch is not the loss of the step",
+                off.len(),
+                logged.len(),
+                first.step,
+                first.logged,
+                first.token_mean,
+                (first.logged / first.token_mean - 1.0) * 100.0
+            ),
+        )]
     }
 
     /// `trainer-count-mismatch`: a step whose `num_items_in_batch` is not the trained targets

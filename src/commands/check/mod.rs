@@ -211,13 +211,15 @@ fn run_loaded(
         data_padding_tokens: statistics.padding.tokens,
     };
     let (mut findings, user_loss, steps) = concluded.findings(lint_findings, audit, simulation)?;
-    let mut trainer_verdict = None;
+    let (mut trainer_verdict, mut logged_steps) = (None, vec![]);
     if let Some(captured) = &captured {
         findings.extend(captured.findings());
         let kept = run.trainer_batches.as_deref().unwrap_or_default();
         let (verdict, trainer_findings) = captured.trainer_findings(kept);
         trainer_verdict = verdict;
         findings.extend(trainer_findings);
+        logged_steps = captured.logged_steps(kept);
+        findings.extend(captured.logged_findings(&logged_steps));
     }
     opts.overrides.apply(&mut findings);
     let verdict = Verdict::of(&findings);
@@ -230,6 +232,7 @@ fn run_loaded(
             packing: packing.summary(),
             capture: captured.as_ref().map(|c| CaptureSummary {
                 trainer_verdict,
+                logged_steps,
                 ..c.summary()
             }),
             ..data_summary(opts, &totals, data_path, unit, &statistics)
