@@ -21,33 +21,51 @@ fn dir() -> PathBuf {
     dir
 }
 
-#[test]
-fn a_capture_is_checked_with_the_trainers_numbers() {
+/// `check` of one captured case with the model it was captured from, its JSON report, and
+/// the exit status; `extra` arguments after the data (`--pad-id 0` unless they give one). No
+/// --batch-size: a capture is batched as the trainer batched it (the default of 8 would merge
+/// micro-batches).
+fn check(case: &str, extra: &[&str]) -> (Value, Output) {
     let dir = dir();
     let model = dir.join("model.pt").display().to_string();
+    let data = dir.join(case).join("run.parquet").display().to_string();
+    let mut args = vec![
+        "check", "--device", "cpu", "--format", "json", &model, &data,
+    ];
+    if !extra.contains(&"--pad-id") {
+        args.extend_from_slice(&["--pad-id", "0"]);
+    }
+    args.extend_from_slice(extra);
+    let out = maskaudit(&args);
+    let json = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{case}: {e}: {out:?}"));
+    (json, out)
+}
+
+/// The codes of the report's findings of one severity, in order.
+fn codes<'a>(json: &'a Value, severity: &str) -> Vec<&'a str> {
+    json["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["severity"] == severity)
+        .map(|f| f["code"].as_str().unwrap())
+        .collect()
+}
+
+#[test]
+fn a_capture_is_checked_with_the_trainers_numbers() {
     for case in ["sft_accumulation", "plain_loop"] {
         let expected: Value = serde_json::from_str(
-            &std::fs::read_to_string(dir.join(case).join("expected.json")).unwrap(),
+            &std::fs::read_to_string(dir().join(case).join("expected.json")).unwrap(),
         )
         .unwrap();
-        let data = dir.join(case).join("run.parquet").display().to_string();
-        // No --batch-size: a capture is batched as the trainer batched it (the default of 8
-        // would merge micro-batches).
-        let out = maskaudit(&[
-            "check", "--device", "cpu", "--format", "json", &model, &data, "--pad-id", "0",
-        ]);
-        let json: Value = serde_json::from_str(&out.stdout).unwrap();
-        let loud: Vec<String> = json["findings"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|f| f["severity"] != "info")
-            .map(|f| f["code"].as_str().unwrap().to_string())
-            .collect();
+        let (json, out) = check(case, &[]);
+        let mut loud = codes(&json, "error");
+        loud.extend(codes(&json, "warning"));
         // The plain loop divides each micro-batch's own mean by the accumulation, as most
         // hand-written loops do: a mean of micro-batch means, which the capture shows.
         let (code, want_loud) = match case {
-            "plain_loop" => (1, vec!["accumulation-misweighted".to_string()]),
+            "plain_loop" => (1, vec!["accumulation-misweighted"]),
             _ => (0, vec![]),
         };
         assert_eq!(out.code, code, "{case}: {out:?}");
@@ -109,17 +127,8 @@ fn a_capture_is_checked_with_the_trainers_numbers() {
 /// before the shift) divides by the wrong count: an error, naming the step.
 #[test]
 fn a_wrong_num_items_in_batch_is_an_error() {
-    let dir = dir();
-    let model = dir.join("model.pt").display().to_string();
-    let data = dir
-        .join("count_before_shift/run.parquet")
-        .display()
-        .to_string();
-    let out = maskaudit(&[
-        "check", "--device", "cpu", "--format", "json", &model, &data, "--pad-id", "0",
-    ]);
+    let (json, out) = check("count_before_shift", &[]);
     assert_eq!(out.code, 1, "{out:?}");
-    let json: Value = serde_json::from_str(&out.stdout).unwrap();
     let finding = json["findings"]
         .as_array()
         .unwrap()
@@ -141,24 +150,9 @@ fn a_wrong_num_items_in_batch_is_an_error() {
 /// for what it is, and the accumulation it then skips is an error too.
 #[test]
 fn a_trainer_loss_over_every_position_is_named() {
-    let dir = dir();
-    let model = dir.join("model.pt").display().to_string();
-    let data = dir
-        .join("sft_over_all_positions/run.parquet")
-        .display()
-        .to_string();
-    let out = maskaudit(&[
-        "check", "--device", "cpu", "--format", "json", &model, &data, "--pad-id", "0",
-    ]);
+    let (json, out) = check("sft_over_all_positions", &[]);
     assert_eq!(out.code, 1, "{out:?}");
-    let json: Value = serde_json::from_str(&out.stdout).unwrap();
-    let codes: Vec<&str> = json["findings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|f| f["severity"] == "error")
-        .map(|f| f["code"].as_str().unwrap())
-        .collect();
+    let codes = codes(&json, "error");
     assert_eq!(
         codes,
         ["loss-includes-padding", "accumulation-misweighted"],
@@ -183,12 +177,6 @@ fn a_trainer_loss_over_every_position_is_named() {
 /// captured run: the masked token mean, as it is and normalised by num_items_in_batch.
 #[test]
 fn a_traced_transformers_loss_is_audited() {
-    let dir = dir();
-    let model = dir.join("model.pt").display().to_string();
-    let data = dir
-        .join("sft_accumulation/run.parquet")
-        .display()
-        .to_string();
     for (file, args) in [
         ("for_causal_lm.pt", "logits,labels"),
         (
@@ -196,24 +184,9 @@ fn a_traced_transformers_loss_is_audited() {
             "logits,labels,num_items_in_batch",
         ),
     ] {
-        let loss = dir.join("losses").join(file).display().to_string();
-        let out = maskaudit(&[
-            "check",
-            "--device",
-            "cpu",
-            "--format",
-            "json",
-            &model,
-            &data,
-            "--pad-id",
-            "0",
-            "--loss",
-            &loss,
-            "--loss-args",
-            args,
-        ]);
+        let loss = dir().join("losses").join(file).display().to_string();
+        let (json, out) = check("sft_accumulation", &["--loss", &loss, "--loss-args", args]);
         assert_eq!(out.code, 0, "{file}: {out:?}");
-        let json: Value = serde_json::from_str(&out.stdout).unwrap();
         assert_eq!(
             json["user_loss"]["matched"], "masked_token_mean",
             "{file}: {}",
@@ -227,36 +200,20 @@ fn a_traced_transformers_loss_is_audited() {
 /// the trainer's loss then includes).
 #[test]
 fn collator_bugs_are_caught_from_the_capture() {
-    let dir = dir();
-    let model = dir.join("model.pt").display().to_string();
     for (case, pad, code) in [
         ("sft_eos_masked", "2", "eos-masked"),
         ("sft_padding_trained", "0", "padding-trained"),
     ] {
-        let data = dir.join(case).join("run.parquet").display().to_string();
-        let out = maskaudit(&[
-            "check", "--device", "cpu", "--format", "json", &model, &data, "--pad-id", pad,
-            "--eos-id", "2",
-        ]);
+        let (json, out) = check(case, &["--pad-id", pad, "--eos-id", "2"]);
         assert_eq!(out.code, 1, "{case}: {out:?}");
-        let json: Value = serde_json::from_str(&out.stdout).unwrap();
-        let errors: Vec<&str> = json["findings"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|f| f["severity"] == "error")
-            .map(|f| f["code"].as_str().unwrap())
-            .collect();
-        assert_eq!(errors, [code], "{case}: {}", json["findings"]);
+        assert_eq!(
+            codes(&json, "error"),
+            [code],
+            "{case}: {}",
+            json["findings"]
+        );
     }
-    let data = dir
-        .join("sft_padding_trained/run.parquet")
-        .display()
-        .to_string();
-    let out = maskaudit(&[
-        "check", "--device", "cpu", "--format", "json", &model, &data, "--pad-id", "0",
-    ]);
-    let json: Value = serde_json::from_str(&out.stdout).unwrap();
+    let (json, _) = check("sft_padding_trained", &[]);
     let verdict = json["data"]["capture"]["trainer_verdict"].as_str().unwrap();
     assert!(
         verdict.contains("so the loss includes padding"),
@@ -268,24 +225,9 @@ fn collator_bugs_are_caught_from_the_capture() {
 /// accumulation: accumulation-misweighted, from the captured run itself.
 #[test]
 fn a_mean_of_micro_batch_means_in_a_trainer_is_caught() {
-    let dir = dir();
-    let model = dir.join("model.pt").display().to_string();
-    let data = dir
-        .join("sft_no_loss_kwargs/run.parquet")
-        .display()
-        .to_string();
-    let out = maskaudit(&[
-        "check", "--device", "cpu", "--format", "json", &model, &data, "--pad-id", "0",
-    ]);
+    let (json, out) = check("sft_no_loss_kwargs", &[]);
     assert_eq!(out.code, 1, "{out:?}");
-    let json: Value = serde_json::from_str(&out.stdout).unwrap();
-    let errors: Vec<&str> = json["findings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|f| f["severity"] == "error")
-        .map(|f| f["code"].as_str().unwrap())
-        .collect();
+    let errors = codes(&json, "error");
     assert_eq!(errors, ["accumulation-misweighted"], "{}", json["findings"]);
 }
 
@@ -295,18 +237,12 @@ fn a_mean_of_micro_batch_means_in_a_trainer_is_caught() {
 /// only errors are held here.)
 #[test]
 fn a_packed_trl_run_gives_the_per_document_truth() {
-    let dir = dir();
-    let model = dir.join("model.pt").display().to_string();
-    let case = dir.join("sft_packing");
-    let expected: Value =
-        serde_json::from_str(&std::fs::read_to_string(case.join("expected.json")).unwrap())
-            .unwrap();
-    let data = case.join("run.parquet").display().to_string();
-    let out = maskaudit(&[
-        "check", "--device", "cpu", "--format", "json", &model, &data, "--pad-id", "0",
-    ]);
+    let expected: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir().join("sft_packing/expected.json")).unwrap(),
+    )
+    .unwrap();
+    let (json, out) = check("sft_packing", &[]);
     assert_eq!(out.code, 0, "{out:?}");
-    let json: Value = serde_json::from_str(&out.stdout).unwrap();
     assert!(json["data"]["packing"]["packed_rows"].as_u64().unwrap() > 0);
     let got = json["losses"]["masked_token_mean"].as_f64().unwrap();
     let want = expected["token_mean"].as_f64().unwrap();
