@@ -340,7 +340,9 @@ fn stream(
         simulation,
     } = pass;
     let overlap = Overlap::new(model.device(), opts, timing.on);
-    if overlap.active {
+    // A captured run keeps every batch's sums for the trainer's loss (`captured`), which the
+    // overlap's path does not.
+    if overlap.active && run.trainer_batches.is_none() {
         overlap::stream(
             model,
             opts,
