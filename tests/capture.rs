@@ -253,3 +253,24 @@ fn a_packed_trl_run_gives_the_per_document_truth() {
     let verdict = json["data"]["capture"]["trainer_verdict"].as_str().unwrap();
     assert!(verdict.contains("masked_token_mean"), "{verdict}");
 }
+
+/// A capture whose settings are not JSON, or that lacks its step column, is bad input: one
+/// line naming the file, exit 2, no report.
+#[test]
+fn a_broken_capture_is_a_usage_error() {
+    let dir = dir();
+    let model = dir.join("model.pt").display().to_string();
+    for (file, expect) in [
+        ("bad_settings.parquet", "maskaudit.capture: not JSON"),
+        (
+            "no_step.parquet",
+            "a capture without its maskaudit_step column",
+        ),
+    ] {
+        let data = dir.join("broken").join(file).display().to_string();
+        let out = maskaudit(&["check", "--device", "cpu", &model, &data, "--pad-id", "0"]);
+        assert_usage_error(&out, expect);
+        assert!(out.stderr.contains(file), "{file}: {out:?}");
+        assert!(out.stdout.is_empty(), "{file}: {out:?}");
+    }
+}

@@ -230,6 +230,19 @@ def count_before_shift(source: Path, case: Path) -> None:
     pq.write_table(table, case / "run.parquet")
 
 
+def broken_captures(source: Path, out: Path) -> None:
+    """Captures that are not what they claim: settings that are not JSON, and a capture
+    without its maskaudit_step column (check must say so on one line, exit 2)."""
+    import pyarrow.parquet as pq
+
+    out.mkdir(exist_ok=True)
+    table = pq.read_table(source)
+    bad_json = table.replace_schema_metadata({b"maskaudit.capture": b"{not json"})
+    pq.write_table(bad_json, out / "bad_settings.parquet")
+    no_step = table.drop_columns(["maskaudit_step"])
+    pq.write_table(no_step, out / "no_step.parquet")
+
+
 def trace_losses(capture: Path, out: Path) -> None:
     """transformers' ForCausalLMLoss through maskaudit.trace_loss, as a trainer calls it (mean,
     and normalised by num_items_in_batch); and a loss that branches on the batch's shape in
@@ -296,6 +309,7 @@ def main(argv) -> int:
             print(f"ok   {name}: losses identical with and without the capture")
         count_before_shift(out / "sft_accumulation" / "run.parquet", out / "count_before_shift")
         trace_losses(out / "sft_accumulation" / "run.parquet", out / "losses")
+        broken_captures(out / "sft_accumulation" / "run.parquet", out / "broken")
     stamp.write_text(stamp_text())
     return 0
 
