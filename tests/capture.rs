@@ -6,19 +6,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use common::*;
 use serde_json::Value;
 
 fn dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/hf-models/capture");
-    assert!(
-        dir.join("model.pt").is_file(),
-        "{} is missing: run `make hf-models` (make test does)",
-        dir.display()
-    );
-    dir
+    hf_models("capture", "model.pt")
 }
 
 /// `check` of one captured case with the model it was captured from, its JSON report, and

@@ -11,13 +11,7 @@ use common::*;
 use serde_json::Value;
 
 fn models_dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/hf-models");
-    assert!(
-        dir.join("llama/model.pt").is_file(),
-        "{} is missing: run `make hf-models` (make test does)",
-        dir.display()
-    );
-    dir
+    hf_models("", "llama/model.pt")
 }
 
 fn check(model: &Path, data: &Path, extra: &[&str]) -> Output {

@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use common::*;
 use serde_json::Value;
@@ -19,13 +19,7 @@ const CASES: [&str; 4] = [
 ];
 
 fn dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/hf-models/trl");
-    assert!(
-        dir.join("model.pt").is_file(),
-        "{} is missing: run `make hf-models` (make test does)",
-        dir.display()
-    );
-    dir
+    hf_models("trl", "model.pt")
 }
 
 /// `check` on one case, as the trainer batched it, with `extra` arguments.

@@ -129,6 +129,25 @@ pub fn batch_hypotheses(b: &BatchLosses) -> [Option<f64>; 7] {
     out
 }
 
+/// Each hypothesis's absolute tolerance on one batch: the formulas applied to `errors` (the
+/// per-position rounding bounds, `loss::weights::log_softmax_error`, aligned like the losses),
+/// plus the rounding of a float32 sum over the batch's `positions`, relative to each `value`.
+pub fn tolerances(
+    errors: &BatchLosses,
+    values: &[Option<f64>; 7],
+    positions: usize,
+) -> [Option<f64>; 7] {
+    use crate::loss::weights::{F32_UNIT, ROUNDING_SAFETY};
+    let summation = ROUNDING_SAFETY * F32_UNIT * (positions.max(1) as f64).sqrt();
+    let mut out = batch_hypotheses(errors);
+    for (tolerance, value) in out.iter_mut().zip(values) {
+        if let (Some(t), Some(v)) = (tolerance.as_mut(), value) {
+            *t += summation * v.abs();
+        }
+    }
+    out
+}
+
 /// |value − reference| / |reference|; infinite when the value is not finite.
 pub fn relative_error(value: f64, reference: f64) -> f64 {
     if !value.is_finite() {

@@ -901,20 +901,13 @@ fn tolerances(
     );
     let target_mask = batch.target_mask();
     let double_mask = batch.shifted_mask(2);
-    let mut out = batch_hypotheses(&BatchLosses {
+    let errors = BatchLosses {
         rows: batch.rows,
         next: BatchSums::of(&next, &target_mask, batch.rows),
         unshifted: (&unshifted, &batch.mask),
         double_shifted: (&double, &double_mask),
-    });
-    let summation =
-        weights::ROUNDING_SAFETY * weights::F32_UNIT * (batch.positions().max(1) as f64).sqrt();
-    for (tolerance, value) in out.iter_mut().zip(values) {
-        if let (Some(t), Some(v)) = (tolerance.as_mut(), value) {
-            *t += summation * v.abs();
-        }
-    }
-    Ok(out)
+    };
+    Ok(diagnosis::tolerances(&errors, values, batch.positions()))
 }
 
 /// The per-token losses of a batch against the token at t (no shift) and at t+2 (a double

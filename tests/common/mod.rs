@@ -252,3 +252,17 @@ pub fn write_parquet(
     }
     writer.close().unwrap();
 }
+
+/// `target/hf-models/<sub>`, written by `make hf-models` (tests/export/), checked to hold
+/// `file` so that a missing set-up says how to make it.
+pub fn hf_models(sub: &str, file: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/hf-models")
+        .join(sub);
+    assert!(
+        dir.join(file).is_file(),
+        "{} is missing: run `make hf-models` (make test does)",
+        dir.join(file).display()
+    );
+    dir
+}

@@ -94,6 +94,16 @@ impl Captured {
         self.capture.world_size() > 1 && self.capture.setting("average_tokens_across_devices")
     }
 
+    /// What `average_tokens_across_devices` multiplies a loss divided by the global count by
+    /// (the world size), so that the ranks' averaged gradients are the global token mean.
+    fn token_scale(&self) -> f64 {
+        if self.capture.setting("average_tokens_across_devices") {
+            self.capture.world_size().max(1) as f64
+        } else {
+            1.0
+        }
+    }
+
     /// Per (rank, step): the trained targets of its micro-batches and the trainer's count.
     fn steps(&self) -> BTreeMap<(i64, i64), (u64, Option<f64>)> {
         let mut steps: BTreeMap<(i64, i64), (u64, Option<f64>)> = BTreeMap::new();
@@ -108,11 +118,7 @@ impl Captured {
     pub(super) fn summary(&self) -> CaptureSummary {
         let steps = self.steps();
         let by_step = self.normalised_by_step();
-        let scale = if self.capture.setting("average_tokens_across_devices") {
-            self.capture.world_size().max(1) as f64
-        } else {
-            1.0
-        };
+        let scale = self.token_scale();
         let (mut total, mut trained, mut complete) = (0.0, 0u64, true);
         for (micro, &n) in self.capture.micro_batches.iter().zip(&self.trained) {
             let normaliser = match (by_step, micro.num_items) {
@@ -184,11 +190,7 @@ impl Captured {
             .micro_batches
             .iter()
             .all(|m| m.num_items.is_some());
-        let scale = if self.capture.setting("average_tokens_across_devices") {
-            self.capture.world_size().max(1) as f64
-        } else {
-            1.0
-        };
+        let scale = self.token_scale();
         let per_step = self.diagnose(batches, |m, b| match m.num_items {
             Some(items) if b.sums.trained > 0 => items / scale / b.sums.trained as f64,
             _ => 1.0,
@@ -259,19 +261,13 @@ impl Captured {
                 unshifted: none,
                 double_shifted: none,
             });
-            let mut tolerances = batch_hypotheses(&BatchLosses {
+            let errors = BatchLosses {
                 rows: b.rows,
                 next: b.errors,
                 unshifted: none,
                 double_shifted: none,
-            });
-            let summation =
-                weights::ROUNDING_SAFETY * weights::F32_UNIT * (b.positions.max(1) as f64).sqrt();
-            for (t, v) in tolerances.iter_mut().zip(&values) {
-                if let (Some(t), Some(v)) = (t.as_mut(), v) {
-                    *t += summation * v.abs();
-                }
-            }
+            };
+            let tolerances = diagnosis::tolerances(&errors, &values, b.positions);
             d.observe(loss * rescale(micro, b), &values, &tolerances);
         }
         d
