@@ -68,6 +68,20 @@ fn loud(json: &Value) -> Vec<String> {
         .collect()
 }
 
+/// The trained count and the masked token mean are transformers' own, the mean to 1e-5.
+fn assert_trainers_loss(json: &Value, expected: &Value, what: &str) {
+    assert_eq!(
+        json["data"]["supervised_positions"], expected["trained"],
+        "{what}"
+    );
+    let got = json["losses"]["masked_token_mean"].as_f64().unwrap();
+    let want = expected["token_mean"].as_f64().unwrap();
+    assert!(
+        (got - want).abs() <= 1e-5 * want.abs(),
+        "{what}: maskaudit {got}, transformers {want}"
+    );
+}
+
 #[test]
 fn a_correct_pipeline_passes_with_the_trainers_loss() {
     for case in CASES {
@@ -75,16 +89,7 @@ fn a_correct_pipeline_passes_with_the_trainers_loss() {
         assert_eq!(out.code, 0, "{case}: {out:?}");
         assert_eq!(loud(&json), Vec::<String>::new(), "{case}");
         assert_eq!(json["data"]["batches"], expected["batches"], "{case}");
-        assert_eq!(
-            json["data"]["supervised_positions"], expected["trained"],
-            "{case}"
-        );
-        let got = json["losses"]["masked_token_mean"].as_f64().unwrap();
-        let want = expected["token_mean"].as_f64().unwrap();
-        assert!(
-            (got - want).abs() <= 1e-5 * want.abs(),
-            "{case}: maskaudit {got}, transformers {want}"
-        );
+        assert_trainers_loss(&json, &expected, case);
     }
 }
 
@@ -109,12 +114,19 @@ const PACKED: [&str; 3] = ["packed_position_ids", "packed_cu_seqlens", "packed_4
 /// `check` on a packed case through `model`, at `batch` rows a batch.
 fn check_packed(case: &str, model: &str, batch: &str) -> (Value, Value, Output) {
     let dir = dir();
+    // A case is a folder (its data.jsonl) or a file in one.
+    let file = if case.ends_with(".parquet") {
+        case.to_string()
+    } else {
+        format!("{case}/data.jsonl")
+    };
+    let case = case.split('/').next().unwrap();
     let expected: Value = serde_json::from_str(
         &std::fs::read_to_string(dir.join(case).join("expected.json")).unwrap(),
     )
     .unwrap();
     let model = dir.join(model).display().to_string();
-    let data = dir.join(case).join("data.jsonl").display().to_string();
+    let data = dir.join(file).display().to_string();
     // Packed rows are longer than the exporter's verified lengths; each document is not.
     let args = [
         "check",
@@ -147,16 +159,7 @@ fn packed_rows_give_the_trainers_loss_kept_apart_or_split() {
                 let (json, expected, out) = check_packed(case, model, batch);
                 assert_eq!(out.code, 0, "{what}: {out:?}");
                 assert_eq!(loud(&json), Vec::<String>::new(), "{what}");
-                assert_eq!(
-                    json["data"]["supervised_positions"], expected["trained"],
-                    "{what}"
-                );
-                let got = json["losses"]["masked_token_mean"].as_f64().unwrap();
-                let want = expected["token_mean"].as_f64().unwrap();
-                assert!(
-                    (got - want).abs() <= 1e-5 * want.abs(),
-                    "{what}: maskaudit {got}, transformers {want}"
-                );
+                assert_trainers_loss(&json, &expected, &what);
                 let packing = &json["data"]["packing"];
                 assert!(packing["packed_rows"].as_u64().unwrap() > 0, "{what}");
                 let split_codes = json["findings"]
@@ -175,6 +178,23 @@ fn packed_rows_give_the_trainers_loss_kept_apart_or_split() {
                     assert!(d <= packing["probe_tolerance"].as_f64().unwrap(), "{what}");
                 }
             }
+        }
+    }
+}
+
+/// Parquet reads 2D and 4D block masks as JSONL does: the same documents, the trainer's loss.
+#[test]
+fn parquet_block_masks_give_the_trainers_loss() {
+    for case in ["packed_4d_mask/data.parquet", "packed_2d_mask/data.parquet"] {
+        for (model, batch) in [("model.pt", "4"), ("model_padded.pt", "1")] {
+            let what = format!("{case} through {model} at batch size {batch}");
+            let (json, expected, out) = check_packed(case, model, batch);
+            assert_eq!(out.code, 0, "{what}: {out:?}");
+            assert_trainers_loss(&json, &expected, &what);
+            assert!(
+                json["data"]["packing"]["packed_rows"].as_u64().unwrap() > 0,
+                "{what}"
+            );
         }
     }
 }

@@ -32,6 +32,59 @@ pub fn starts(row: &Row, span: PaddingSpan) -> Vec<usize> {
         .collect()
 }
 
+/// What a block mask must be, for the error that names one that is not.
+pub const BLOCK_MASK_EXPECTED: &str =
+    "expected a 1D mask, or a square 2D/4D block-diagonal causal mask of 0/1";
+
+/// A block mask's cell: 1 or 0 (`None` for anything else).
+pub fn mask_cell(v: i64) -> Option<bool> {
+    match v {
+        0 => Some(false),
+        1 => Some(true),
+        _ => None,
+    }
+}
+
+/// A packed row's 2D (`[T, T]`) or 4D (`[1, 1, T, T]`, the leading dimensions of 1 already
+/// taken off by the reader) attention mask, true where query i sees key j, `None` for a cell
+/// that is not 0/1: its 1D attention mask (the diagonal: a token that sees nothing is padding)
+/// and its documents as `cu_seqlens` (a document starts where a token does not see the one
+/// before it). Anything but a square causal mask of 0/1 is an error. One rule for every format.
+pub fn block_mask(rows: Vec<Vec<Option<bool>>>) -> Result<(Vec<i64>, Vec<i64>), String> {
+    let n = rows.len();
+    let mut m = Vec::with_capacity(n);
+    for cells in rows {
+        if cells.len() != n {
+            return Err(format!(
+                "a {n}-row mask has a row of {} entries: not square",
+                cells.len()
+            ));
+        }
+        let cells: Option<Vec<bool>> = cells.into_iter().collect();
+        m.push(cells.ok_or_else(|| BLOCK_MASK_EXPECTED.to_string())?);
+    }
+    if let Some((i, j)) = (0..n)
+        .flat_map(|i| (i.saturating_add(1)..n).map(move |j| (i, j)))
+        .find(|&(i, j)| m[i][j])
+    {
+        return Err(format!(
+            "query {i} sees key {j} after it: not a causal mask"
+        ));
+    }
+    let attention = m.iter().enumerate().map(|(i, r)| i64::from(r[i])).collect();
+    let mut cu = vec![0];
+    cu.extend(
+        (1..n)
+            .filter(|&i| {
+                let before = i.wrapping_sub(1);
+                m[i][i] && m[before][before] && !m[i][before]
+            })
+            .map(|i| i as i64),
+    );
+    cu.push(n as i64);
+    Ok((attention, cu))
+}
+
 /// Whether a row is packed: several documents, or a field that says so.
 pub fn is_packed(row: &Row, starts: &[usize]) -> bool {
     !starts.is_empty() || row.seq_lens.is_some() || row.cu_seqlens.is_some()

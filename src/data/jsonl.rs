@@ -5,6 +5,7 @@ use std::io::{self, BufRead, BufReader, Read};
 
 use serde_json::value::RawValue;
 
+use super::documents;
 use super::echo::echo;
 use super::{validate, DataError, FieldNames, Pos, RawRow, Row};
 
@@ -236,10 +237,8 @@ pub fn parse_row(
     validate(raw, path, at, fields)
 }
 
-/// A packed row's 2D (`[T, T]`) or 4D (`[1, 1, T, T]`, any leading dimensions of 1) attention
-/// mask, 1 or `true` where query i sees key j: its 1D attention mask (the diagonal: a token
-/// that sees nothing is padding) and its documents as `cu_seqlens` (a document starts where a
-/// token does not see the one before it). Anything but a causal mask of 0/1 is an error.
+/// A packed row's 2D (`[T, T]`) or 4D (`[1, 1, T, T]`) attention mask in JSON, read by
+/// [`documents::block_mask`].
 fn block_mask(text: &str) -> Result<(Vec<i64>, Vec<i64>), String> {
     use serde_json::Value;
     let mut value: Value = serde_json::from_str(text).map_err(|e| strip_position(&e))?;
@@ -253,54 +252,28 @@ fn block_mask(text: &str) -> Result<(Vec<i64>, Vec<i64>), String> {
             _ => break,
         }
     }
-    let bad =
-        || "expected a 1D mask, or a square 2D/4D block-diagonal causal mask of 0/1".to_string();
     let Value::Array(rows) = value else {
-        return Err(bad());
+        return Err(documents::BLOCK_MASK_EXPECTED.to_string());
     };
-    let n = rows.len();
-    let mut m = Vec::with_capacity(n);
-    for row in &rows {
-        let Value::Array(cells) = row else {
-            return Err(bad());
-        };
-        if cells.len() != n {
-            return Err(format!(
-                "a {n}-row mask has a row of {} entries: not square",
-                cells.len()
-            ));
-        }
-        let cells: Option<Vec<bool>> = cells
-            .iter()
-            .map(|c| match c {
-                Value::Bool(b) => Some(*b),
-                Value::Number(x) if x.as_i64() == Some(0) => Some(false),
-                Value::Number(x) if x.as_i64() == Some(1) => Some(true),
-                _ => None,
-            })
-            .collect();
-        m.push(cells.ok_or_else(bad)?);
-    }
-    if let Some((i, j)) = (0..n)
-        .flat_map(|i| (i + 1..n).map(move |j| (i, j)))
-        .find(|&(i, j)| m[i][j])
-    {
-        return Err(format!(
-            "query {i} sees key {j} after it: not a causal mask"
-        ));
-    }
-    let attention = (0..n).map(|i| i64::from(m[i][i])).collect();
-    let mut cu = vec![0];
-    cu.extend(
-        (1..n)
-            .filter(|&i| m[i][i] && m[i - 1][i - 1] && !m[i][i - 1])
-            .map(|i| i as i64),
-    );
-    cu.push(n as i64);
-    Ok((attention, cu))
+    let rows: Option<Vec<Vec<Option<bool>>>> = rows
+        .iter()
+        .map(|row| match row {
+            Value::Array(cells) => Some(
+                cells
+                    .iter()
+                    .map(|c| match c {
+                        Value::Bool(b) => Some(*b),
+                        Value::Number(x) => x.as_i64().and_then(documents::mask_cell),
+                        _ => None,
+                    })
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect();
+    documents::block_mask(rows.ok_or_else(|| documents::BLOCK_MASK_EXPECTED.to_string())?)
 }
 
-/// serde_json appends "at line 1 column N"; within one line the column is noise.
 fn strip_position(e: &serde_json::Error) -> String {
     let s = e.to_string();
     match s.rfind(" at line ") {

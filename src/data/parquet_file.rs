@@ -23,6 +23,7 @@ use parquet::record::reader::RowIter;
 use parquet::record::Field;
 use parquet::schema::types::{ColumnDescriptor, Type};
 
+use super::documents;
 use super::echo::echo;
 use super::guard;
 use super::{validate, DataError, FieldNames, Pos, RawRow, Row};
@@ -155,6 +156,7 @@ impl ParquetReader {
 
     fn convert(&self, row: parquet::record::Row, at: Pos) -> Result<Row, DataError> {
         let mut raw = RawRow::default();
+        let mut from_mask = None;
         for (name, field) in row.get_column_iter() {
             let Some(slot) = raw.slot(&self.fields, name) else {
                 continue;
@@ -162,12 +164,22 @@ impl ParquetReader {
             if slot.is_some() {
                 continue;
             }
-            *slot = int_list(field).map_err(|message| DataError::Field {
+            let field_error = |message| DataError::Field {
                 path: self.path.clone(),
                 at,
                 field: name.clone(),
                 message,
-            })?;
+            };
+            *slot = if *name == self.fields.attention_mask && is_nested(field) {
+                let (attention, cu) = block_mask(field).map_err(field_error)?;
+                from_mask = Some(cu);
+                Some(attention)
+            } else {
+                int_list(field).map_err(field_error)?
+            };
+        }
+        if raw.cu_seqlens.is_none() {
+            raw.cu_seqlens = from_mask.filter(|cu| cu.len() > 2);
         }
         validate(raw, &self.path, at, &self.fields)
     }
@@ -329,6 +341,46 @@ impl PageReader for CheckedPages {
     fn at_record_boundary(&mut self) -> ParquetResult<bool> {
         self.pages.at_record_boundary()
     }
+}
+
+/// Whether a field is a list of lists: a 2D or 4D attention mask.
+fn is_nested(field: &Field) -> bool {
+    matches!(field, Field::ListInternal(list)
+        if matches!(list.elements().first(), Some(Field::ListInternal(_))))
+}
+
+/// A packed row's 2D or 4D attention mask column (lists of lists of 0/1 or booleans), read
+/// by [`documents::block_mask`] as in JSONL.
+fn block_mask(field: &Field) -> Result<(Vec<i64>, Vec<i64>), String> {
+    let expected = || documents::BLOCK_MASK_EXPECTED.to_string();
+    let mut field = field;
+    // [1, 1, T, T]: take off the leading dimensions of 1.
+    while let Field::ListInternal(list) = field {
+        match list.elements() {
+            [inner] if is_nested(inner) => {
+                field = inner;
+            }
+            _ => break,
+        }
+    }
+    let Field::ListInternal(rows) = field else {
+        return Err(expected());
+    };
+    let rows: Option<Vec<Vec<Option<bool>>>> = rows
+        .elements()
+        .iter()
+        .map(|row| match row {
+            Field::ListInternal(cells) => Some(
+                cells
+                    .elements()
+                    .iter()
+                    .map(|c| integer(c).and_then(documents::mask_cell))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect();
+    documents::block_mask(rows.ok_or_else(expected)?)
 }
 
 /// A list of integers; `None` for a null value.

@@ -19,7 +19,9 @@ it no warning and no error, and its masked token mean must equal the trainer's l
                           several documents a batch, position_ids restarting at 0, no attention
                           mask, the first label of each document -100
     packed_cu_seqlens     the same rows with cu_seqlens instead of position_ids
-    packed_4d_mask        the same rows with a 4D block-diagonal attention_mask [1, 1, T, T]
+    packed_4d_mask        the same rows with a 4D block-diagonal attention_mask [1, 1, T, T],
+                          also as data.parquet
+    packed_2d_mask        the same rows with a 2D [T, T] mask, only as data.parquet
 
 The packed cases are audited at batch size 1 (the trainer's) and 4 (token_mean is a token
 mean over all batches, so it does not change), through model.pt (the exporter's default
@@ -187,9 +189,18 @@ def packed_fields(row: dict, layout: str) -> dict:
         out["cu_seqlens"] = starts
     else:
         doc = [sum(1 for s in starts[1:-1] if s <= i) for i in range(len(pos))]
-        out["attention_mask"] = [[[[int(j <= i and doc[i] == doc[j]) for j in range(len(pos))]
-                                   for i in range(len(pos))]]]
+        mask = [[int(j <= i and doc[i] == doc[j]) for j in range(len(pos))]
+                for i in range(len(pos))]
+        out["attention_mask"] = mask if layout == "packed_2d_mask" else [[mask]]
     return out
+
+
+def write_parquet(path: Path, rows) -> None:
+    """Rows as a Parquet file (pyarrow infers nested lists for a 2D or 4D mask)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
 
 
 def crossing_model(hf_dir: Path, good: Path, out: Path) -> None:
@@ -242,9 +253,18 @@ def write_packed(out: Path, model, batches) -> None:
         case.mkdir(parents=True, exist_ok=True)
         (case / "data.jsonl").write_text("".join(
             json.dumps(packed_fields(r, layout), separators=(",", ":")) + "\n" for r in rows))
+        # Parquet reads block masks too: the 4D mask, and a 2D one written only as Parquet.
+        if layout == "packed_4d_mask":
+            write_parquet(case / "data.parquet", [packed_fields(r, layout) for r in rows])
+            two_d = out / "packed_2d_mask"
+            two_d.mkdir(parents=True, exist_ok=True)
+            write_parquet(two_d / "data.parquet",
+                          [packed_fields(r, "packed_2d_mask") for r in rows])
         expected = {"batch_size": 1, "pad_id": PAD, "eos_id": EOS, "batches": len(batches),
                     "trained": trained, "token_mean": total / trained}
-        (case / "expected.json").write_text(json.dumps(expected, indent=2) + "\n")
+        for folder in (case, out / "packed_2d_mask"):
+            if folder.is_dir():
+                (folder / "expected.json").write_text(json.dumps(expected, indent=2) + "\n")
 
 
 def write_case(out: Path, model, batches, pad_id: int) -> None:
