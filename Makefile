@@ -186,7 +186,7 @@ test-wheel: wheel
 	@wheel=$$(ls dist/maskaudit-*.whl); \
 	stamp=$(WHEELHOUSE)/.downloaded-$$(cat python/pyproject.toml - <<< "$(WHEELHOUSE_ALSO)" \
 	  | sha256sum | cut -c1-16); \
-	mkdir -p $(WHEELHOUSE); exec 9>$(CACHE_DIR)/.lock; flock 9; \
+	mkdir -p $(WHEELHOUSE) $(CACHE_DIR); exec 9>$(CACHE_DIR)/.lock; flock 9; \
 	if [ ! -f $$stamp ]; then \
 	  echo "downloading torch $(TORCH_VERSION) and the wheel's requirements into $(WHEELHOUSE) (once)"; \
 	  $(WHEEL_TOOLS)/bin/python -m pip download --quiet --disable-pip-version-check \
