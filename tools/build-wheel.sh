@@ -16,14 +16,16 @@ fail() {
   exit 1
 }
 
-# One version and one torch release everywhere: the binary, pyproject.toml, the launcher.
+# One version and one torch release everywhere: the binary, pyproject.toml, the package, the
+# launcher.
 version=$("$binary" --version | awk '{print $2}')
 pyproject="$root/python/pyproject.toml"
+init="$root/python/maskaudit/__init__.py"
 launcher="$root/python/maskaudit/_launcher.py"
 grep -qx "version = \"$version+torch$minor\"" "$pyproject" ||
   fail "python/pyproject.toml's version is not $version+torch$minor (the binary's, and the Makefile's torch)"
 grep -q "\"torch==$minor\.\*\"" "$pyproject" || fail "python/pyproject.toml does not pin torch==$minor.*"
-grep -qx "VERSION = \"$version\"" "$launcher" || fail "$launcher: VERSION is not $version"
+grep -qx "__version__ = \"$version\"" "$init" || fail "$init: __version__ is not $version"
 grep -qx "TORCH = \"$minor\"" "$launcher" || fail "$launcher: TORCH is not $minor"
 
 rm -rf "$work"

@@ -11,7 +11,7 @@ seconds). Arguments, standard streams and the exit status are the binary's own.
 import os
 import sys
 
-VERSION = "0.1.0"
+from . import __version__
 # The torch release the binary is built against (Makefile's TORCH_VERSION, checked by
 # tools/build-wheel.sh against pyproject.toml's pin).
 TORCH = "2.11"
@@ -51,7 +51,7 @@ def main() -> int:
     lib = _torch_lib() if version else None
     if version is None or not _same_release(version) or lib is None:
         have = f"torch {version}" if version else "no torch"
-        print(f'maskaudit {VERSION} needs torch {TORCH}.*; this environment has {have}: '
+        print(f'maskaudit {__version__} needs torch {TORCH}.*; this environment has {have}: '
               f'pip install "torch=={TORCH}.*"', file=sys.stderr)
         return 2
     env = os.environ
