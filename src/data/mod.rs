@@ -10,6 +10,7 @@
 
 pub mod batch;
 pub mod capture;
+pub mod token_losses;
 pub mod documents;
 pub mod echo;
 pub mod guard;

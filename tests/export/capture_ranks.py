@@ -21,7 +21,8 @@ recomputed in this one process over all ranks' captured micro-batches, with the 
 float64 and F.cross_entropy: {"world_size", "micro_batches", "trained", "token_mean",
 "ranks": [{"trained", "token_mean"}], "max_token_loss_difference"} (the last: the recorded
 per-token losses against that recomputation, at every position). DIR/broken/ holds bad
-inputs for `--captured-losses`. DIR/lm_head/ is a capture whose model returns no logits (the
+inputs for `--captured-losses` (a rank missing, two world sizes, no token losses) and
+`not_the_model`, whose rank 1 recorded losses 1% above the model's. DIR/lm_head/ is a capture whose model returns no logits (the
 LM head's hook gives them).
 
 Skipped when DIR/.stamp matches this script, the capture module and the library versions.
@@ -222,6 +223,17 @@ def broken(source: Path, out: Path) -> None:
     no_losses.mkdir()
     shutil.copy(source / "run.rank0.parquet", no_losses / "run.rank0.parquet")
     pq.write_table(table.drop_columns(["maskaudit_token_losses"]), no_losses / "run.rank1.parquet")
+    # Recorded losses that are not the model's: rank 1's, 1% higher.
+    import pyarrow as pa
+
+    off = out / "not_the_model"
+    off.mkdir()
+    shutil.copy(source / "run.rank0.parquet", off / "run.rank0.parquet")
+    column = table.schema.get_field_index("maskaudit_token_losses")
+    higher = [[x * 1.01 for x in row] for row in table.column(column).to_pylist()]
+    pq.write_table(table.set_column(column, "maskaudit_token_losses",
+                                    pa.array(higher, pa.list_(pa.float32()))),
+                   off / "run.rank1.parquet")
 
 
 def lm_head_source(hf_dir: Path, out: Path) -> None:
