@@ -59,7 +59,10 @@ pub struct CheckArgs {
     #[arg(required_unless_present = "captured_losses")]
     pub model: Option<PathBuf>,
     /// Pre-tokenized dataset: JSONL, .jsonl.gz or Parquet; `-` reads JSONL on standard input
-    #[arg(required_unless_present = "captured_losses", conflicts_with = "captured_losses")]
+    #[arg(
+        required_unless_present = "captured_losses",
+        conflicts_with = "captured_losses"
+    )]
     pub data: Option<PathBuf>,
     /// A run captured on every rank with per-token losses: a directory of one run's
     /// <name>.rank<r>.parquet files, one of them, or a single capture; audited without a

@@ -39,6 +39,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// `maskaudit check`, a model on a dataset or a run's recorded losses (`--captured-losses`).
+/// Long because it is the command's outline: inputs and outputs staged, options, the run,
+/// the report written, each a step.
 fn check(args: CheckArgs) -> Result<ExitCode> {
     args.micro_batches_per_step().map_err(|e| anyhow!(e))?;
     let inputs = [
@@ -48,7 +51,11 @@ fn check(args: CheckArgs) -> Result<ExitCode> {
     ];
     let weights = args.user_loss.weights_out.as_deref();
     // clap requires DATA unless --captured-losses names the data.
-    let data = args.captured_losses.clone().or(args.data.clone()).unwrap_or_default();
+    let data = args
+        .captured_losses
+        .clone()
+        .or(args.data.clone())
+        .unwrap_or_default();
     let mut outputs = stage_outputs(&data, &inputs, &args.reports, weights)?;
     let weights_out = weights_file(&args, &outputs)?;
     let baseline = load_baseline(&args.reports)?;

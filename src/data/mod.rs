@@ -10,7 +10,6 @@
 
 pub mod batch;
 pub mod capture;
-pub mod token_losses;
 pub mod documents;
 pub mod echo;
 pub mod guard;
@@ -19,6 +18,7 @@ pub mod padding;
 mod parquet_file;
 mod row;
 mod source;
+pub mod token_losses;
 
 use std::fmt;
 use std::io;

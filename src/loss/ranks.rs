@@ -365,7 +365,10 @@ mod tests {
 
     #[test]
     fn a_loss_times_the_world_size_over_the_global_count_is_the_truth() {
-        let report = audit(&two_ranks(2, 8, |n, all| 2.0 * n as f64 * 2.0 / all as f64), 2);
+        let report = audit(
+            &two_ranks(2, 8, |n, all| 2.0 * n as f64 * 2.0 / all as f64),
+            2,
+        );
         assert_eq!(report.formula, Some(RankFormula::GlobalTokenMean));
         assert!(!report.misweights(), "{report:?}");
         assert_eq!(report.ranks[1].trained, 8);

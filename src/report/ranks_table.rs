@@ -28,7 +28,10 @@ pub fn write<W: Write>(out: &mut W, r: &RanksReport) -> std::io::Result<()> {
         "no formula fits the trainer's losses (or none was recorded)",
         |f| f.describe(),
     );
-    writeln!(out, "         the trainer's loss across the ranks: {formula}")?;
+    writeln!(
+        out,
+        "         the trainer's loss across the ranks: {formula}"
+    )?;
     let counted: Vec<CountKind> = r
         .steps
         .iter()

@@ -17,9 +17,9 @@ use super::captured::{Captured, TrainerBatch};
 use super::findings::{contamination_finding, data_findings, ContaminationEvidence};
 use super::read::{read_ahead, ReadSummary};
 use super::{model_info, prepare_device, CheckOptions};
+use crate::data::batch::{Batch, Batcher};
 use crate::data::capture::{self, Capture, CaptureSummary};
 use crate::data::{token_losses, Pos, RowSource, Unit};
-use crate::data::batch::{Batch, Batcher};
 use crate::findings::{Code, Finding, Severity};
 use crate::lint::{LintOptions, LintState};
 use crate::loss::aggregate::LossTotals;
@@ -43,8 +43,9 @@ struct RankFile {
 }
 
 /// The audit of the captures at `opts.data`; `with_model` when `opts.model` names a model to
-/// cross-check the recorded losses against. Long because it is the run's outline: the files,
-/// then each rank's batches, then the findings, each a call.
+/// cross-check the recorded losses against.
+/// Long because it is the run's outline: the files, each rank's batches, the findings and
+/// the report, each a call.
 pub fn run(opts: &CheckOptions, with_model: bool, progress: &ProgressBar) -> Result<Report> {
     if opts.loss.is_some() || opts.steps.is_some() {
         bail!("--captured-losses audits the run as it was captured: it takes no --loss, --loss-method, --accum or --world-size");
@@ -91,9 +92,20 @@ pub fn run(opts: &CheckOptions, with_model: bool, progress: &ProgressBar) -> Res
         })),
     };
     for file in &files {
-        read_rank(opts, file, vocab, model, &mut captured, &mut state, progress)?;
+        read_rank(
+            opts,
+            file,
+            vocab,
+            model,
+            &mut captured,
+            &mut state,
+            progress,
+        )?;
     }
-    let lint = state.lint.take().expect("the lint state comes back after each rank");
+    let lint = state
+        .lint
+        .take()
+        .expect("the lint state comes back after each rank");
     if lint.rows() == 0 {
         bail!("{}: the captures hold no rows", opts.data.display());
     }
@@ -217,7 +229,9 @@ fn read_rank(
             .totals
             .add_batch(&losses, &mask, &batch.padding_target_mask(), batch.rows);
         captured.observe(&batch);
-        state.kept.push(TrainerBatch::of(&batch, &losses, &mask, sums, vocab));
+        state
+            .kept
+            .push(TrainerBatch::of(&batch, &losses, &mask, sums, vocab));
         state.sums.push((sums.trained, sums.masked_loss_sum));
         if let (Some(model), Some(cross)) = (model, state.cross.as_mut()) {
             cross_check(model, opts, &batch, &losses, file.rank, cross)?;
@@ -295,29 +309,7 @@ fn cross_check(
 /// every rank once. Errors are one line (exit 2).
 fn rank_files(path: &Path) -> Result<Vec<RankFile>> {
     let shown = path.display();
-    let candidates: Vec<PathBuf> = if path.is_dir() {
-        let mut all: Vec<PathBuf> = std::fs::read_dir(path)
-            .map_err(|e| anyhow!("{shown}: {e}"))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "parquet"))
-            .collect();
-        all.sort();
-        all
-    } else if let Some((stem, _)) = rank_of_name(path) {
-        let dir = path.parent().unwrap_or(Path::new("."));
-        let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
-        let mut all: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|e| anyhow!("{}: {e}", dir.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| rank_of_name(p).is_some_and(|(s, _)| s == stem))
-            .collect();
-        all.sort();
-        all
-    } else if path.is_file() {
-        vec![path.to_path_buf()]
-    } else {
-        bail!("--captured-losses {shown}: no such file or directory");
-    };
+    let candidates = candidates(path)?;
     if candidates.is_empty() {
         bail!("--captured-losses {shown}: no .parquet capture in the directory");
     }
@@ -333,9 +325,12 @@ fn rank_files(path: &Path) -> Result<Vec<RankFile>> {
     }
     let mut files = vec![];
     for p in candidates {
-        let Some(capture) = capture::read(&p).map_err(|e| anyhow!("{}: {e}", p.display()))?
-        else {
-            bail!("{}: not a maskaudit capture (no {} metadata)", p.display(), capture::META_KEY);
+        let Some(capture) = capture::read(&p).map_err(|e| anyhow!("{}: {e}", p.display()))? else {
+            bail!(
+                "{}: not a maskaudit capture (no {} metadata)",
+                p.display(),
+                capture::META_KEY
+            );
         };
         let rank = capture.settings["rank"].as_i64().unwrap_or(0);
         files.push(RankFile {
@@ -362,9 +357,43 @@ fn rank_files(path: &Path) -> Result<Vec<RankFile>> {
         }
     }
     if files.len() as i64 != world {
-        bail!("--captured-losses {shown}: {} captures for world size {world}", files.len());
+        bail!(
+            "--captured-losses {shown}: {} captures for world size {world}",
+            files.len()
+        );
     }
     Ok(files)
+}
+
+/// The Parquet files PATH names: a directory's, a rank file's siblings of the same run, or
+/// the one file.
+fn candidates(path: &Path) -> Result<Vec<PathBuf>> {
+    let listed = |dir: &Path, keep: &dyn Fn(&Path) -> bool| -> Result<Vec<PathBuf>> {
+        let mut all: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| anyhow!("{}: {e}", dir.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| keep(p))
+            .collect();
+        all.sort();
+        Ok(all)
+    };
+    if path.is_dir() {
+        return listed(path, &|p| p.extension().is_some_and(|x| x == "parquet"));
+    }
+    if let Some((stem, _)) = rank_of_name(path) {
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        return listed(dir, &|p| rank_of_name(p).is_some_and(|(s, _)| s == stem));
+    }
+    if path.is_file() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    bail!(
+        "--captured-losses {}: no such file or directory",
+        path.display()
+    )
 }
 
 /// `run.rank3.parquet` → ("run", 3).
@@ -444,7 +473,11 @@ fn rank_findings(r: &RanksReport) -> Vec<Finding> {
             ));
         }
     }
-    if let Some(off) = r.cross_check.as_ref().and_then(|c| c.first_off.map(|o| (c, o))) {
+    if let Some(off) = r
+        .cross_check
+        .as_ref()
+        .and_then(|c| c.first_off.map(|o| (c, o)))
+    {
         let (c, o) = off;
         findings.push(Finding::new(
             Code::CapturedLossesMismatch,
