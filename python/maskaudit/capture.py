@@ -187,19 +187,24 @@ class _Recorder:
 
 
 def _row_losses(ids, logits_of, vocab: int, width: int):
-    """Per-token cross-entropy [B, T-1] in float32 against the next input id, `logits_of(b, s,
-    e)` giving row b's logits at positions s..e-1, a chunk of positions at a time."""
+    """Per-token cross-entropy [B, T-1] in float32 against the next input id. `logits_of(rows,
+    s, e)` gives the logits of a slice of rows at positions s..e-1; a chunk holds whole rows
+    where they fit CHUNK_ELEMENTS, else part of one row."""
     import torch
     import torch.nn.functional as F
 
     rows = ids.shape[0]
     out = torch.empty(rows, width - 1, dtype=torch.float32, device=ids.device)
     span = max(1, CHUNK_ELEMENTS // max(1, vocab))
-    for b in range(rows):
+    per = max(1, span // (width - 1))
+    for b in range(0, rows, per):
+        r = slice(b, min(rows, b + per))
         for s in range(0, width - 1, span):
             e = min(width - 1, s + span)
-            out[b, s:e] = F.cross_entropy(logits_of(b, s, e).float(), ids[b, s + 1:e + 1],
-                                          reduction="none")
+            x = logits_of(r, s, e).float()
+            out[r, s:e] = F.cross_entropy(x.reshape(-1, x.shape[-1]),
+                                          ids[r, s + 1:e + 1].reshape(-1),
+                                          reduction="none").view(x.shape[:2])
     return out
 
 
@@ -279,7 +284,7 @@ class _TokenLosses:
             logits = logits.detach()
             vocab = logits.shape[-1]
             ids = ids.to(logits.device)
-            losses = _row_losses(ids, lambda b, s, e: logits[b, s:e], vocab, width)
+            losses = _row_losses(ids, lambda r, s, e: logits[r, s:e], vocab, width)
         else:
             # The head bypassed too (a fused linear cross-entropy): the backbone's last hidden
             # state through the head's weight, a chunk at a time.
@@ -289,6 +294,11 @@ class _TokenLosses:
                     or tuple(hidden.shape[:2]) != (rows, width)):
                 self.sources.append("unavailable")
                 return None
+            if type(head.weight).__name__ == "DTensor":
+                # A sharded head (FSDP2, tensor parallel): outside the forward its weight is a
+                # shard, and a shard's logits are not the model's.
+                self.sources.append("unavailable")
+                return None
             weight, bias = head.weight.detach(), getattr(head, "bias", None)
             bias = None if bias is None else bias.detach()
             hidden = hidden.detach().to(weight.device)
@@ -296,8 +306,8 @@ class _TokenLosses:
             ids = ids.to(weight.device)
             softcap = getattr(getattr(self.model, "config", None), "final_logit_softcapping", None)
 
-            def logits_of(b, s, e):
-                x = F.linear(hidden[b, s:e], weight, bias)
+            def logits_of(r, s, e):
+                x = F.linear(hidden[r, s:e], weight, bias)
                 if softcap:
                     x = torch.tanh(x.float() / softcap) * softcap
                 return x
@@ -308,12 +318,19 @@ class _TokenLosses:
         self.sources.append(source)
         return losses.cpu()
 
-    @staticmethod
-    def _whole(tensor, ids) -> bool:
+    def _whole(self, tensor, ids) -> bool:
+        """Logits of every position over the whole vocabulary: not a tensor-parallel shard
+        (a DTensor, or fewer columns than the config's vocabulary), whose cross-entropy would
+        be over part of the vocabulary."""
         import torch
 
-        return (isinstance(tensor, torch.Tensor) and tensor.dim() == 3
-                and tuple(tensor.shape[:2]) == tuple(ids.shape))
+        if not isinstance(tensor, torch.Tensor) or type(tensor).__name__ == "DTensor":
+            return False
+        config = getattr(self.model, "config", None)
+        get_text = getattr(config, "get_text_config", None)
+        vocab = getattr(get_text() if callable(get_text) else config, "vocab_size", None)
+        return (tensor.dim() == 3 and tuple(tensor.shape[:2]) == tuple(ids.shape)
+                and (not isinstance(vocab, int) or tensor.shape[-1] >= vocab))
 
     def settings(self, on: bool) -> Dict[str, Any]:
         """What the capture's settings say of the token losses."""
