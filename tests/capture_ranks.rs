@@ -177,3 +177,37 @@ fn captures_that_cannot_be_merged_are_usage_errors() {
     let out = maskaudit(&["check", "--captured-losses", &data, &model, &model]);
     assert_eq!(out.code, 2, "DATA beside --captured-losses: {out:?}");
 }
+
+/// A single-process capture's recorded losses give `check --captured-losses` the numbers
+/// `check MODEL` computes from the model on the same batches (the plain loop trains in
+/// float32, so both are float32 losses of the same logits).
+#[test]
+fn recorded_losses_give_the_models_numbers() {
+    let capture = hf_models("capture", "model.pt");
+    let model = capture.join("model.pt").display().to_string();
+    let data = capture.join("plain_loop/run.parquet").display().to_string();
+    let with_model = maskaudit(&[
+        "check", "--device", "cpu", "--format", "json", &model, &data, "--pad-id", "0",
+    ]);
+    let recorded = maskaudit(&[
+        "check",
+        "--captured-losses",
+        &data,
+        "--format",
+        "json",
+        "--pad-id",
+        "0",
+    ]);
+    let (a, b): (Value, Value) = (
+        serde_json::from_str(&with_model.stdout).unwrap(),
+        serde_json::from_str(&recorded.stdout).unwrap(),
+    );
+    assert_eq!(
+        a["data"]["supervised_positions"],
+        b["data"]["supervised_positions"]
+    );
+    for key in ["masked_token_mean", "all_positions_mean", "sequence_mean"] {
+        close(&b["losses"][key], &a["losses"][key], key);
+    }
+    assert_eq!(b["ranks"]["world_size"], 1, "{}", b["ranks"]);
+}
