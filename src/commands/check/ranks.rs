@@ -64,7 +64,8 @@ pub fn run(opts: &CheckOptions, with_model: bool, progress: &ProgressBar) -> Res
     } else {
         None
     };
-    let _no_grad = tch::no_grad_guard();
+    // Only the cross-check touches libtorch: the audit itself is plain sums.
+    let _no_grad = loaded.as_ref().map(|_| tch::no_grad_guard());
     let model = loaded.as_deref();
     let vocab = match model {
         Some(m) => m.vocab_size(),
