@@ -76,8 +76,9 @@ hf-models: setup
 	  if $(VENV_PYTHON) -c 'import trl' 2>/dev/null; then \
 	    nice $(VENV_PYTHON) tests/export/trl_pipelines.py >/dev/null; \
 	    nice $(VENV_PYTHON) tests/export/capture_runs.py >/dev/null; \
+	    nice $(VENV_PYTHON) tests/export/capture_ranks.py >/dev/null; \
 	  else \
-	    echo "skipping tests/export/trl_pipelines.py and capture_runs.py: $(VENV_PYTHON) has no trl"; \
+	    echo "skipping tests/export/trl_pipelines.py, capture_runs.py and capture_ranks.py: $(VENV_PYTHON) has no trl"; \
 	  fi; \
 	fi
 

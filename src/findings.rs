@@ -94,6 +94,8 @@ codes! {
         "A captured step's logged loss is not the step's token mean: the number watched during training is not the loss of the step.";
     TrainerCountMismatch => "trainer-count-mismatch",
         "A captured step's num_items_in_batch is not the number of trained targets in its micro-batches, so the trainer divides the loss by the wrong count.";
+    CapturedLossesMismatch => "captured-losses-mismatch",
+        "The model's per-token losses on a captured run's batches differ from the losses the run recorded: the model checked is not the one that was trained, or its trace is not faithful.";
     PackedRowsSplit => "packed-rows-split",
         "Packed rows were split into their documents, each run as its own row, because the model cannot keep documents apart: the losses are the per-document truth.";
     ModelCrossesDocuments => "model-crosses-documents",

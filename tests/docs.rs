@@ -514,8 +514,9 @@ fn check_shown(command: &str, makefile: &str, console: &[String], dir: &Path) ->
         // `# check and lint …` lines name options of both: each must be in one of the two.
         return (!missing.is_empty()).then(|| format!("not in `{subcommand} --help`: {missing:?}"));
     }
-    // A capture runs with the model it was captured from (tests/export/capture_runs.py).
-    let captured = args.contains(&"run.parquet");
+    // A capture runs with the model it was captured from (tests/export/capture_runs.py and,
+    // for --captured-losses, capture_ranks.py: the same weights).
+    let captured = args.contains(&"run.parquet") || args.contains(&"--captured-losses");
     let fixtures = [
         (
             "model.pt",
@@ -531,6 +532,10 @@ fn check_shown(command: &str, makefile: &str, console: &[String], dir: &Path) ->
         (
             "run.parquet",
             "target/hf-models/capture/sft_accumulation/run.parquet",
+        ),
+        (
+            "captures/",
+            "target/hf-models/capture_ranks/trainer_per_rank",
         ),
     ];
     let args: Vec<String> = args

@@ -56,9 +56,19 @@ pub enum ColorWhen {
 #[derive(Debug, Args)]
 pub struct CheckArgs {
     /// TorchScript causal LM: forward(input_ids[, attention_mask]) -> logits [B,T,V]
-    pub model: PathBuf,
+    #[arg(required_unless_present = "captured_losses")]
+    pub model: Option<PathBuf>,
     /// Pre-tokenized dataset: JSONL, .jsonl.gz or Parquet; `-` reads JSONL on standard input
-    pub data: PathBuf,
+    #[arg(
+        required_unless_present = "captured_losses",
+        conflicts_with = "captured_losses"
+    )]
+    pub data: Option<PathBuf>,
+    /// A run captured on every rank with per-token losses: a directory of one run's
+    /// <name>.rank<r>.parquet files, one of them, or a single capture; audited without a
+    /// model (MODEL, if given, is cross-checked against the recorded losses)
+    #[arg(long, value_name = "PATH")]
+    pub captured_losses: Option<PathBuf>,
 
     #[command(flatten)]
     pub data_opts: DataArgs,

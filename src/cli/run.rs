@@ -39,23 +39,32 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// `maskaudit check`, a model on a dataset or a run's recorded losses (`--captured-losses`).
+/// Long because it is the command's outline: inputs and outputs staged, options, the run,
+/// the report written, each a step.
 fn check(args: CheckArgs) -> Result<ExitCode> {
     args.micro_batches_per_step().map_err(|e| anyhow!(e))?;
     let inputs = [
-        ("MODEL", Some(args.model.as_path())),
+        ("MODEL", args.model.as_deref()),
         ("--loss file", args.user_loss.loss.as_deref()),
         ("--tokenizer file", args.tokenizer.as_deref()),
     ];
     let weights = args.user_loss.weights_out.as_deref();
-    let mut outputs = stage_outputs(&args.data, &inputs, &args.reports, weights)?;
+    // clap requires DATA unless --captured-losses names the data.
+    let data = args
+        .captured_losses
+        .clone()
+        .or(args.data.clone())
+        .unwrap_or_default();
+    let mut outputs = stage_outputs(&data, &inputs, &args.reports, weights)?;
     let weights_out = weights_file(&args, &outputs)?;
     let baseline = load_baseline(&args.reports)?;
     // Load the tokenizer before the model: a bad path fails fast.
     let text = token_text(args.tokenizer.as_deref())?;
     let fields = args.data_opts.fields().map_err(|e| anyhow!(e))?;
     let opts = CheckOptions {
-        model: args.model,
-        data: args.data,
+        model: args.model.clone().unwrap_or_default(),
+        data,
         device: args.device,
         batch_size: args.data_opts.batch_size as usize,
         pad_id: args.data_opts.pad_id,
@@ -87,7 +96,10 @@ fn check(args: CheckArgs) -> Result<ExitCode> {
     let progress = progress_bar(args.output.quiet);
     // The model's and the loss's own prints go to stderr, not into the report.
     let redirect = crate::sys::StdoutToStderr::new()?;
-    let report = check::run(&opts, &progress);
+    let report = match &args.captured_losses {
+        Some(_) => check::ranks::run(&opts, args.model.is_some(), &progress),
+        None => check::run(&opts, &progress),
+    };
     drop(redirect);
     let mut report = report?;
     progress.finish_and_clear();

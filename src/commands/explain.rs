@@ -43,6 +43,7 @@ fn long_form(code: Code) -> &'static str {
         Code::PackedBoundarySupervised => include_str!("explain/packed-boundary-supervised.md"),
         Code::LoggedLossMismatch => include_str!("explain/logged-loss-mismatch.md"),
         Code::TrainerCountMismatch => include_str!("explain/trainer-count-mismatch.md"),
+        Code::CapturedLossesMismatch => include_str!("explain/captured-losses-mismatch.md"),
         Code::PackedRowsSplit => include_str!("explain/packed-rows-split.md"),
         Code::ModelCrossesDocuments => include_str!("explain/model-crosses-documents.md"),
         Code::MaskLabelDisagree => include_str!("explain/mask-label-disagree.md"),

@@ -18,6 +18,7 @@ pub mod padding;
 mod parquet_file;
 mod row;
 mod source;
+pub mod token_losses;
 
 use std::fmt;
 use std::io;

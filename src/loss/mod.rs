@@ -10,6 +10,7 @@ pub mod batch;
 pub mod cuda_ce;
 pub mod diagnosis;
 pub mod kernel_cache;
+pub mod ranks;
 pub mod steps;
 pub mod token;
 pub mod user;

@@ -10,6 +10,7 @@ pub mod json;
 pub mod junit;
 pub mod lint_table;
 pub mod markdown;
+pub mod ranks_table;
 pub mod table;
 pub mod token_rows;
 
@@ -151,6 +152,10 @@ pub struct Report {
     pub user_loss: Option<UserLossReport>,
     /// The optimizer-step simulation; null without --accum/--world-size.
     pub steps: Option<StepReport>,
+    /// The run captured on every rank (`--captured-losses`); absent otherwise (added within
+    /// schema version 1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ranks: Option<crate::loss::ranks::RanksReport>,
     pub findings: Vec<Finding>,
     pub verdict: Verdict,
     /// The first `--html-rows` rows with their per-token losses, for the HTML report; not in

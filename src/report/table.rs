@@ -179,14 +179,19 @@ pub(crate) fn value_of(report: &Report, name: &str) -> Option<f64> {
 /// The `check` report as a table for people: the header (data, model, consistency), the
 /// aggregates, the user's loss and the steps when present, the findings and the verdict.
 pub fn write<W: Write>(out: &mut W, report: &Report) -> std::io::Result<()> {
-    writeln!(
-        out,
-        "maskaudit check: {} on {}",
-        report.model.path, report.data.path
-    )?;
+    let model = match &report.ranks {
+        Some(_) if report.model.path.is_empty() => "the recorded per-token losses",
+        _ => &report.model.path,
+    };
+    writeln!(out, "maskaudit check: {model} on {}", report.data.path)?;
     writeln!(out)?;
     write_data(out, report)?;
-    write_model(out, &report.model)?;
+    if let Some(ranks) = &report.ranks {
+        super::ranks_table::write(out, ranks)?;
+    }
+    if !report.model.path.is_empty() {
+        write_model(out, &report.model)?;
+    }
     let mut table = Table::new();
     table.load_preset(UTF8_FULL_CONDENSED);
     table.set_header(vec!["aggregate", "loss", "vs masked", "%", "what it is"]);

@@ -83,10 +83,18 @@ impl Captured {
     }
 
     /// Whether the trainer divided each micro-batch's loss by `num_items_in_batch` (the model
-    /// takes the loss kwargs, or a `compute_loss_func`), rather than by its own count.
+    /// takes the loss kwargs, or a `compute_loss_func`; or a plain loop passed it to every
+    /// forward), rather than by its own count.
     fn normalised_by_step(&self) -> bool {
+        let forward_counted = self.capture.settings["source"] == "forward"
+            && self
+                .capture
+                .micro_batches
+                .iter()
+                .all(|m| m.num_items.is_some());
         self.capture.setting("model_accepts_loss_kwargs")
             || self.capture.setting("compute_loss_func")
+            || forward_counted
     }
 
     /// Whether `num_items_in_batch` counts every rank's targets (then one file cannot check it).

@@ -40,6 +40,7 @@ mod captured;
 mod findings;
 mod overlap;
 mod packing;
+pub mod ranks;
 mod read;
 mod timing;
 
@@ -242,6 +243,7 @@ fn run_loaded(
         contamination,
         user_loss,
         steps,
+        ranks: None,
         findings,
         verdict,
         token_rows: std::mem::take(&mut run.token_rows),
