@@ -253,8 +253,11 @@ fn rollout(
     })
 }
 
+/// A JSON record's fields.
+type JsonObject = serde_json::Map<String, Value>;
+
 /// The file's records: (line, object), blank lines skipped; gzip told by its magic bytes.
-fn records(path: &Path) -> Result<Vec<(usize, serde_json::Map<String, Value>)>, DataError> {
+fn records(path: &Path) -> Result<Vec<(usize, JsonObject)>, DataError> {
     let shown = display_path(path);
     let open = |e| DataError::Open {
         path: shown.clone(),

@@ -267,6 +267,9 @@ pub struct Classification {
 }
 
 /// The aggregation that fits every batch.
+///
+/// Long because it is one decision in order: shape, exact fits, a constant divisor, a scaled
+/// fit, each returning.
 pub fn classify(batches: &[BatchShape]) -> Classification {
     let mut c = Classification {
         sequence_weight_exponent: exponent(batches),
@@ -526,7 +529,7 @@ mod tests {
     fn a_scaled_token_mean_reports_its_scale() {
         let b = vec![
             batch(&[2, 5], 0, |_, _, n| 0.5 / n),
-            batch(&[3, 3, 1], 0, |_, _, n| 0.5 / n),
+            batch(&[3, 1], 0, |_, _, n| 0.5 / n),
         ];
         let c = classify(&b);
         assert_eq!(c.aggregation, Some(Aggregation::TokenMean));
@@ -696,6 +699,8 @@ pub fn preference_logps(batches: &[BatchShape]) -> (Option<&'static str>, String
 }
 
 /// The findings of a policy or preference audit.
+///
+/// Long because each finding's message is written out where its condition is.
 pub fn findings(r: &PolicyReport) -> Vec<crate::findings::Finding> {
     use crate::findings::{Code, Finding, Severity};
     let mut out = vec![];
