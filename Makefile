@@ -116,6 +116,7 @@ test-tools:
 # Regenerates the committed fixtures with the set-up's PyTorch.
 fixtures: setup
 	$(VENV_PYTHON) fixtures/generate.py
+	$(VENV_PYTHON) fixtures/generate_rl.py
 
 # maskaudit against the PyTorch peer and the forward-only floor (docs/performance.md).
 # Several minutes; BENCH_ARGS go to bench/bench.py, e.g. BENCH_ARGS='--only compute --reps 9'.

@@ -118,6 +118,18 @@ codes! {
         "Across the micro-batches and ranks of an optimizer step, tokens get unequal weights or the step's weights do not sum to one.";
     GradientNotCrossEntropy => "gradient-not-cross-entropy",
         "Part of your loss's gradient is not next-token cross-entropy: label smoothing, an auxiliary term, other targets, or a leak through the logits.";
+    PolicyTrainsMasked => "policy-trains-masked",
+        "Your policy loss gives weight to log-probs the response mask excludes: prompt, tool-output or padding tokens.";
+    PolicyNanThroughMask => "policy-nan-through-mask",
+        "A NaN at a masked position (log-prob, old or reference log-prob, advantage) reaches your policy loss: NaN × 0 is NaN.";
+    PolicyAggregationUnrecognised => "policy-aggregation-unrecognised",
+        "Your policy loss weighs tokens by none of token_mean, seq_mean_token_mean, seq_mean_token_sum, seq_mean_token_sum_norm; per-token weights growing with length are a broadcast (B,1) term.";
+    PolicyAggregationMismatch => "policy-aggregation-mismatch",
+        "Your policy loss computes another aggregation than --expect-aggregation names.";
+    PolicyPaddingInStatistic => "policy-padding-in-statistic",
+        "Appending padding columns changes your policy or preference loss's weights: padding enters its normaliser or its per-sequence statistic.";
+    PolicyStepMisnormalised => "policy-step-misnormalised",
+        "Under --accum/--world-size an optimizer step weighs its tokens differently from one batch: an extra division by the accumulation steps, or a count ignored.";
 }
 
 impl fmt::Display for Code {

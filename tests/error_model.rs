@@ -254,6 +254,7 @@ fn options(data: &str, loss: &Path, args: &str) -> CheckOptions {
             rtol: 0.0,
             probes: true,
             weights_out: None,
+            expect_aggregation: None,
         }),
         forward_args: None,
         model_probe: true,

@@ -8,6 +8,7 @@ use crate::commands::check::{LossOptions, LossSource, WeightsFile};
 use crate::data::{FieldNames, CU_SEQLENS_FIELD, DEFAULT_MAX_LINE_BYTES, SEQ_LENS_FIELD};
 use crate::findings::Code;
 use crate::loss::diagnosis::DEFAULT_RTOL;
+use crate::loss::policy_aggregation::Aggregation;
 use crate::loss::user::LossArg;
 use crate::model::{DeviceChoice, DtypeChoice, ForwardArg, Tf32};
 
@@ -174,7 +175,10 @@ pub struct UserLossArgs {
     )]
     pub loss_method: Option<String>,
     /// Tensors passed to the loss, in order: logits, input_ids, labels, attention_mask,
-    /// shift_logits, targets, loss_mask [default: logits,labels; input_ids,labels with --loss-method]
+    /// shift_logits, targets, loss_mask, num_items_in_batch; for a policy loss logprobs,
+    /// old_logprobs, ref_logprobs, advantages, response_mask; for a preference loss
+    /// chosen_logprobs, rejected_logprobs, chosen_mask, rejected_mask, ref_chosen_logprobs,
+    /// ref_rejected_logprobs [default: logits,labels; input_ids,labels with --loss-method]
     #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parsed::<LossArg>, requires = "loss_source", help_heading = "Your loss")]
     pub loss_args: Vec<LossArg>,
     /// Extra relative tolerance for matching your loss to a formula, in [0, 0.5), on top of the
@@ -193,6 +197,10 @@ pub struct UserLossArgs {
         help_heading = "Your loss"
     )]
     pub weights_out: Option<PathBuf>,
+    /// The aggregation your policy loss should compute (token_mean, seq_mean_token_mean,
+    /// seq_mean_token_sum, seq_mean_token_sum_norm): another one fails the run
+    #[arg(long, value_name = "MODE", value_parser = parsed::<Aggregation>, requires = "loss_source", help_heading = "Your loss")]
+    pub expect_aggregation: Option<Aggregation>,
 }
 
 impl UserLossArgs {
@@ -218,6 +226,7 @@ impl UserLossArgs {
             rtol: self.rtol,
             probes: !self.no_probes,
             weights_out,
+            expect_aggregation: self.expect_aggregation,
         })
     }
 }

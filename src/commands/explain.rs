@@ -55,6 +55,14 @@ fn long_form(code: Code) -> &'static str {
         Code::GradientTrainsUntrained => include_str!("explain/gradient-trains-untrained.md"),
         Code::AccumulationMisweighted => include_str!("explain/accumulation-misweighted.md"),
         Code::GradientNotCrossEntropy => include_str!("explain/gradient-not-cross-entropy.md"),
+        Code::PolicyTrainsMasked => include_str!("explain/policy-trains-masked.md"),
+        Code::PolicyNanThroughMask => include_str!("explain/policy-nan-through-mask.md"),
+        Code::PolicyAggregationUnrecognised => {
+            include_str!("explain/policy-aggregation-unrecognised.md")
+        }
+        Code::PolicyAggregationMismatch => include_str!("explain/policy-aggregation-mismatch.md"),
+        Code::PolicyPaddingInStatistic => include_str!("explain/policy-padding-in-statistic.md"),
+        Code::PolicyStepMisnormalised => include_str!("explain/policy-step-misnormalised.md"),
     }
 }
 

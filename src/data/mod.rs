@@ -16,6 +16,7 @@ pub mod guard;
 mod jsonl;
 pub mod padding;
 mod parquet_file;
+pub mod rollout;
 mod row;
 mod source;
 pub mod token_losses;

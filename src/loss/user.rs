@@ -41,10 +41,23 @@ pub enum LossArg {
     /// The trained targets of the whole optimizer step (all micro-batches and ranks), as a
     /// 0-dim int64 tensor: what Hugging Face passes as `num_items_in_batch`.
     NumItemsInBatch,
+    /// Policy and preference losses (`loss::policy`): per-token log-probs of the next token
+    /// `[B, T-1]`, computed by maskaudit with autograd, and the rollout's fields beside them.
+    Logprobs,
+    OldLogprobs,
+    RefLogprobs,
+    Advantages,
+    ResponseMask,
+    ChosenLogprobs,
+    RejectedLogprobs,
+    ChosenMask,
+    RejectedMask,
+    RefChosenLogprobs,
+    RefRejectedLogprobs,
 }
 
 impl LossArg {
-    const ALL: [LossArg; 8] = [
+    const ALL: [LossArg; 19] = [
         LossArg::Logits,
         LossArg::InputIds,
         LossArg::Labels,
@@ -53,6 +66,17 @@ impl LossArg {
         LossArg::Targets,
         LossArg::LossMask,
         LossArg::NumItemsInBatch,
+        LossArg::Logprobs,
+        LossArg::OldLogprobs,
+        LossArg::RefLogprobs,
+        LossArg::Advantages,
+        LossArg::ResponseMask,
+        LossArg::ChosenLogprobs,
+        LossArg::RejectedLogprobs,
+        LossArg::ChosenMask,
+        LossArg::RejectedMask,
+        LossArg::RefChosenLogprobs,
+        LossArg::RefRejectedLogprobs,
     ];
 
     pub fn name(self) -> &'static str {
@@ -65,7 +89,34 @@ impl LossArg {
             LossArg::Targets => "targets",
             LossArg::LossMask => "loss_mask",
             LossArg::NumItemsInBatch => "num_items_in_batch",
+            LossArg::Logprobs => "logprobs",
+            LossArg::OldLogprobs => "old_logprobs",
+            LossArg::RefLogprobs => "ref_logprobs",
+            LossArg::Advantages => "advantages",
+            LossArg::ResponseMask => "response_mask",
+            LossArg::ChosenLogprobs => "chosen_logprobs",
+            LossArg::RejectedLogprobs => "rejected_logprobs",
+            LossArg::ChosenMask => "chosen_mask",
+            LossArg::RejectedMask => "rejected_mask",
+            LossArg::RefChosenLogprobs => "ref_chosen_logprobs",
+            LossArg::RefRejectedLogprobs => "ref_rejected_logprobs",
         }
+    }
+
+    /// An argument of a policy or preference loss: `check` audits such a loss on rollouts
+    /// (`commands::check::policy`), never on the cross-entropy path.
+    pub fn is_policy(self) -> bool {
+        !matches!(
+            self,
+            LossArg::Logits
+                | LossArg::InputIds
+                | LossArg::Labels
+                | LossArg::AttentionMask
+                | LossArg::ShiftLogits
+                | LossArg::Targets
+                | LossArg::LossMask
+                | LossArg::NumItemsInBatch
+        )
     }
 
     pub fn from_logits(self) -> bool {
@@ -211,6 +262,29 @@ impl UserLoss {
                 Ok((self.call(model, t)?, None))
             }
             Err(e) => Err(e),
+        }
+    }
+
+    /// Calls the loss on tensors given in the order of its arguments; the value may be
+    /// non-finite (the policy probes judge that), the tensor is the loss's scalar when it is
+    /// one (for autograd).
+    pub fn call_tensors(
+        &self,
+        model: &dyn LoadedModel,
+        values: &[Tensor],
+    ) -> Result<(f64, Option<Tensor>), UserLossError> {
+        let out = self.invoke(model, values)?;
+        match scalar(out) {
+            Ok((Scalar::Real(x), tensor)) => Ok((x, tensor)),
+            Ok((Scalar::Complex, _)) => Err(UserLossError::NotFinite {
+                source_name: self.source_name(),
+                value: "a complex tensor".into(),
+                args: self.described(values),
+            }),
+            Err(found) => Err(UserLossError::NotScalar {
+                source_name: self.source_name(),
+                found,
+            }),
         }
     }
 
@@ -412,6 +486,8 @@ impl LossTensors {
             LossArg::NumItemsInBatch => {
                 Tensor::from(self.num_items).to_device(self.input_ids.device())
             }
+            // Never asked for here: a loss taking them runs on the policy path.
+            _ => Tensor::new(),
         }
     }
 
@@ -484,6 +560,13 @@ pub struct UserLossReport {
     pub probes: Probes,
     /// The gradient weight map (added within schema version 1).
     pub gradient: GradientSummary,
+    /// A policy loss's aggregation (`token_mean`, `seq_mean_token_mean`, `seq_mean_token_sum`,
+    /// `seq_mean_token_sum_norm`); null for other losses, or when none fits (added within
+    /// schema version 2).
+    pub aggregation: Option<&'static str>,
+    /// The policy or preference audit; absent for a cross-entropy loss.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<crate::loss::policy_aggregation::PolicyReport>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -805,6 +888,8 @@ impl LossAudit {
                 masked_logits: self.masked_logits,
             },
             gradient,
+            aggregation: None,
+            policy: None,
         };
         Ok((report, findings))
     }

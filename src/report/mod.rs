@@ -10,6 +10,7 @@ pub mod json;
 pub mod junit;
 pub mod lint_table;
 pub mod markdown;
+pub mod policy_table;
 pub mod ranks_table;
 pub mod table;
 pub mod token_rows;

@@ -192,6 +192,12 @@ pub fn write<W: Write>(out: &mut W, report: &Report) -> std::io::Result<()> {
     if !report.model.path.is_empty() {
         write_model(out, &report.model)?;
     }
+    // A policy loss computes no cross-entropy aggregates: its own section says it all.
+    if let Some(policy) = report.user_loss.as_ref().filter(|u| u.policy.is_some()) {
+        super::policy_table::write(out, policy)?;
+        write_findings(out, &report.findings)?;
+        return write_verdict(out, report.verdict);
+    }
     let mut table = Table::new();
     table.load_preset(UTF8_FULL_CONDENSED);
     table.set_header(vec!["aggregate", "loss", "vs masked", "%", "what it is"]);

@@ -40,6 +40,7 @@ mod captured;
 mod findings;
 mod overlap;
 mod packing;
+mod policy;
 pub mod ranks;
 mod read;
 mod timing;
@@ -94,6 +95,8 @@ pub struct LossOptions {
     pub probes: bool,
     /// `--weights-out`: every row's gradient weights, as JSON lines.
     pub weights_out: Option<WeightsFile>,
+    /// `--expect-aggregation`: what a policy loss should compute.
+    pub expect_aggregation: Option<crate::loss::policy_aggregation::Aggregation>,
 }
 
 /// Where `--weights-out` streams: a file the caller opened (and commits or discards at the
@@ -110,12 +113,17 @@ pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
     let mut timing = Timing::from_env();
     model::configure_libtorch();
     let _no_grad = tch::no_grad_guard();
+    let policy_kind = policy::kind(opts)?;
 
     let device = prepare_device(opts.device)?;
     timing.device = device;
     timing.mark("start and the device");
     let model = model::load(&opts.model, device, &load_options(opts))?;
     timing.mark("model load and its first calls");
+    // A policy or preference loss audits rollouts, not next-token cross-entropy.
+    if let Some(kind) = policy_kind {
+        return policy::run(opts, model.as_ref(), kind);
+    }
     run_loaded(opts, model.as_ref(), progress, timing)
 }
 
