@@ -1,7 +1,7 @@
 # maskaudit: `make demo` and `make test` each do all of their own set-up.
 #
 # Set-up installs PyTorch 2.11.0 (the version tch 0.24 is built against), transformers (for
-# the Hugging Face exporter, tools/maskaudit-export.py) and trl (whose SFTTrainer's batches the
+# the Hugging Face exporter, python/maskaudit/export.py) and trl (whose SFTTrainer's batches the
 # tests audit, tests/export/trl_pipelines.py) into a venv under the user's cache
 # directory, shared by every clone, and links .libtorch to its torch/ folder, which
 # .cargo/config.toml hands to torch-sys. With LIBTORCH or LIBTORCH_USE_PYTORCH=1 in the
@@ -83,7 +83,7 @@ hf-models: setup
 	fi
 
 test: setup hf-models test-tools
-	$(CARGO) test --locked
+	$(CARGO) test --workspace --locked
 
 # A Hugging Face model directory to TorchScript, verified against eager (docs/guide.md,
 # "From a Hugging Face model"): make export MODEL=dir OUT=model.pt [DTYPE=bfloat16]
@@ -215,7 +215,7 @@ check-fmt:
 	$(CARGO) fmt --all -- --check
 
 clippy: setup
-	$(CARGO) clippy --all-targets --locked -- -D warnings
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
 # Fuzzes the data readers (docs/guide.md, "Fuzzing"): each target of fuzz/ for FUZZ_RUNS inputs,
 # one target after the other, from the committed seeds; new inputs go to fuzz/work/, crashes

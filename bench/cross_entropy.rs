@@ -18,7 +18,11 @@ fn main() -> anyhow::Result<()> {
         .map(|r| r.parse())
         .transpose()?
         .unwrap_or(5);
-    maskaudit::model::configure_libtorch();
+    // As `maskaudit check` does (src/settings.rs): huge pages under libtorch's large buffers.
+    if std::env::var_os("THP_MEM_ALLOC_ENABLE").is_none() {
+        std::env::set_var("THP_MEM_ALLOC_ENABLE", "1");
+    }
+    maskaudit_torch::model::configure_libtorch();
     let _no_grad = tch::no_grad_guard();
     tch::manual_seed(1);
     let batches: Vec<(Tensor, Tensor)> = (0..13)
@@ -32,7 +36,11 @@ fn main() -> anyhow::Result<()> {
     for round in 1..=rounds {
         let start = Instant::now();
         for (logits, ids) in &batches {
-            maskaudit::loss::token_losses(logits, ids, maskaudit::loss::CHUNK_ELEMENTS)?;
+            maskaudit_torch::loss::token_losses(
+                logits,
+                ids,
+                maskaudit_torch::loss::CHUNK_ELEMENTS,
+            )?;
         }
         let cross_entropy = start.elapsed().as_secs_f64();
         let start = Instant::now();

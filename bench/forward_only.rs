@@ -25,10 +25,10 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use maskaudit::data::batch::Batcher;
-use maskaudit::data::{FieldNames, RowSource};
-use maskaudit::loss::batch::BatchTensors;
-use maskaudit::model::{
+use maskaudit_core::data::batch::Batcher;
+use maskaudit_core::data::{FieldNames, RowSource};
+use maskaudit_torch::loss::batch::BatchTensors;
+use maskaudit_torch::model::{
     apply_tf32, DeviceChoice, DtypeChoice, LanguageModel, LoadOptions, LoadedModel, Tf32,
     TorchScriptLm,
 };
@@ -64,7 +64,11 @@ fn main() -> Result<()> {
         .map_err(anyhow::Error::msg)?;
 
     // As `maskaudit check` does.
-    maskaudit::model::configure_libtorch();
+    // As `maskaudit check` does (src/settings.rs): huge pages under libtorch's large buffers.
+    if std::env::var_os("THP_MEM_ALLOC_ENABLE").is_none() {
+        std::env::set_var("THP_MEM_ALLOC_ENABLE", "1");
+    }
+    maskaudit_torch::model::configure_libtorch();
     let _no_grad = tch::no_grad_guard();
     let device = device.resolve()?;
 

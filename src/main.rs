@@ -1,13 +1,21 @@
-//! `maskaudit`: parse the command line, run it (`cli::run`), report any error on one line.
+//! `maskaudit`: parse the command line, resolve it with the environment (`cli::settings`), run it
+//! (`cli::run`), report any error on one line.
 
 use std::process::ExitCode;
 
 use clap::error::ErrorKind;
 use clap::Parser;
 
-use maskaudit::cli::run::{is_broken_pipe, run};
-use maskaudit::cli::Cli;
-use maskaudit::data::echo;
+mod cli;
+
+use cli::run::{is_broken_pipe, run};
+use cli::Cli;
+use maskaudit_core::data::echo;
+
+// The paths the command line names the rest by.
+use maskaudit::commands;
+use maskaudit_core::{data, findings, lint, report, sys};
+use maskaudit_torch::model;
 
 /// Characters of an error line, past which its middle is cut: the values from the data in it
 /// are cut to [`echo::ECHO_CHARS`] where they are quoted; this catches anything else.
@@ -18,10 +26,12 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
     };
-    match run(cli) {
+    let env = cli::settings::Env::read();
+    env.apply(&cli.command);
+    match cli::settings::Settings::resolve(cli, &env).and_then(run) {
         Ok(code) => code,
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
-        Err(e) => error(&maskaudit::one_line(&e)),
+        Err(e) => error(&maskaudit_core::one_line(&e)),
     }
 }
 

@@ -1,25 +1,35 @@
-//! The source tree's shape (ARCHITECTURE.md). Its layering: each top-level module of `src/` may name only
-//! the modules below it, so that there is no import circle and a layer can be read without the
-//! ones above it.
+//! The source tree's shape (ARCHITECTURE.md). The crates' boundaries are the compiler's to
+//! hold (maskaudit-core cannot name libtorch or the model side, maskaudit-torch cannot name
+//! the commands, the commands cannot name the command line); inside a crate, each top-level
+//! module may name only the modules below it, so that there is no import circle and a layer
+//! can be read without the ones above it. Also: no long function without a reason, the
+//! environment read in one place, and one minimum Rust for every crate.
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-/// Bottom to top. A module may use its own layer's other modules only where listed here.
-const LAYERS: &[&[&str]] = &[
-    &["findings", "sys"],
-    &["data"],
-    &["model", "lint"],
-    &["loss"],
-    &["report"],
-    &["commands"],
-    &["cli"],
-];
-
-fn layer(module: &str) -> Option<usize> {
-    LAYERS.iter().position(|l| l.contains(&module))
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
 }
+
+/// Each crate's source folder and its layers, bottom to top. A module may use its own layer's
+/// other modules only where listed here. `crate::NAME` for a NAME in no layer of the crate
+/// is another crate's module, under a local name (src/lib.rs): below everything.
+const CRATES: &[(&str, &[&[&str]])] = &[
+    (
+        "crates/maskaudit-core/src",
+        &[
+            &["escape", "findings", "sys"],
+            &["data"],
+            &["model", "lint"],
+            &["loss"],
+            &["report"],
+        ],
+    ),
+    ("crates/maskaudit-torch/src", &[&["model"], &["loss"]]),
+    ("src", &[&["commands"], &["cli"]]),
+];
 
 /// Every `crate::NAME` in the Rust files under `path` (a file or a folder), comments included:
 /// a doc link upwards is as much a tangle as an import.
@@ -47,34 +57,185 @@ fn crate_paths(path: &Path, out: &mut BTreeSet<String>) {
 
 #[test]
 fn each_module_uses_only_the_layers_below_it() {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mut seen = 0;
     let mut wrong = vec![];
-    for entry in fs::read_dir(&src).unwrap() {
-        let path = entry.unwrap().path();
-        let stem = path.file_stem().unwrap().to_str().unwrap().to_string();
-        if stem == "main" || stem == "lib" {
-            continue;
-        }
-        let own = layer(&stem).unwrap_or_else(|| {
-            panic!("src/{stem} is in no layer: add it to LAYERS in tests/architecture.rs")
-        });
-        seen += 1;
-        let mut used = BTreeSet::new();
-        crate_paths(&path, &mut used);
-        for name in used {
-            if name == stem {
+    for &(dir, layers) in CRATES {
+        let layer = |module: &str| layers.iter().position(|l| l.contains(&module));
+        let mut seen = 0;
+        for entry in fs::read_dir(root().join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            let stem = path.file_stem().unwrap().to_str().unwrap().to_string();
+            if stem == "main" || stem == "lib" {
                 continue;
             }
-            // Functions of the crate root (by_name, one_line) are below everything.
-            match layer(&name) {
-                Some(l) if l >= own => wrong.push(format!("{stem} uses crate::{name}")),
-                _ => {}
+            let own = layer(&stem).unwrap_or_else(|| {
+                panic!("{dir}/{stem} is in no layer: add it to CRATES in tests/architecture.rs")
+            });
+            seen += 1;
+            let mut used = BTreeSet::new();
+            crate_paths(&path, &mut used);
+            for name in used {
+                if name == stem {
+                    continue;
+                }
+                // Functions of the crate root (by_name, one_line) are below everything.
+                match layer(&name) {
+                    Some(l) if l >= own => wrong.push(format!("{dir}/{stem} uses crate::{name}")),
+                    _ => {}
+                }
+            }
+        }
+        assert_eq!(seen, layers.iter().map(|l| l.len()).sum::<usize>(), "{dir}");
+    }
+    assert!(wrong.is_empty(), "upward or sideways uses: {wrong:?}");
+}
+
+/// The manifests of the workspace: the root's and each crate's.
+fn manifests() -> Vec<PathBuf> {
+    let mut out = vec![root().join("Cargo.toml")];
+    for entry in fs::read_dir(root().join("crates")).unwrap() {
+        out.push(entry.unwrap().path().join("Cargo.toml"));
+    }
+    out
+}
+
+/// One minimum Rust (ARCHITECTURE.md, "Minimum Rust"): the workspace declares it, every crate
+/// takes it from there, so clippy's `incompatible_msrv` holds all of the code to it.
+#[test]
+fn every_crate_inherits_the_workspace_rust_version() {
+    let root_manifest = fs::read_to_string(root().join("Cargo.toml")).unwrap();
+    let declared = root_manifest
+        .split("[workspace.package]")
+        .nth(1)
+        .and_then(|t| t.split("\n[").next())
+        .is_some_and(|t| t.lines().any(|l| l.starts_with("rust-version = \"")));
+    assert!(declared, "[workspace.package] has no rust-version");
+    let manifests = manifests();
+    assert!(manifests.len() >= 3, "{manifests:?}");
+    for manifest in manifests {
+        let text = fs::read_to_string(&manifest).unwrap();
+        let package = text.split("[package]").nth(1).unwrap_or_else(|| {
+            panic!("{}: no [package]", manifest.display());
+        });
+        let package = package.split("\n[").next().unwrap();
+        assert!(
+            package
+                .lines()
+                .any(|l| l == "rust-version.workspace = true"),
+            "{}: [package] lacks `rust-version.workspace = true`",
+            manifest.display()
+        );
+        assert!(
+            text.contains("[lints]\nworkspace = true"),
+            "{}: lacks `[lints] workspace = true`",
+            manifest.display()
+        );
+    }
+}
+
+/// `1.89` as (1, 89, 0).
+fn version(text: &str) -> (u64, u64, u64) {
+    let mut parts = text.split('.').map(|p| p.parse::<u64>().unwrap());
+    let major = parts.next().unwrap();
+    (major, parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
+/// The declared minimum is no lower than what any locked dependency declares: cargo refuses a
+/// toolchain older than a dependency's `rust-version`, so a lower value would be a promise the
+/// build cannot keep.
+#[test]
+fn the_rust_version_covers_the_locked_dependencies() {
+    let out = std::process::Command::new(env!("CARGO"))
+        .args(["metadata", "--format-version", "1", "--locked", "--offline"])
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let metadata: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let packages = metadata["packages"].as_array().unwrap();
+    let ours = packages
+        .iter()
+        .find(|p| p["name"] == "maskaudit")
+        .and_then(|p| p["rust_version"].as_str())
+        .map(version)
+        .expect("maskaudit declares a rust-version");
+    let newest = packages
+        .iter()
+        .filter(|p| p["source"].is_string())
+        .filter_map(|p| Some((version(p["rust_version"].as_str()?), p["name"].as_str()?)))
+        .max()
+        .unwrap();
+    assert!(
+        ours >= newest.0,
+        "rust-version {ours:?} is below {}'s {:?}",
+        newest.1,
+        newest.0
+    );
+}
+
+/// The settings module: the one place the process's environment is read or written.
+const SETTINGS: &str = "src/cli/settings.rs";
+
+/// What reads or writes the environment.
+const ENV_CALLS: &[&str] = &[
+    "env::var(",
+    "env::var_os(",
+    "env::vars(",
+    "env::vars_os(",
+    "env::set_var(",
+    "env::remove_var(",
+];
+
+/// Where each of `needles` occurs in the code (comments and string literals blanked) of the
+/// Rust files under the crates' sources, as `path:line`.
+fn code_uses(needles: &[&str], except: &str) -> Vec<String> {
+    let mut files = vec![];
+    for &(dir, _) in CRATES {
+        rust_files(&root().join(dir), &mut files);
+    }
+    assert!(
+        files.len() > 50,
+        "only {} files: is the scan broken?",
+        files.len()
+    );
+    let mut found = vec![];
+    for file in files {
+        let rel = file
+            .strip_prefix(root())
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        if rel == except {
+            continue;
+        }
+        let code = code_only(&fs::read_to_string(&file).unwrap());
+        for (n, line) in code.lines().enumerate() {
+            if needles.iter().any(|w| line.contains(w)) {
+                found.push(format!("{rel}:{}", n + 1));
             }
         }
     }
-    assert_eq!(seen, LAYERS.iter().map(|l| l.len()).sum::<usize>());
-    assert!(wrong.is_empty(), "upward or sideways uses: {wrong:?}");
+    found
+}
+
+#[test]
+fn the_environment_is_read_only_by_the_settings() {
+    let found = code_uses(ENV_CALLS, SETTINGS);
+    assert!(
+        found.is_empty(),
+        "environment read or written outside {SETTINGS} (resolve it there and pass it in): {found:?}"
+    );
+    // The scan sees through `use std::env;` and a full path alike, and not into comments.
+    let probe = "use std::env;\nfn f() { let _ = env::var(\"X\"); std::env::set_var(\"Y\", \"1\"); }\n// env::var(\n";
+    let code = code_only(probe);
+    let hits = code
+        .lines()
+        .filter(|l| ENV_CALLS.iter().any(|w| l.contains(w)))
+        .count();
+    assert_eq!(hits, 1);
 }
 
 /// Lines a function may span before its doc comment must say why (a line starting
@@ -140,7 +301,7 @@ fn code_only(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn rust_files(path: &Path, out: &mut Vec<std::path::PathBuf>) {
+fn rust_files(path: &Path, out: &mut Vec<PathBuf>) {
     if path.is_dir() {
         for entry in fs::read_dir(path).unwrap() {
             rust_files(&entry.unwrap().path(), out);
@@ -203,8 +364,8 @@ fn functions(text: &str) -> Vec<(String, usize, usize)> {
 #[test]
 fn no_function_is_long_without_a_reason() {
     let mut files = vec![];
-    for dir in ["src", "tests", "bench"] {
-        rust_files(&Path::new(env!("CARGO_MANIFEST_DIR")).join(dir), &mut files);
+    for dir in ["src", "crates", "tests", "bench"] {
+        rust_files(&root().join(dir), &mut files);
     }
     let mut long = vec![];
     let mut seen = 0;

@@ -9,8 +9,8 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use maskaudit::loss::{self, cuda_ce};
-use maskaudit::model;
+use maskaudit_torch::loss::{self, cuda_ce};
+use maskaudit_torch::model;
 use tch::{Device, Kind, Tensor};
 
 fn cuda() -> Option<Device> {

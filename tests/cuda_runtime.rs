@@ -8,9 +8,9 @@
 
 use std::ffi::{c_int, c_void};
 
-use maskaudit::loss::{self, cuda_ce};
-use maskaudit::model::{self, CudaEvent};
-use maskaudit::sys::Library;
+use maskaudit_core::sys::Library;
+use maskaudit_torch::loss::{self, cuda_ce};
+use maskaudit_torch::model::{self, CudaEvent};
 use tch::{Device, Kind, Tensor};
 
 fn cuda() -> Option<Device> {

@@ -602,3 +602,30 @@ fn mentions_option(help: &str, option: &str) -> bool {
         !help[i + option.len()..].starts_with(|c: char| c.is_ascii_alphanumeric() || c == '-')
     })
 }
+
+/// The README's findings table is the registry's (`maskaudit_core::findings::Code`), row for
+/// row: a code added, renamed, re-described or given another default severity there changes
+/// the README too.
+#[test]
+fn the_readme_findings_table_is_the_registry() {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let start = readme
+        .find("| code | default severity | meaning |")
+        .expect("README.md has no findings table");
+    let table = readme[start..].split("\n\n").next().unwrap();
+    let want = maskaudit_core::findings::markdown_table();
+    let have: Vec<&str> = table.lines().collect();
+    let want: Vec<&str> = want.lines().collect();
+    for (i, row) in want.iter().enumerate() {
+        assert_eq!(
+            have.get(i).copied(),
+            Some(*row),
+            "README.md's findings table, row {i}: regenerate it from the registry"
+        );
+    }
+    assert_eq!(
+        have.len(),
+        want.len(),
+        "README.md's findings table has extra rows"
+    );
+}

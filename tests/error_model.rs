@@ -15,13 +15,13 @@ use std::path::{Path, PathBuf};
 
 use indicatif::ProgressBar;
 use maskaudit::commands::check::{self, CheckOptions, LossOptions, LossSource};
-use maskaudit::data::FieldNames;
-use maskaudit::findings::{Severity, SeverityOverrides};
-use maskaudit::model::{
+use maskaudit_core::data::FieldNames;
+use maskaudit_core::findings::{Severity, SeverityOverrides};
+use maskaudit_core::report::Report;
+use maskaudit_torch::model::{
     record::ExportRecord, ArgsSource, ForwardArg, LanguageModel, LoadedModel, ModelError,
     OutputForm, Signature,
 };
-use maskaudit::report::Report;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed};
 use tch::{Device, Kind, Tensor};
@@ -262,6 +262,8 @@ fn options(data: &str, loss: &Path, args: &str) -> CheckOptions {
         steps: None,
         dtype: "auto".parse().unwrap(),
         tf32: "on".parse().unwrap(),
+        timing: false,
+        overlap: true,
     }
 }
 

@@ -4,7 +4,7 @@
 
 // Not everything the binary uses is exercised here.
 #[allow(dead_code, unused_imports)]
-#[path = "../../src/data/mod.rs"]
+#[path = "../../crates/maskaudit-core/src/data/mod.rs"]
 mod data;
 
 #[allow(dead_code)]

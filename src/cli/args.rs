@@ -7,10 +7,10 @@ use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 use crate::commands::check::{LossOptions, LossSource, WeightsFile};
 use crate::data::{FieldNames, CU_SEQLENS_FIELD, DEFAULT_MAX_LINE_BYTES, SEQ_LENS_FIELD};
 use crate::findings::Code;
-use crate::loss::diagnosis::DEFAULT_RTOL;
-use crate::loss::policy_aggregation::Aggregation;
-use crate::loss::user::LossArg;
 use crate::model::{DeviceChoice, DtypeChoice, ForwardArg, Tf32};
+use maskaudit_core::loss::diagnosis::DEFAULT_RTOL;
+use maskaudit_core::loss::policy_aggregation::Aggregation;
+use maskaudit_core::loss::user::LossArg;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -234,6 +234,10 @@ impl UserLossArgs {
 /// `maskaudit lint`: `check`'s data options, without a model.
 #[derive(Debug, Args)]
 #[command(group(clap::ArgGroup::new("token_view").args(["show", "html"]).multiple(true)))]
+// Not `#[command(flatten)] DataArgs`: only the field names and the limits are the same
+// (flattened: `FieldArgs`, `LimitArgs`). `lint`'s `--batch-size` is optional and only for a
+// statistic, with no default and no `--micro-batch` alias, and its `--pad-id` is described for
+// a model-free run; flattening would change `lint --help` and the option's meaning.
 pub struct LintArgs {
     /// Pre-tokenized dataset: JSONL, .jsonl.gz or Parquet; `-` reads JSONL on standard input
     pub data: PathBuf,

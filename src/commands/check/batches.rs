@@ -7,13 +7,14 @@ use super::CheckOptions;
 use crate::data::batch::Batch;
 use crate::data::{Pos, Unit};
 use crate::findings::{Code, Finding, Severity};
-use crate::loss::aggregate::{BatchSums, LossTotals};
-use crate::loss::batch::{batch_losses, BatchTensors};
-use crate::loss::steps::{self, MicroBatch, Step, UserMicroBatch};
-use crate::loss::user::{LossArg, LossAudit};
 use crate::model::consistency::{self, Consistency, Padding};
 use crate::model::{self, LoadedModel};
 use crate::report::token_rows::{self, TokenRow};
+use maskaudit_core::loss::aggregate::{BatchSums, LossTotals};
+use maskaudit_core::loss::steps::{self, MicroBatch, Step, UserMicroBatch};
+use maskaudit_core::loss::user::LossArg;
+use maskaudit_torch::loss::batch::{batch_losses, BatchTensors};
+use maskaudit_torch::loss::user::LossAudit;
 
 /// What `check` learns batch by batch beyond the loss totals.
 pub(super) struct RunState {
@@ -106,7 +107,7 @@ impl RunState {
     pub(super) fn findings(
         &self,
         model: &dyn LoadedModel,
-        losses: &crate::loss::aggregate::Aggregates,
+        losses: &maskaudit_core::loss::aggregate::Aggregates,
     ) -> Vec<Finding> {
         let unit = self.unit;
         let mut findings = vec![];

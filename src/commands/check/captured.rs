@@ -8,11 +8,11 @@ use std::collections::BTreeMap;
 use crate::data::batch::Batch;
 use crate::data::capture::{Capture, CaptureSummary, LoggedStep};
 use crate::findings::{Code, Finding, Severity};
-use crate::loss::aggregate::BatchSums;
-use crate::loss::diagnosis::{
+use maskaudit_core::loss::aggregate::BatchSums;
+use maskaudit_core::loss::diagnosis::{
     self, batch_hypotheses, BatchLosses, Conclusion, Diagnosis, Hypothesis, ProbeResult,
 };
-use crate::loss::weights;
+use maskaudit_core::loss::weights;
 
 /// The logits' magnitude the trainer's tolerance assumes: the capture holds no logits, and a
 /// language model's stay far below it.

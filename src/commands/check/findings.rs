@@ -2,9 +2,9 @@
 
 use crate::data::batch::TargetCounts;
 use crate::findings::{Code, Finding, Severity};
-use crate::loss::aggregate::{Contamination, LossTotals};
-use crate::loss::steps::{self, FormulaSummary, StepFormula, StepReport};
-use crate::loss::user::UserLossReport;
+use maskaudit_core::loss::aggregate::{Contamination, LossTotals};
+use maskaudit_core::loss::steps::{self, FormulaSummary, StepFormula, StepReport};
+use maskaudit_core::loss::user::UserLossReport;
 
 /// `accumulation-misweighted`: an error when the user's loss, run per micro-batch as a trainer
 /// runs it, misweights a step; information on what the common formulas would do otherwise.

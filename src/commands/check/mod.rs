@@ -17,9 +17,6 @@ use crate::data::capture::CaptureSummary;
 use crate::data::{guard, DataError, FieldNames, RowSource, Unit};
 use crate::findings::{Code, Finding, SeverityOverrides};
 use crate::lint::{LintOptions, LintState, LintStats};
-use crate::loss::aggregate::{relative_difference, Aggregates, Contamination, LossTotals};
-use crate::loss::steps::{StepConfig, StepReport};
-use crate::loss::user::{LossArg, LossAudit, UserLoss, UserLossReport};
 use crate::model::consistency::Consistency;
 use crate::model::{
     self, device_name, ArgsSource, DeviceChoice, DtypeChoice, ForwardArg, LoadOptions, LoadedModel,
@@ -30,6 +27,10 @@ use crate::sys;
 use batches::{run_step, RunState, Simulation, StepContext};
 use captured::Captured;
 use findings::{contamination_finding, data_findings, step_findings, ContaminationEvidence};
+use maskaudit_core::loss::aggregate::{relative_change, Aggregates, Contamination, LossTotals};
+use maskaudit_core::loss::steps::{StepConfig, StepReport};
+use maskaudit_core::loss::user::{LossArg, UserLossReport};
+use maskaudit_torch::loss::user::{LossAudit, UserLoss};
 use overlap::Overlap;
 use packing::Packing;
 use read::{read_ahead, Batches, ReadSummary};
@@ -73,6 +74,10 @@ pub struct CheckOptions {
     pub dtype: DtypeChoice,
     /// `--tf32`: TF32 for float32 matrix products on CUDA.
     pub tf32: Tf32,
+    /// The wall time of each phase on stderr (`MASKAUDIT_TIMING=1`).
+    pub timing: bool,
+    /// On a GPU, a plain audit keeps one batch in flight (off: `MASKAUDIT_OVERLAP=0`).
+    pub overlap: bool,
 }
 
 /// Where the user's loss is: the command line takes exactly one of the two.
@@ -96,7 +101,7 @@ pub struct LossOptions {
     /// `--weights-out`: every row's gradient weights, as JSON lines.
     pub weights_out: Option<WeightsFile>,
     /// `--expect-aggregation`: what a policy loss should compute.
-    pub expect_aggregation: Option<crate::loss::policy_aggregation::Aggregation>,
+    pub expect_aggregation: Option<maskaudit_core::loss::policy_aggregation::Aggregation>,
 }
 
 /// Where `--weights-out` streams: a file the caller opened (and commits or discards at the
@@ -110,7 +115,7 @@ pub struct WeightsFile {
 /// A `check` run, from options to report: load the model, stream the dataset through it on a
 /// reading thread's batches, and draw the findings. Exit codes and rendering are the caller's.
 pub fn run(opts: &CheckOptions, progress: &ProgressBar) -> Result<Report> {
-    let mut timing = Timing::from_env();
+    let mut timing = Timing::new(opts.timing);
     model::configure_libtorch();
     let _no_grad = tch::no_grad_guard();
     let policy_kind = policy::kind(opts)?;
@@ -136,7 +141,7 @@ pub fn run_with_model(
 ) -> Result<Report> {
     model::configure_libtorch();
     let _no_grad = tch::no_grad_guard();
-    let mut timing = Timing::from_env();
+    let mut timing = Timing::new(opts.timing);
     timing.device = model.device();
     run_loaded(opts, model, progress, timing)
 }
@@ -295,7 +300,7 @@ impl Conclusion<'_> {
                 let sequence_gap = losses
                     .sequence_mean
                     .zip(losses.masked_token_mean)
-                    .map(|(s, m)| relative_difference(s, m));
+                    .map(|(s, m)| relative_change(s, m));
                 let (report, loss_findings) = audit.finish(sequence_gap)?;
                 (Some(report), loss_findings)
             }
@@ -415,7 +420,7 @@ fn prepare_device(choice: DeviceChoice) -> Result<Device> {
         sys::cap_address_space();
     }
     if let Device::Cuda(index) = device {
-        crate::loss::cuda_ce::prepare_in_background(index);
+        maskaudit_torch::loss::cuda_ce::prepare_in_background(index);
     }
     Ok(device)
 }
@@ -558,7 +563,7 @@ fn model_info(
         dtype: model.dtype().to_string(),
         run_dtype: model.run_dtype().to_string(),
         tf32,
-        cross_entropy: crate::loss::cuda_ce::cross_entropy_used().map(str::to_string),
+        cross_entropy: maskaudit_torch::loss::cuda_ce::cross_entropy_used().map(str::to_string),
         architecture: model.record().and_then(|r| r.architecture.clone()),
         max_position_embeddings: model.record().and_then(|r| r.max_position_embeddings),
         consistency,

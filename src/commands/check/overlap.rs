@@ -3,22 +3,22 @@
 
 use anyhow::Result;
 use indicatif::ProgressBar;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use super::batches::{check_length_limit, probe_padding, with_tf32_tolerance, RunState};
 use super::timing::Timing;
 use super::CheckOptions;
 use crate::data::batch::Batch;
-use crate::loss::aggregate::LossTotals;
-use crate::loss::batch::BatchTensors;
 use crate::model::consistency::{self, Consistency, ProbeRows};
 use crate::model::{self, CudaEvent, LoadedModel, ModelError};
+use maskaudit_core::loss::aggregate::LossTotals;
+use maskaudit_torch::loss::batch::BatchTensors;
 
 /// The batches of a plain audit on a GPU through [`Overlap`]. The consistency probe's rows are
 /// copied out of the first batch and probed on a thread of its own while the later batches
 /// run: its two one-row calls, the kernels they load on first use and its waits for their
-/// results otherwise hold the batches back (about 0.13 s on GPT-2 small in bf16, 2% of that
-/// audit). Both threads queue on the device's default stream; tch's `CModule` may be called
+/// results otherwise hold the batches back (docs/performance.md, "Figures behind the code").
+/// Both threads queue on the device's default stream; tch's `CModule` may be called
 /// from several threads.
 pub(super) fn stream(
     model: &dyn LoadedModel,
@@ -159,9 +159,11 @@ impl Overlap {
             Device::Cuda(n) => Some(n),
             _ => None,
         };
-        let off = std::env::var_os("MASKAUDIT_OVERLAP").is_some_and(|v| v == "0");
         Self {
-            active: device_index.is_some() && opts.loss.is_none() && opts.steps.is_none() && !off,
+            active: device_index.is_some()
+                && opts.loss.is_none()
+                && opts.steps.is_none()
+                && opts.overlap,
             device_index: device_index.unwrap_or(0),
             in_flight: None,
             times: timed.then(GpuTimes::default),
@@ -305,8 +307,8 @@ impl Overlap {
 }
 
 /// The batch's per-token losses and a flag saying whether all were finite, queued on the
-/// device (the fused kernel or libtorch's chunks); other logits than f32/bf16/f16, or
-/// non-contiguous ones, take the synchronous path.
+/// device (the fused kernel or libtorch's chunks); logits the flat path does not take
+/// (`loss::takes_flat_path`) take the synchronous one.
 fn queue_losses(
     logits: &Tensor,
     input_ids: &Tensor,
@@ -314,23 +316,17 @@ fn queue_losses(
     line: usize,
 ) -> Result<(Tensor, Tensor), ModelError> {
     let in_batch = |e: tch::TchError| ModelError::in_batch(path, line, &e);
-    if logits.is_contiguous() && matches!(logits.kind(), Kind::Float | Kind::BFloat16 | Kind::Half)
-    {
-        let q = crate::loss::queue_flat_token_losses(
+    if maskaudit_torch::loss::takes_flat_path(logits) {
+        let q = maskaudit_torch::loss::queue_flat_token_losses(
             logits,
             input_ids,
-            crate::loss::CUDA_CHUNK_ELEMENTS,
+            maskaudit_torch::loss::CUDA_CHUNK_ELEMENTS,
         )
         .map_err(in_batch)?;
         return Ok((q.losses, q.finite));
     }
     // The synchronous path knows the finiteness already.
-    let losses = crate::loss::token_losses(logits, input_ids, crate::loss::CHUNK_ELEMENTS)
-        .map_err(in_batch)?
-        .ok_or(ModelError::NonFinite {
-            path: path.to_string(),
-            line,
-        })?;
+    let losses = maskaudit_torch::loss::batch::token_losses(logits, input_ids, path, line)?;
     let finite = Tensor::f_from_slice(&[true]).map_err(in_batch)?;
     Ok((losses, finite))
 }

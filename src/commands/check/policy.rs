@@ -9,16 +9,17 @@ use crate::data::rollout::{self, Needs};
 use crate::data::{display_path, Unit};
 use crate::findings::Finding;
 use crate::lint::{LintOptions, LintState};
-use crate::loss::aggregate::LossTotals;
-use crate::loss::diagnosis::ProbeResult;
-use crate::loss::policy::{self as policy_loss, LossKind, PolicyAudit};
-use crate::loss::policy_aggregation::MicroTotals;
-use crate::loss::rollout_batch::{batch, RolloutBatch};
-use crate::loss::user::{LossArg, Probes, UserLoss, UserLossReport};
-use crate::loss::weights::GradientSummary;
 use crate::model::consistency::Consistency;
 use crate::model::LoadedModel;
 use crate::report::{DataSummary, Report, Verdict, SCHEMA_VERSION};
+use maskaudit_core::loss::aggregate::LossTotals;
+use maskaudit_core::loss::diagnosis::ProbeResult;
+use maskaudit_core::loss::policy_aggregation::MicroTotals;
+use maskaudit_core::loss::rollout_batch::{batch, RolloutBatch};
+use maskaudit_core::loss::user::{LossArg, Probes, UserLossReport};
+use maskaudit_core::loss::weights::GradientSummary;
+use maskaudit_torch::loss::policy::{self as policy_loss, LossKind, PolicyAudit};
+use maskaudit_torch::loss::user::UserLoss;
 
 /// The kind of the loss `--loss-args` describes; None for a cross-entropy loss.
 pub(super) fn kind(opts: &CheckOptions) -> Result<Option<LossKind>> {
@@ -149,7 +150,7 @@ pub(super) fn run(opts: &CheckOptions, model: &dyn LoadedModel, kind: LossKind) 
     let padding: u64 = batches
         .iter()
         .flat_map(|b| &b.kinds)
-        .filter(|&&k| k == crate::loss::policy_aggregation::TargetKind::Padding)
+        .filter(|&&k| k == maskaudit_core::loss::policy_aggregation::TargetKind::Padding)
         .count() as u64;
     Ok(Report {
         schema_version: SCHEMA_VERSION,

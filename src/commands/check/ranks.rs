@@ -22,11 +22,13 @@ use crate::data::capture::{self, Capture, CaptureSummary};
 use crate::data::{token_losses, Pos, RowSource, Unit};
 use crate::findings::{Code, Finding, Severity};
 use crate::lint::{LintOptions, LintState};
-use crate::loss::aggregate::LossTotals;
-use crate::loss::batch::batch_losses;
-use crate::loss::ranks::{self, CountKind, CrossCheck, RankFormula, RankMicroBatch, RanksReport};
 use crate::model::{self, ArgsSource, LoadOptions, LoadedModel, OutputForm};
 use crate::report::{DataSummary, ModelInfo, Report, Verdict, SCHEMA_VERSION};
+use maskaudit_core::loss::aggregate::LossTotals;
+use maskaudit_core::loss::ranks::{
+    self, CountKind, CrossCheck, RankFormula, RankMicroBatch, RanksReport,
+};
+use maskaudit_torch::loss::batch::batch_losses;
 
 /// How far a model's per-token loss may be from the recorded one: relative to the loss, plus
 /// an absolute floor. A float32 run and a float32 trace of the same weights agree to about
@@ -465,7 +467,7 @@ fn rank_findings(r: &RanksReport) -> Vec<Finding> {
                     w.worst_step,
                     w.max_relative_weight,
                     w.total_variation,
-                    if (w.total_weight - 1.0).abs() > crate::loss::steps::MISWEIGHT_TOLERANCE {
+                    if (w.total_weight - 1.0).abs() > maskaudit_core::loss::steps::MISWEIGHT_TOLERANCE {
                         format!(", and the step's weights sum to {:.3} instead of 1: its gradient is {:.2}× the truth's", w.total_weight, w.total_weight)
                     } else {
                         String::new()

@@ -8,7 +8,7 @@ use anyhow::Result;
 use crate::data::batch::{Batch, Batcher};
 use crate::data::{guard, FieldNames, RowSource};
 use crate::lint::LintState;
-use crate::loss::batch::check_vocabulary;
+use maskaudit_torch::loss::batch::check_vocabulary;
 
 /// Batches the reading thread may have ready ahead of the model.
 pub(super) const READ_AHEAD: usize = 2;

@@ -15,9 +15,9 @@ pub(super) struct Timing {
 }
 
 impl Timing {
-    pub(super) fn from_env() -> Self {
+    pub(super) fn new(on: bool) -> Self {
         Self {
-            on: std::env::var_os("MASKAUDIT_TIMING").is_some_and(|v| v == "1"),
+            on,
             device: Device::Cpu,
             last: std::time::Instant::now(),
         }
@@ -52,20 +52,20 @@ impl Timing {
             let _ = writeln!(
                 std::io::stderr(),
                 "maskaudit timing: cross-entropy {}; fused kernels: {}",
-                crate::loss::cuda_ce::cross_entropy_used().unwrap_or("none"),
-                crate::loss::cuda_ce::kernels_origin().unwrap_or("none loaded")
+                maskaudit_torch::loss::cuda_ce::cross_entropy_used().unwrap_or("none"),
+                maskaudit_torch::loss::cuda_ce::kernels_origin().unwrap_or("none loaded")
             );
         }
         if self.on
             && model.run_kind() == Kind::BFloat16
             && model.device().is_cuda()
-            && crate::loss::cuda_ce::cross_entropy_used() != Some("fused-cuda")
+            && maskaudit_torch::loss::cuda_ce::cross_entropy_used() != Some("fused-cuda")
         {
             // A diagnostic on request: straight to stderr.
             let _ = writeln!(
                 std::io::stderr(),
                 "maskaudit timing: bf16 logits upcast {}",
-                if crate::loss::bf16_upcast_in_kernel() {
+                if maskaudit_torch::loss::bf16_upcast_in_kernel() {
                     "inside the log-softmax kernel"
                 } else {
                     "by a copy (the kernel refused half_to_float)"
