@@ -48,9 +48,11 @@ pub fn write<W: Write>(out: &mut W, user: &UserLossReport) -> std::io::Result<()
         if let Some(d) = &p.data_pass {
             writeln!(
                 out,
-                "  data pass      loss {}; |sequence weight| exponent under the data's advantages {}",
+                "  data pass      loss {}; |sequence weight| exponent under the data's advantages {}{}",
                 d.value.map_or("n/a".into(), |v| format!("{v:.6}")),
-                exponent(d.sequence_weight_exponent)
+                exponent(d.sequence_weight_exponent),
+                d.non_finite_line
+                    .map_or(String::new(), |l| format!("; not finite from record {l}"))
             )?;
         }
     } else {
