@@ -77,8 +77,9 @@ hf-models: setup
 	    nice $(VENV_PYTHON) tests/export/trl_pipelines.py >/dev/null; \
 	    nice $(VENV_PYTHON) tests/export/capture_runs.py >/dev/null; \
 	    nice $(VENV_PYTHON) tests/export/capture_ranks.py >/dev/null; \
+	    nice $(VENV_PYTHON) tests/export/rl_trl.py >/dev/null; \
 	  else \
-	    echo "skipping tests/export/trl_pipelines.py, capture_runs.py and capture_ranks.py: $(VENV_PYTHON) has no trl"; \
+	    echo "skipping tests/export/trl_pipelines.py, capture_runs.py, capture_ranks.py and rl_trl.py: $(VENV_PYTHON) has no trl"; \
 	  fi; \
 	fi
 

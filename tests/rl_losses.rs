@@ -19,30 +19,13 @@ fn expected() -> Value {
 }
 
 fn run(data: &str, loss: &str, args: &str, extra: &[&str]) -> (Value, Output) {
-    let (data, loss) = (
-        fixture(&format!("rl/{data}")),
-        fixture(&format!("rl/losses/{loss}.pt")),
-    );
-    let model = fixture("tiny_lm.pt");
-    let mut argv = vec![
-        "check",
-        "--format",
-        "json",
-        "--device",
-        "cpu",
-        "--batch-size",
-        "4",
-        &model,
+    let data = fixture(&format!("rl/{data}"));
+    check_rl(
         &data,
-        "--loss",
-        &loss,
-        "--loss-args",
+        &fixture(&format!("rl/losses/{loss}.pt")),
         args,
-    ];
-    argv.extend_from_slice(extra);
-    let out = maskaudit(&argv);
-    let json = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
-    (json, out)
+        extra,
+    )
 }
 
 fn codes(json: &Value) -> Vec<String> {
@@ -101,7 +84,8 @@ fn every_policy_loss_is_classified_with_the_generators_weights() {
         }
         let (code, errors): (i32, &[&str]) = match name.as_str() {
             "broadcast_length_squared" => (1, &["policy-aggregation-unrecognised"]),
-            "nan_times_zero" | "tool_leak" => (1, &["policy-nan-through-mask"]),
+            // Masked by multiplication, but these rollouts' masked slots are finite: a warning.
+            "nan_times_zero" | "tool_leak" => (0, &["policy-nan-through-mask"]),
             _ => (0, &[]),
         };
         assert_eq!(out.code, code, "{name}: {}", out.stdout);
@@ -145,6 +129,22 @@ fn tool_output_that_gets_weight_fails() {
     let (json, out) = run("tool_rollouts.jsonl", "token_mean", POLICY, &[]);
     assert_eq!(out.code, 0, "{}", out.stdout);
     assert_eq!(json["user_loss"]["aggregation"], "token_mean");
+}
+
+#[test]
+fn nan_the_rollouts_carry_at_masked_slots_fails_a_loss_that_multiplies() {
+    // tool_rollouts.jsonl: null old log-probs at every masked slot.
+    let (json, out) = run("tool_rollouts.jsonl", "nan_times_zero", POLICY, &[]);
+    assert_eq!(out.code, 1, "{}", out.stdout);
+    assert_eq!(codes(&json), ["policy-nan-through-mask"]);
+    assert_eq!(json["findings"][0]["severity"], "error");
+    let data = &json["user_loss"]["policy"]["data_pass"];
+    assert_eq!(data["non_finite_line"], 1, "{data}");
+    // The same loss on finite rollouts: the probe's warning only.
+    let (json, out) = run("rollouts.jsonl", "nan_times_zero", POLICY, &[]);
+    assert_eq!(out.code, 0, "{}", out.stdout);
+    assert_eq!(json["findings"][0]["severity"], "warning");
+    assert_eq!(json["user_loss"]["policy"]["nan_probe"]["passed"], false);
 }
 
 #[test]

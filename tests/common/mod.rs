@@ -266,3 +266,28 @@ pub fn hf_models(sub: &str, file: &str) -> PathBuf {
     );
     dir
 }
+
+/// `check --format json` of fixtures/tiny_lm.pt on policy rollouts or preference pairs with a
+/// `--loss` file, four rows (pairs) a batch, on the CPU (tests/rl_losses.rs, tests/rl_trl.rs).
+pub fn check_rl(data: &str, loss: &str, args: &str, extra: &[&str]) -> (serde_json::Value, Output) {
+    let model = fixture("tiny_lm.pt");
+    let mut argv = vec![
+        "check",
+        "--format",
+        "json",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "4",
+        &model,
+        data,
+        "--loss",
+        loss,
+        "--loss-args",
+        args,
+    ];
+    argv.extend_from_slice(extra);
+    let out = maskaudit(&argv);
+    let json = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+    (json, out)
+}

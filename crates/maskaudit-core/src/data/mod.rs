@@ -17,6 +17,7 @@ mod jsonl;
 pub mod padding;
 mod parquet_file;
 pub mod rollout;
+mod rollout_parquet;
 mod row;
 mod source;
 pub mod token_losses;

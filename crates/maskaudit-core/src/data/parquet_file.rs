@@ -223,7 +223,7 @@ impl Iterator for ParquetReader {
 
 /// A file reader whose pages are checked before they are decoded: everything else is the
 /// parquet crate's own.
-struct CheckedFile<R: ChunkReader>(SerializedFileReader<R>);
+pub(super) struct CheckedFile<R: ChunkReader>(pub(super) SerializedFileReader<R>);
 
 impl<R: ChunkReader + 'static> FileReader for CheckedFile<R> {
     fn metadata(&self) -> &ParquetMetaData {

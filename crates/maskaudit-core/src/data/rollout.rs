@@ -254,7 +254,7 @@ fn rollout(
 }
 
 /// A JSON record's fields.
-type JsonObject = serde_json::Map<String, Value>;
+pub(super) type JsonObject = serde_json::Map<String, Value>;
 
 /// The file's records: (line, object), blank lines skipped; gzip told by its magic bytes.
 fn records(path: &Path) -> Result<Vec<(usize, JsonObject)>, DataError> {
@@ -267,12 +267,7 @@ fn records(path: &Path) -> Result<Vec<(usize, JsonObject)>, DataError> {
     let mut head = BufReader::new(file);
     let gz = head.fill_buf().map_err(open)?.starts_with(&[0x1f, 0x8b]);
     if head.fill_buf().map_err(open)?.starts_with(b"PAR1") {
-        return Err(DataError::Format {
-            path: shown,
-            message:
-                "rollouts and preference pairs are read from JSONL (plain or gzip), not Parquet"
-                    .into(),
-        });
+        return super::rollout_parquet::records(path, &shown);
     }
     let reader: Box<dyn Read> = if gz {
         Box::new(flate2::read::MultiGzDecoder::new(head))

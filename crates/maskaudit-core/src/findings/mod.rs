@@ -180,7 +180,7 @@ codes! {
         "Part of your loss's gradient is not next-token cross-entropy: label smoothing, an auxiliary term, other targets, or a leak through the logits.";
     PolicyTrainsMasked => "policy-trains-masked", Error, WhenFound,
         "Your policy loss gives weight to log-probs the response mask excludes: prompt, tool-output or padding tokens.";
-    PolicyNanThroughMask => "policy-nan-through-mask", Error, WhenFound,
+    PolicyNanThroughMask => "policy-nan-through-mask", Error "(warning when only the probe's NaN reaches it)", WhenFound,
         "A NaN at a masked position (log-prob, old or reference log-prob, advantage) reaches your policy loss: NaN × 0 is NaN.";
     PolicyAggregationUnrecognised => "policy-aggregation-unrecognised", Warning "(error when the weights grow with length squared)", WhenFound,
         "Your policy loss weighs tokens by none of token_mean, seq_mean_token_mean, seq_mean_token_sum, seq_mean_token_sum_norm; per-token weights growing with length are a broadcast (B,1) term.";

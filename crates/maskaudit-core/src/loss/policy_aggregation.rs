@@ -629,6 +629,8 @@ pub struct DataPass {
     pub sequence_weight_exponent: Option<f64>,
     /// Rows (first 64), each with its mean advantage and its weight under the data.
     pub sequences: Vec<DataSequence>,
+    /// The first record of the first batch whose loss on the data was not finite.
+    pub non_finite_line: Option<usize>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -717,12 +719,24 @@ pub fn findings(r: &PolicyReport) -> Vec<crate::findings::Finding> {
             ),
         ));
     }
-    if r.nan_probe.passed == Some(false) {
+    // An error only where the data's own NaN reaches the loss; a loss that would let NaN
+    // through but gets finite masked values (trl's own GRPO code) is a warning.
+    let fix = "NaN × 0 is NaN, so mask by selection (torch.where, masked_fill) before multiplying";
+    if let Some(line) = r.data_pass.as_ref().and_then(|d| d.non_finite_line) {
         out.push(
             Finding::new(
                 Code::PolicyNanThroughMask,
                 Severity::Error,
-                format!("a NaN at a masked position reaches your loss ({}): NaN × 0 is NaN, so mask by selection (torch.where, masked_fill) before multiplying", r.nan_probe.note),
+                format!("your loss is not finite on the data's own rollouts: the NaN they carry (null old or reference log-probs, NaN advantages) reaches it; {fix}"),
+            )
+            .with_records(vec![line]),
+        );
+    } else if r.nan_probe.passed == Some(false) {
+        out.push(
+            Finding::new(
+                Code::PolicyNanThroughMask,
+                Severity::Warning,
+                format!("a NaN at a masked position would reach your loss ({}); this data's masked positions are finite, so its loss is too, but rollouts that leave them undefined would make it NaN: {fix}", r.nan_probe.note),
             )
             .with_records(records(r.nan_probe.line)),
         );

@@ -285,6 +285,16 @@ pub fn check(report: &Report, text: &dyn TokenText) -> String {
         escape::html(&d.mask_source)
     );
     findings(&mut out, &d.path, d.records, &report.findings);
+    // A policy loss computes no cross-entropy aggregates and no per-token view: its own section instead.
+    if let Some(section) = report
+        .user_loss
+        .as_ref()
+        .and_then(super::policy_table::section)
+    {
+        super::policy_table::html(&mut out, &section);
+        out.push_str("</body>\n</html>\n");
+        return out;
+    }
     let padding_in_loss = report.user_loss.as_ref().is_some_and(|u| {
         u.matched == Some("all_positions_mean")
             || u.probes.padding.passed == Some(false)

@@ -119,6 +119,17 @@ pub fn check(report: &Report) -> String {
         d.supervised_positions,
         d.mask_source
     );
+    // A policy loss computes no cross-entropy aggregates: its own section instead.
+    let policy = report
+        .user_loss
+        .as_ref()
+        .and_then(super::policy_table::section);
+    if let Some(section) = &policy {
+        super::policy_table::markdown(&mut out, section);
+        findings(&mut out, &d.path, d.records, &report.findings);
+        let _ = writeln!(out, "{}", verdict_line(report.verdict));
+        return out;
+    }
     let _ = writeln!(out, "| aggregate | loss | vs masked | % | what it is |");
     let _ = writeln!(out, "|---|---:|---:|---:|---|");
     for row in aggregate_rows(report) {

@@ -206,6 +206,7 @@ pub struct PolicyAudit {
     data_shapes: Vec<BatchShape>,
     data_values: Vec<f64>,
     data_rows: Vec<DataSequence>,
+    data_non_finite: Option<usize>,
     nan_probe: PolicyProbe,
     padding_probe: PolicyProbe,
     steps: Vec<PolicyStep>,
@@ -231,6 +232,7 @@ impl PolicyAudit {
             data_shapes: vec![],
             data_values: vec![],
             data_rows: vec![],
+            data_non_finite: None,
             nan_probe: if probes {
                 PolicyProbe::default()
             } else {
@@ -466,12 +468,7 @@ impl PolicyAudit {
         Self::replace(&mut inputs, LossArg::Advantages, adv);
         let called = call(&self.loss, model, &inputs, &[LossArg::Logprobs])?;
         if !called.value.is_finite() {
-            self.nan_probe.ran = true;
-            self.nan_probe.record(false, b.lines[0]);
-            self.nan_probe.note = format!(
-                "the loss on the data's own rollouts is {} (non-finite values at masked positions of the data)",
-                called.value
-            );
+            self.data_non_finite.get_or_insert(b.lines[0]);
             return Ok(());
         }
         self.data_values.push(called.value);
@@ -677,6 +674,7 @@ impl PolicyAudit {
                     .then(|| self.data_values.iter().sum::<f64>() / self.data_values.len() as f64),
                 sequence_weight_exponent: agg::exponent(&self.data_shapes),
                 sequences: self.data_rows,
+                non_finite_line: self.data_non_finite,
             }),
             sequences,
             steps: self.steps,
