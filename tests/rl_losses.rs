@@ -37,10 +37,6 @@ fn codes(json: &Value) -> Vec<String> {
         .collect()
 }
 
-fn close(a: f64, b: f64) -> bool {
-    (a - b).abs() <= 1e-5 * a.abs().max(b.abs())
-}
-
 #[test]
 fn every_policy_loss_is_classified_with_the_generators_weights() {
     let expected = expected();

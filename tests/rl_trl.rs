@@ -39,10 +39,6 @@ fn findings(json: &Value) -> Vec<(String, String)> {
         .collect()
 }
 
-fn close(a: f64, b: f64) -> bool {
-    (a - b).abs() <= 1e-5 * a.abs().max(b.abs())
-}
-
 #[test]
 fn trls_grpo_loss_types_are_classified_as_trls_code_reads() {
     let expected = expected();

@@ -98,6 +98,11 @@ pub fn assert_usage_error(out: &Output, expect: &str) {
     assert!(!out.stderr.contains("panicked"), "{out:?}");
 }
 
+/// Whether two values agree to 1e-5 relative (the fixtures' standard).
+pub fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-5 * a.abs().max(b.abs())
+}
+
 pub fn assert_close(got: f64, want: f64, what: &str) {
     let rel = (got - want).abs() / want.abs().max(1e-12);
     assert!(
