@@ -211,3 +211,25 @@ fn recorded_losses_give_the_models_numbers() {
     }
     assert_eq!(b["ranks"]["world_size"], 1, "{}", b["ranks"]);
 }
+
+/// No report lands on a rank's file: neither of the directory named nor a sibling of the file
+/// named, and the file is left as it was.
+#[test]
+fn no_report_lands_on_a_captured_rank_file() {
+    let tmp = TempDir::new("captured-outputs");
+    for rank in ["run.rank0.parquet", "run.rank1.parquet"] {
+        std::fs::copy(dir().join("sft_global").join(rank), tmp.path().join(rank)).unwrap();
+    }
+    let before = std::fs::read(tmp.path().join("run.rank0.parquet")).unwrap();
+    let rank0 = tmp.path().join("run.rank0.parquet").display().to_string();
+    let rank1 = tmp.path().join("run.rank1.parquet").display().to_string();
+    let folder = tmp.path().display().to_string();
+    for (data, flag) in [(&folder, "--junit"), (&rank1, "--html")] {
+        let out = maskaudit(&["check", "--captured-losses", data, flag, &rank0]);
+        assert_usage_error(&out, "refusing to overwrite an input");
+    }
+    assert_eq!(
+        std::fs::read(tmp.path().join("run.rank0.parquet")).unwrap(),
+        before
+    );
+}

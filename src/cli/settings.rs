@@ -153,11 +153,21 @@ impl Settings {
 
 fn check(args: CheckArgs, env: &Env) -> Result<CheckSettings> {
     args.micro_batches_per_step().map_err(|e| anyhow!(e))?;
-    let inputs = [
+    let captured = args
+        .captured_losses
+        .as_deref()
+        .map(captured_files)
+        .unwrap_or_default();
+    let mut inputs = vec![
         ("MODEL", args.model.as_deref()),
         ("--loss file", args.user_loss.loss.as_deref()),
         ("--tokenizer file", args.tokenizer.as_deref()),
     ];
+    inputs.extend(
+        captured
+            .iter()
+            .map(|f| ("--captured-losses file", Some(f.as_path()))),
+    );
     let weights = args.user_loss.weights_out.as_deref();
     // clap requires DATA unless --captured-losses names the data.
     let data = args
@@ -296,6 +306,27 @@ fn weights_file(path: Option<&Path>, outputs: &Outputs) -> Result<Option<Weights
 
 /// maskaudit never writes to its inputs: every output is checked against them (and against
 /// the other outputs) and staged before the run; see [`outputs`].
+/// The files `--captured-losses PATH` may read: every Parquet file of the directory PATH names
+/// or holds (a rank's file brings its siblings), so that no output lands on any of them.
+fn captured_files(path: &Path) -> Vec<PathBuf> {
+    let dir = if path.is_dir() {
+        path
+    } else {
+        match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        }
+    };
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "parquet"))
+        .collect();
+    files.sort();
+    files
+}
+
 fn stage_outputs(
     data: &Path,
     inputs: &[(&'static str, Option<&Path>)],
