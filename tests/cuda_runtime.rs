@@ -114,6 +114,44 @@ fn a_launch_leaves_the_threads_context_as_it_found_it() {
     assert_close(&fused, &reference, "on the test's thread");
 }
 
+/// The fused losses of a batch's first columns, from logits with padding columns appended (a
+/// batch rounded up to fewer shapes): exactly the losses of those columns alone, and a
+/// non-finite logit in an appended column is not the batch's.
+#[test]
+fn losses_of_the_first_columns_are_those_of_the_batch_alone() {
+    let Some(device) = cuda() else { return };
+    let _guard = tch::no_grad_guard();
+    tch::manual_seed(40);
+    for kind in [Kind::Float, Kind::BFloat16] {
+        let (t, extra) = (9, 7);
+        let logits =
+            (Tensor::randn([3, t + extra, 1003], (Kind::Float, device)) * 4.0).to_kind(kind);
+        let ids = Tensor::randint(1003, [3, t + extra], (Kind::Int64, device));
+        let alone = cuda_ce::queue_token_losses(
+            &logits.narrow(1, 0, t).contiguous(),
+            &ids.narrow(1, 0, t).contiguous(),
+        )
+        .unwrap()
+        .unwrap();
+        let of = cuda_ce::queue_token_losses_of(&logits, &ids, t)
+            .unwrap()
+            .unwrap();
+        assert_eq!(of.losses.size(), vec![3, t - 1], "{kind:?}");
+        assert!(of.losses.equal(&alone.losses), "{kind:?}");
+        assert!(bool::try_from(&of.finite).unwrap(), "{kind:?}");
+        let _ = logits.select(1, t + 2).fill_(f64::NAN);
+        let of = cuda_ce::queue_token_losses_of(&logits, &ids, t)
+            .unwrap()
+            .unwrap();
+        assert!(bool::try_from(&of.finite).unwrap(), "{kind:?}");
+        let _ = logits.select(1, t - 2).fill_(f64::NAN);
+        let of = cuda_ce::queue_token_losses_of(&logits, &ids, t)
+            .unwrap()
+            .unwrap();
+        assert!(!bool::try_from(&of.finite).unwrap(), "{kind:?}");
+    }
+}
+
 /// Launches from several threads at once all land on the legacy default stream in some order
 /// and each computes its own losses.
 #[test]

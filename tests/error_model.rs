@@ -264,6 +264,7 @@ fn options(data: &str, loss: &Path, args: &str) -> CheckOptions {
         tf32: "on".parse().unwrap(),
         timing: false,
         overlap: true,
+        shape_buckets: true,
     }
 }
 

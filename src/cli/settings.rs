@@ -12,6 +12,7 @@
 //! | `GITHUB_ACTIONS=true` | findings also as GitHub annotations on stderr |
 //! | `MASKAUDIT_TIMING=1` | the wall time of each phase of `check` on stderr |
 //! | `MASKAUDIT_OVERLAP=0` | no batch kept in flight on a GPU |
+//! | `MASKAUDIT_SHAPE_BUCKETS=0` | on a GPU, batches run at their own length, not rounded up |
 //! | `MASKAUDIT_FUSED_CE=0` | libtorch's CUDA cross-entropy instead of the fused kernel |
 //! | `MASKAUDIT_CACHE`, `XDG_CACHE_HOME`, `HOME` | where compiled CUDA kernels are kept (`off`: nowhere) |
 //! | `MASKAUDIT_DECODE_STALL_SECS` | seconds a decoder call may stall (tests), else 30 |
@@ -47,6 +48,8 @@ pub struct Env {
     pub timing: bool,
     /// Not `MASKAUDIT_OVERLAP=0`.
     pub overlap: bool,
+    /// Not `MASKAUDIT_SHAPE_BUCKETS=0`.
+    pub shape_buckets: bool,
     /// Not `MASKAUDIT_FUSED_CE=0`.
     pub fused_ce: bool,
     /// The CUDA kernel cache's folder: `MASKAUDIT_CACHE` (`off` or `0`: none), else under
@@ -76,6 +79,7 @@ impl Env {
             github_actions: is("GITHUB_ACTIONS", "true"),
             timing: is("MASKAUDIT_TIMING", "1"),
             overlap: !is("MASKAUDIT_OVERLAP", "0"),
+            shape_buckets: !is("MASKAUDIT_SHAPE_BUCKETS", "0"),
             fused_ce: !is("MASKAUDIT_FUSED_CE", "0"),
             kernel_cache: maskaudit_torch::loss::cuda_ce::cache_folder(
                 var("MASKAUDIT_CACHE").as_deref(),
@@ -211,6 +215,7 @@ fn check(args: CheckArgs, env: &Env) -> Result<CheckSettings> {
         }),
         timing: env.timing,
         overlap: env.overlap,
+        shape_buckets: env.shape_buckets,
     };
     Ok(CheckSettings {
         opts,

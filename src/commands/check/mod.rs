@@ -78,6 +78,9 @@ pub struct CheckOptions {
     pub timing: bool,
     /// On a GPU, a plain audit keeps one batch in flight (off: `MASKAUDIT_OVERLAP=0`).
     pub overlap: bool,
+    /// On a GPU, a plain audit of a model with an exporter record rounds each batch's length
+    /// up ([`maskaudit_torch::loss::batch::gpu_columns`]; off: `MASKAUDIT_SHAPE_BUCKETS=0`).
+    pub shape_buckets: bool,
 }
 
 /// Where the user's loss is: the command line takes exactly one of the two.

@@ -12,7 +12,7 @@ use crate::data::batch::Batch;
 use crate::model::consistency::{self, Consistency, ProbeRows};
 use crate::model::{self, CudaEvent, LoadedModel, ModelError};
 use maskaudit_core::loss::aggregate::LossTotals;
-use maskaudit_torch::loss::batch::BatchTensors;
+use maskaudit_torch::loss::batch::{gpu_columns, BatchTensors};
 
 /// The batches of a plain audit on a GPU through [`Overlap`]. The consistency probe's rows are
 /// copied out of the first batch and probed on a thread of its own while the later batches
@@ -96,6 +96,8 @@ pub(super) struct Overlap {
     pub(super) active: bool,
     pub(super) device_index: usize,
     pub(super) in_flight: Option<InFlight>,
+    /// Whether batches are rounded up to fewer shapes (`CheckOptions::shape_buckets`).
+    pub(super) shape_buckets: bool,
     /// With `MASKAUDIT_TIMING=1`: where the GPU's time went, batch by batch.
     pub(super) times: Option<GpuTimes>,
 }
@@ -166,6 +168,7 @@ impl Overlap {
                 && opts.overlap,
             device_index: device_index.unwrap_or(0),
             in_flight: None,
+            shape_buckets: opts.shape_buckets,
             times: timed.then(GpuTimes::default),
         }
     }
@@ -229,23 +232,29 @@ impl Overlap {
         let path = model::path_string(&opts.model);
         let timed = self.times.is_some();
         let start = timed.then(|| CudaEvent::record_timed(self.device_index));
-        let tensors = BatchTensors::new(&batch, model.device())?;
+        let t = batch.seq_len;
+        let columns = self.columns(model, t);
         let in_batch = |e: tch::TchError| ModelError::in_batch(&path, line, &e);
-        let logits = model
+        let padded =
+            BatchTensors::with_columns(&batch, model.device(), columns, opts.pad_id.unwrap_or(0))?;
+        let padded_logits = model
             .logits_at(
-                &tensors.input_ids,
-                &tensors.attention_mask,
-                &tensors.position_ids,
+                &padded.input_ids,
+                &padded.attention_mask,
+                &padded.position_ids,
             )
             .map_err(|e| e.at_batch(&path, line))?;
         let forwarded = timed.then(|| CudaEvent::record_timed(self.device_index));
-        let (losses, finite) = queue_losses(&logits, &tensors.input_ids, &path, line)?;
+        let (losses, finite) = queue_losses(&padded_logits, &padded.input_ids, t, &path, line)?;
         let probe = if want_rows {
+            // The probe sees the batch as it is: the appended columns are views' business.
+            let tensors = padded.narrow(t).map_err(in_batch)?;
+            let logits = padded_logits.f_narrow(1, 0, t as i64).map_err(in_batch)?;
             probe_work(model, &tensors, &logits, &batch, opts, &path)?
         } else {
             ProbeWork::None
         };
-        drop(logits);
+        drop(padded_logits);
         let to_host = |t: &Tensor| {
             t.f_flatten(0, -1)
                 .and_then(|t| t.f_to_device_(Device::Cpu, t.kind(), true, false))
@@ -268,6 +277,22 @@ impl Overlap {
             },
             probe,
         ))
+    }
+
+    /// The columns a batch of `seq_len` runs with: rounded up (`gpu_columns`) for a model with
+    /// an exporter record, whose export verified the trace on padded rows; a file without one
+    /// could be anything, so its batches run as they are. Never past the record's position
+    /// limit.
+    fn columns(&self, model: &dyn LoadedModel, seq_len: usize) -> usize {
+        match model.record() {
+            Some(record) if self.shape_buckets => {
+                let limit = record
+                    .position_limit()
+                    .map(|l| usize::try_from(l).unwrap_or(0));
+                gpu_columns(seq_len, limit)
+            }
+            _ => seq_len,
+        }
     }
 
     pub(super) fn read(
@@ -312,21 +337,26 @@ impl Overlap {
 fn queue_losses(
     logits: &Tensor,
     input_ids: &Tensor,
+    seq_len: usize,
     path: &str,
     line: usize,
 ) -> Result<(Tensor, Tensor), ModelError> {
     let in_batch = |e: tch::TchError| ModelError::in_batch(path, line, &e);
     if maskaudit_torch::loss::takes_flat_path(logits) {
-        let q = maskaudit_torch::loss::queue_flat_token_losses(
+        let q = maskaudit_torch::loss::queue_flat_token_losses_of(
             logits,
             input_ids,
             maskaudit_torch::loss::CUDA_CHUNK_ELEMENTS,
+            seq_len as i64,
         )
         .map_err(in_batch)?;
         return Ok((q.losses, q.finite));
     }
-    // The synchronous path knows the finiteness already.
-    let losses = maskaudit_torch::loss::batch::token_losses(logits, input_ids, path, line)?;
+    // The synchronous path knows the finiteness already; it takes the batch's own columns.
+    let t = seq_len as i64;
+    let logits = logits.f_narrow(1, 0, t).map_err(in_batch)?;
+    let input_ids = input_ids.f_narrow(1, 0, t).map_err(in_batch)?;
+    let losses = maskaudit_torch::loss::batch::token_losses(&logits, &input_ids, path, line)?;
     let finite = Tensor::f_from_slice(&[true]).map_err(in_batch)?;
     Ok((losses, finite))
 }

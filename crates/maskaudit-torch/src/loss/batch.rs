@@ -58,7 +58,37 @@ impl BatchTensors {
     /// waiting for that work to finish, as a copy from pageable memory makes it wait.
     /// libtorch's pinned-memory allocator keeps the host buffer until the copy has run.
     pub fn new(batch: &Batch, device: Device) -> Result<Self, tch::TchError> {
-        let shape = [batch.rows as i64, batch.seq_len as i64];
+        Self::with_columns(batch, device, batch.seq_len, 0)
+    }
+
+    /// [`Self::new`] with every row extended to `columns` (at least the batch's `seq_len`):
+    /// the columns past it are padding, id `pad_id`, attention 0, position ids continuing the
+    /// row's count, as the batcher pads ([`gpu_columns`] says why).
+    pub fn with_columns(
+        batch: &Batch,
+        device: Device,
+        columns: usize,
+        pad_id: i64,
+    ) -> Result<Self, tch::TchError> {
+        let t = batch.seq_len;
+        let columns = columns.max(t);
+        let widen = |v: &[i64], fill: &dyn Fn(&[i64], usize) -> i64| -> Vec<i64> {
+            if columns == t {
+                return v.to_vec();
+            }
+            let mut out = Vec::with_capacity(batch.rows * columns);
+            for row in v.chunks(t.max(1)).take(batch.rows) {
+                out.extend_from_slice(row);
+                out.extend((1..=columns - t).map(|k| fill(row, k)));
+            }
+            out
+        };
+        let ids = widen(&batch.input_ids, &|_, _| pad_id);
+        let mask = widen(&batch.attention_mask, &|_, _| 0);
+        let positions = widen(&batch.position_ids, &|row, k| {
+            row.last().copied().unwrap_or(-1) + k as i64
+        });
+        let shape = [batch.rows as i64, columns as i64];
         let upload = |v: &[i64]| -> Result<Tensor, tch::TchError> {
             let host = Tensor::f_from_slice(v)?.f_view(shape)?;
             if device.is_cuda() {
@@ -69,10 +99,44 @@ impl BatchTensors {
             }
         };
         Ok(Self {
-            input_ids: upload(&batch.input_ids)?,
-            attention_mask: upload(&batch.attention_mask)?,
-            position_ids: upload(&batch.position_ids)?,
+            input_ids: upload(&ids)?,
+            attention_mask: upload(&mask)?,
+            position_ids: upload(&positions)?,
         })
+    }
+
+    /// The first `columns` of each row: views, no copy.
+    pub fn narrow(&self, columns: usize) -> Result<Self, tch::TchError> {
+        let view = |t: &Tensor| t.f_narrow(1, 0, columns as i64);
+        Ok(Self {
+            input_ids: view(&self.input_ids)?,
+            attention_mask: view(&self.attention_mask)?,
+            position_ids: view(&self.position_ids)?,
+        })
+    }
+}
+
+/// The columns a batch of `seq_len` tokens runs with on a GPU: `seq_len` rounded up to a
+/// multiple of an eighth of the power of two below it (16 at least), never past `limit`.
+///
+/// Why: on a GPU, libtorch's cuDNN attention builds an execution plan for every new input shape,
+/// about 75 ms on an H100, and batches of varying length are a new shape almost every time:
+/// that doubled a Qwen2-0.5B-shaped model's forward (docs/performance.md, issue 22). Rounded
+/// up, a dataset has at most eight shapes per doubling of length, for at most 1/8 more columns.
+/// The columns appended are padding at the end of every row, which a causal model's earlier
+/// positions do not see (what the consistency probe checks, "when padding columns were
+/// appended"), and their losses are dropped.
+pub fn gpu_columns(seq_len: usize, limit: Option<usize>) -> usize {
+    let step = if seq_len <= 1 {
+        16
+    } else {
+        let below = 1usize << (usize::BITS - 1 - seq_len.leading_zeros());
+        (below / 8).max(16)
+    };
+    let rounded = seq_len.div_ceil(step).saturating_mul(step);
+    match limit {
+        Some(limit) => rounded.min(limit).max(seq_len),
+        None => rounded,
     }
 }
 
@@ -197,6 +261,55 @@ mod tests {
             "{err}"
         );
         assert!(err.ends_with("lower --batch-size"), "{err}");
+    }
+
+    #[test]
+    fn gpu_columns_round_up_by_an_eighth_of_the_power_of_two_below() {
+        let cases = [
+            (0, None, 0),
+            (1, None, 16),
+            (2, None, 16),
+            (16, None, 16),
+            (17, None, 32),
+            (200, None, 208),
+            (1024, None, 1024),
+            (1025, None, 1152),
+            (1934, None, 2048),
+            (2048, None, 2048),
+            (2049, None, 2304),
+            (1934, Some(2000), 2000),
+            (1934, Some(1934), 1934),
+            // A limit below the batch is the length check's business: never fewer columns.
+            (1934, Some(1000), 1934),
+        ];
+        for (len, limit, want) in cases {
+            assert_eq!(gpu_columns(len, limit), want, "{len} {limit:?}");
+        }
+        // At most eight shapes per doubling, each at most an eighth longer than its batch.
+        let shapes: std::collections::BTreeSet<usize> =
+            (1025..=2048).map(|t| gpu_columns(t, None)).collect();
+        assert_eq!(shapes.len(), 8);
+        assert!((2..5000).all(|t| gpu_columns(t, None) * 8 <= t * 9 + 16 * 8));
+    }
+
+    #[test]
+    fn appended_columns_are_padding_continuing_each_row() {
+        let mut batcher = Batcher::new(2, Some(5), "d.jsonl");
+        assert!(batcher.push(Row::new(1, vec![7, 8, 9])).unwrap().is_none());
+        let batch = batcher
+            .push(Row::new(2, vec![4]))
+            .unwrap()
+            .expect("a batch of two rows");
+        let t = BatchTensors::with_columns(&batch, Device::Cpu, 5, 3).unwrap();
+        let rows = |x: &Tensor| Vec::<Vec<i64>>::try_from(x).unwrap();
+        assert_eq!(rows(&t.input_ids), [[7, 8, 9, 3, 3], [4, 5, 5, 3, 3]]);
+        assert_eq!(rows(&t.attention_mask), [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0]]);
+        assert_eq!(rows(&t.position_ids), [[0, 1, 2, 3, 4], [0, 1, 2, 3, 4]]);
+        let plain = BatchTensors::new(&batch, Device::Cpu).unwrap();
+        let narrowed = t.narrow(3).unwrap();
+        assert!(narrowed.input_ids.equal(&plain.input_ids));
+        assert!(narrowed.attention_mask.equal(&plain.attention_mask));
+        assert!(narrowed.position_ids.equal(&plain.position_ids));
     }
 
     #[test]

@@ -364,6 +364,22 @@ pub fn queue_token_losses(
     logits: &Tensor,
     input_ids: &Tensor,
 ) -> Result<Option<QueuedLosses>, tch::TchError> {
+    queue_token_losses_of(
+        logits,
+        input_ids,
+        logits.size().get(1).copied().unwrap_or(0),
+    )
+}
+
+/// [`queue_token_losses`] for the first `columns` of the batch's T (2 ≤ `columns` ≤ T): the
+/// losses `[B, columns-1]`, and finiteness over those positions alone. The columns past them
+/// are the padding appended to round a batch's shape up ([`super::batch::gpu_columns`]): the
+/// kernel runs over them too (one launch over the whole batch), and their results are dropped.
+pub fn queue_token_losses_of(
+    logits: &Tensor,
+    input_ids: &Tensor,
+    columns: i64,
+) -> Result<Option<QueuedLosses>, tch::TchError> {
     let size = logits.size();
     let Device::Cuda(index) = logits.device() else {
         return Ok(None);
@@ -378,7 +394,9 @@ pub fn queue_token_losses(
         return Ok(None);
     }
     let (b, t, v) = (size[0], size[1], size[2]);
-    if input_ids.size() != [b, t]
+    if columns < 2
+        || columns > t
+        || input_ids.size() != [b, t]
         || input_ids.kind() != Kind::Int64
         || input_ids.device() != logits.device()
     {
@@ -421,6 +439,15 @@ pub fn queue_token_losses(
             .map_err(tch::TchError::Torch)?;
     }
     RAN.fetch_or(RAN_FUSED, Ordering::Relaxed);
+    if columns < t {
+        return Ok(Some(QueuedLosses {
+            losses: losses.f_narrow(1, 0, columns - 1)?,
+            finite: ok
+                .f_view([b, t - 1])?
+                .f_narrow(1, 0, columns - 1)?
+                .f_all()?,
+        }));
+    }
     Ok(Some(QueuedLosses {
         losses,
         finite: ok.f_all()?,

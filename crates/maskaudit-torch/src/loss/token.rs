@@ -113,15 +113,29 @@ pub fn queue_flat_token_losses(
     input_ids: &Tensor,
     chunk_elements: i64,
 ) -> Result<QueuedLosses, tch::TchError> {
+    let columns = logits.size().get(1).copied().unwrap_or(0);
+    queue_flat_token_losses_of(logits, input_ids, chunk_elements, columns)
+}
+
+/// [`queue_flat_token_losses`] for the first `columns` of the batch's T (2 ≤ `columns` ≤ T):
+/// losses `[B, columns-1]` and their finiteness, the columns past them (padding appended to
+/// round the batch's shape up, [`super::batch::gpu_columns`]) computed and dropped.
+pub fn queue_flat_token_losses_of(
+    logits: &Tensor,
+    input_ids: &Tensor,
+    chunk_elements: i64,
+    columns: i64,
+) -> Result<QueuedLosses, tch::TchError> {
     if logits.device().is_cuda() {
         if super::cuda_ce::enabled() {
-            if let Some(queued) = super::cuda_ce::queue_token_losses(logits, input_ids)? {
+            if let Some(queued) = super::cuda_ce::queue_token_losses_of(logits, input_ids, columns)?
+            {
                 return Ok(queued);
             }
         }
         super::cuda_ce::note_libtorch_ran();
     }
-    queue_libtorch_token_losses(logits, input_ids, chunk_elements)
+    queue_libtorch_token_losses_of(logits, input_ids, chunk_elements, columns)
 }
 
 /// [`queue_flat_token_losses`] with libtorch's kernels, chunked (see [`flat_token_losses`]).
@@ -130,9 +144,25 @@ pub fn queue_libtorch_token_losses(
     input_ids: &Tensor,
     chunk_elements: i64,
 ) -> Result<QueuedLosses, tch::TchError> {
-    use std::sync::atomic::Ordering;
+    let columns = logits.size().get(1).copied().unwrap_or(0);
+    queue_libtorch_token_losses_of(logits, input_ids, chunk_elements, columns)
+}
+
+/// [`queue_libtorch_token_losses`] for the first `columns` of the batch's T, as
+/// [`queue_flat_token_losses_of`].
+fn queue_libtorch_token_losses_of(
+    logits: &Tensor,
+    input_ids: &Tensor,
+    chunk_elements: i64,
+    columns: i64,
+) -> Result<QueuedLosses, tch::TchError> {
     let size = logits.size();
     let (b, t, v) = (size[0], size[1], size[2]);
+    if columns < 2 || columns > t {
+        return Err(tch::TchError::Shape(format!(
+            "losses of {columns} columns asked of logits with {t}"
+        )));
+    }
     let device = logits.device();
     let kind = logits.kind();
     let n = b * t;
@@ -168,21 +198,7 @@ pub fn queue_libtorch_token_losses(
             1,
             false,
         )?;
-        let out = scratch.f_narrow(0, 0, m)?;
-        let log_probs = match kind {
-            Kind::Float => x.f_internal_log_softmax_out(&out, 1, false)?,
-            Kind::Half => x.f_internal_log_softmax_out(&out, 1, true)?,
-            _ if BF16_TO_FLOAT_LOG_SOFTMAX.load(Ordering::Relaxed) => {
-                match x.f_internal_log_softmax_out(&out, 1, true) {
-                    Ok(lp) => lp,
-                    Err(_) => {
-                        BF16_TO_FLOAT_LOG_SOFTMAX.store(false, Ordering::Relaxed);
-                        x.f_log_softmax_int_out(&out, 1, Kind::Float)?
-                    }
-                }
-            }
-            _ => x.f_log_softmax_int_out(&out, 1, Kind::Float)?,
-        };
+        let log_probs = log_softmax_into(&x, &scratch.f_narrow(0, 0, m)?)?;
         let _ = log_probs.f_nll_loss_out::<Tensor>(
             &losses.f_narrow(0, start, m)?,
             &targets.f_narrow(0, start, m)?,
@@ -192,15 +208,35 @@ pub fn queue_libtorch_token_losses(
         )?;
         start += m;
     }
-    let used = |x: &Tensor| x.f_view([b, t])?.f_narrow(1, 0, t - 1);
+    let used = |x: &Tensor| x.f_view([b, t])?.f_narrow(1, 0, columns - 1);
     let finite = used(&lo)?
         .f_isfinite()?
         .f_logical_and(&used(&hi)?.f_isfinite()?)?
         .f_all()?;
     Ok(QueuedLosses {
-        losses: losses.f_view([b, t])?.f_narrow(1, 0, t - 1)?,
+        losses: used(&losses)?,
         finite,
     })
+}
+
+/// The float32 log-softmax of a chunk of logits `x` `[m, V]` into `out`: half-precision logits
+/// upcast inside the kernel where libtorch takes it (see [`flat_token_losses`]).
+fn log_softmax_into(x: &Tensor, out: &Tensor) -> Result<Tensor, tch::TchError> {
+    use std::sync::atomic::Ordering;
+    match x.kind() {
+        Kind::Float => x.f_internal_log_softmax_out(out, 1, false),
+        Kind::Half => x.f_internal_log_softmax_out(out, 1, true),
+        _ if BF16_TO_FLOAT_LOG_SOFTMAX.load(Ordering::Relaxed) => {
+            match x.f_internal_log_softmax_out(out, 1, true) {
+                Ok(lp) => Ok(lp),
+                Err(_) => {
+                    BF16_TO_FLOAT_LOG_SOFTMAX.store(false, Ordering::Relaxed);
+                    x.f_log_softmax_int_out(out, 1, Kind::Float)
+                }
+            }
+        }
+        _ => x.f_log_softmax_int_out(out, 1, Kind::Float),
+    }
 }
 
 /// Cross-entropy of the logits at t against `input_ids[t+shift]`, `[B, T-shift]`, with
@@ -987,6 +1023,37 @@ mod tests {
             let _ = x.select(0, 2).select(0, 3).narrow(0, 4, 1).fill_(bad);
             assert!(flat_token_losses(&x, &ids, 22).unwrap().is_none(), "{bad}");
         }
+    }
+
+    /// Losses of a batch's first columns from logits with padding columns appended: the same
+    /// as the batch alone, finiteness over those columns only.
+    #[test]
+    fn losses_of_the_first_columns_ignore_the_appended_ones() {
+        let _guard = tch::no_grad_guard();
+        tch::manual_seed(6);
+        let (b, t, extra, v) = (3, 7, 5, 11);
+        let logits = Tensor::randn([b, t + extra, v], (Kind::Float, Device::Cpu)) * 3.0;
+        let ids = Tensor::randint(v, [b, t + extra], (Kind::Int64, Device::Cpu));
+        let alone = queue_flat_token_losses(
+            &logits.narrow(1, 0, t).contiguous(),
+            &ids.narrow(1, 0, t).contiguous(),
+            22,
+        )
+        .unwrap();
+        let of = queue_flat_token_losses_of(&logits, &ids, 22, t).unwrap();
+        assert_eq!(of.losses.size(), vec![b, t - 1]);
+        assert!(of.losses.equal(&alone.losses));
+        assert!(bool::try_from(&of.finite).unwrap());
+        // A non-finite logit in an appended column is not the batch's; one in its own is.
+        let x = logits.copy();
+        let _ = x.select(1, t + 1).fill_(f64::NAN);
+        let of = queue_flat_token_losses_of(&x, &ids, 22, t).unwrap();
+        assert!(bool::try_from(&of.finite).unwrap());
+        let _ = x.select(1, t - 2).fill_(f64::INFINITY);
+        let of = queue_flat_token_losses_of(&x, &ids, 22, t).unwrap();
+        assert!(!bool::try_from(&of.finite).unwrap());
+        assert!(queue_flat_token_losses_of(&logits, &ids, 22, t + extra + 1).is_err());
+        assert!(queue_flat_token_losses_of(&logits, &ids, 22, 1).is_err());
     }
 
     #[test]
