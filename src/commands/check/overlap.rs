@@ -235,15 +235,10 @@ impl Overlap {
         let t = batch.seq_len;
         let columns = self.columns(model, t);
         let in_batch = |e: tch::TchError| ModelError::in_batch(&path, line, &e);
-        let padded =
-            BatchTensors::with_columns(&batch, model.device(), columns, opts.pad_id.unwrap_or(0))?;
-        let padded_logits = model
-            .logits_at(
-                &padded.input_ids,
-                &padded.attention_mask,
-                &padded.position_ids,
-            )
-            .map_err(|e| e.at_batch(&path, line))?;
+        let pad_id = opts.pad_id.unwrap_or(0);
+        let (padded, padded_logits) =
+            rounded_or_own(columns, t, |c| forward(model, &batch, c, pad_id))
+                .map_err(|e| e.at_batch(&path, line))?;
         let forwarded = timed.then(|| CudaEvent::record_timed(self.device_index));
         let (losses, finite) = queue_losses(&padded_logits, &padded.input_ids, t, &path, line)?;
         let probe = if want_rows {
@@ -329,6 +324,37 @@ impl Overlap {
         }
         Ok(())
     }
+}
+
+/// `run` at the rounded `columns`; where the GPU lacks the memory for their extra logits, at
+/// the batch's own `seq_len`, as without rounding.
+fn rounded_or_own<T>(
+    columns: usize,
+    seq_len: usize,
+    run: impl Fn(usize) -> Result<T, ModelError>,
+) -> Result<T, ModelError> {
+    match run(columns) {
+        Err(e) if columns > seq_len && consistency::is_out_of_memory(&e.to_string()) => {
+            run(seq_len)
+        }
+        done => done,
+    }
+}
+
+/// The batch's tensors extended to `columns`, and the forward's logits `[B, columns, V]`.
+fn forward(
+    model: &dyn LoadedModel,
+    batch: &Batch,
+    columns: usize,
+    pad_id: i64,
+) -> Result<(BatchTensors, Tensor), ModelError> {
+    let tensors = BatchTensors::with_columns(batch, model.device(), columns, pad_id)?;
+    let logits = model.logits_at(
+        &tensors.input_ids,
+        &tensors.attention_mask,
+        &tensors.position_ids,
+    )?;
+    Ok((tensors, logits))
 }
 
 /// The batch's per-token losses and a flag saying whether all were finite, queued on the
@@ -421,4 +447,28 @@ pub(super) enum Queued {
     InFlight(InFlight, ProbeWork),
     /// One-token rows: no next-token position, nothing to run.
     Empty(Batch),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rounded_shape_without_memory_runs_at_the_batch_length() {
+        let oom = || ModelError::Torch("CUDA out of memory. Tried to allocate 2.00 GiB".into());
+        let fits_up_to = |limit: usize| move |c: usize| if c <= limit { Ok(c) } else { Err(oom()) };
+        assert_eq!(rounded_or_own(2048, 1934, fits_up_to(4096)).unwrap(), 2048);
+        assert_eq!(rounded_or_own(2048, 1934, fits_up_to(2000)).unwrap(), 1934);
+        // Without rounding, or short of memory even at its own length: the error stands.
+        assert!(rounded_or_own(1934, 1934, fits_up_to(1000)).is_err());
+        assert!(rounded_or_own(2048, 1934, fits_up_to(1000)).is_err());
+        // Another error is not retried.
+        let calls = std::cell::Cell::new(0);
+        let failed = rounded_or_own(2048, 1934, |_| -> Result<usize, ModelError> {
+            calls.set(calls.get() + 1);
+            Err(ModelError::Torch("shape mismatch".into()))
+        });
+        assert!(failed.is_err());
+        assert_eq!(calls.get(), 1);
+    }
 }
