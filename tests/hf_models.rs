@@ -205,3 +205,82 @@ fn a_trace_from_another_device_is_named_as_such() {
     );
     assert_eq!(out.code, 0, "{out:?}");
 }
+
+/// A batch rounded up to fewer shapes on a GPU (`loss::batch::rounded_columns`) gives the
+/// batch's own per-token losses, padding positions included: the appended columns are padding
+/// at the end of each row, which these exported causal models' earlier positions do not see.
+/// (Gemma2's sliding window of 16 is why batches with a position that sees no key are not
+/// rounded: this test failed on its padding 22 positions past a row's last token.) Run on the
+/// CPU with the same tensors and cross-entropy entry point the GPU path uses, for every
+/// exported architecture (GPT-2's learned positions cap the columns at its record's limit) and
+/// for trl's packed rows through the packed-layout trace.
+#[test]
+fn batches_rounded_up_give_the_batchs_own_losses() {
+    use maskaudit_core::data::batch::Batcher;
+    use maskaudit_core::data::{parse_row, FieldNames};
+    use maskaudit_torch::loss::batch::{rounded_columns, BatchTensors};
+    use maskaudit_torch::loss::{queue_flat_token_losses, queue_flat_token_losses_of};
+    use maskaudit_torch::model::{self, LoadOptions};
+    use tch::{Device, Tensor};
+
+    let _guard = tch::no_grad_guard();
+    let dir = models_dir();
+    let trl = dir.join("trl");
+    let mut cases: Vec<(String, PathBuf, PathBuf)> = ["llama", "qwen2", "gemma2", "gpt2", "phi3"]
+        .iter()
+        .map(|a| {
+            (
+                a.to_string(),
+                dir.join(a).join("model.pt"),
+                dir.join(a).join("data.jsonl"),
+            )
+        })
+        .collect();
+    cases.push((
+        "trl packed".into(),
+        trl.join("model.pt"),
+        trl.join("packed_position_ids/data.jsonl"),
+    ));
+    for (name, model_path, data) in cases {
+        let model = model::load(&model_path, Device::Cpu, &LoadOptions::default()).unwrap();
+        let text = std::fs::read_to_string(&data).unwrap();
+        let fields = FieldNames::default();
+        let mut batcher = Batcher::new(3, Some(0), "d.jsonl");
+        let mut batches = vec![];
+        for (i, line) in text.lines().enumerate() {
+            let row = parse_row(line, "d.jsonl", i + 1, &fields).unwrap();
+            batches.extend(batcher.push(row).unwrap());
+        }
+        batches.extend(batcher.finish().unwrap());
+        let mut rounded_batches = 0;
+        for batch in &batches {
+            let t = batch.seq_len;
+            let columns = rounded_columns(batch, model.record());
+            let losses = |columns: usize| -> Tensor {
+                let x = BatchTensors::with_columns(batch, Device::Cpu, columns, 0).unwrap();
+                let logits = model
+                    .logits_at(&x.input_ids, &x.attention_mask, &x.position_ids)
+                    .unwrap();
+                let q = if columns == t {
+                    queue_flat_token_losses(&logits, &x.input_ids, 1 << 20)
+                } else {
+                    queue_flat_token_losses_of(&logits, &x.input_ids, 1 << 20, t as i64)
+                }
+                .unwrap();
+                assert!(bool::try_from(&q.finite).unwrap(), "{name}");
+                q.losses
+            };
+            let (own, rounded) = (losses(t), losses(columns));
+            assert_eq!(rounded.size(), own.size(), "{name}");
+            let worst = ((&rounded - &own).abs() / (own.abs() * 1e-5 + 1e-6))
+                .max()
+                .double_value(&[]);
+            assert!(
+                worst <= 1.0,
+                "{name}, {t} -> {columns} columns: {worst} of 1e-5"
+            );
+            rounded_batches += usize::from(columns > t);
+        }
+        assert!(rounded_batches > 0, "{name}: no batch was rounded up");
+    }
+}

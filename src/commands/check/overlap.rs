@@ -12,7 +12,7 @@ use crate::data::batch::Batch;
 use crate::model::consistency::{self, Consistency, ProbeRows};
 use crate::model::{self, CudaEvent, LoadedModel, ModelError};
 use maskaudit_core::loss::aggregate::LossTotals;
-use maskaudit_torch::loss::batch::{gpu_columns, BatchTensors};
+use maskaudit_torch::loss::batch::{rounded_columns, BatchTensors};
 
 /// The batches of a plain audit on a GPU through [`Overlap`]. The consistency probe's rows are
 /// copied out of the first batch and probed on a thread of its own while the later batches
@@ -233,7 +233,7 @@ impl Overlap {
         let timed = self.times.is_some();
         let start = timed.then(|| CudaEvent::record_timed(self.device_index));
         let t = batch.seq_len;
-        let columns = self.columns(model, t);
+        let columns = self.columns(model, &batch);
         let in_batch = |e: tch::TchError| ModelError::in_batch(&path, line, &e);
         let pad_id = opts.pad_id.unwrap_or(0);
         let (padded, padded_logits) =
@@ -274,19 +274,12 @@ impl Overlap {
         ))
     }
 
-    /// The columns a batch of `seq_len` runs with: rounded up (`gpu_columns`) for a model with
-    /// an exporter record, whose export verified the trace on padded rows; a file without one
-    /// could be anything, so its batches run as they are. Never past the record's position
-    /// limit.
-    fn columns(&self, model: &dyn LoadedModel, seq_len: usize) -> usize {
-        match model.record() {
-            Some(record) if self.shape_buckets => {
-                let limit = record
-                    .position_limit()
-                    .map(|l| usize::try_from(l).unwrap_or(0));
-                gpu_columns(seq_len, limit)
-            }
-            _ => seq_len,
+    /// The columns `batch` runs with (`rounded_columns`, unless `MASKAUDIT_SHAPE_BUCKETS=0`).
+    fn columns(&self, model: &dyn LoadedModel, batch: &Batch) -> usize {
+        if self.shape_buckets {
+            rounded_columns(batch, model.record())
+        } else {
+            batch.seq_len
         }
     }
 

@@ -135,6 +135,39 @@ impl Batch {
         lengths
     }
 
+    /// Whether every position of every row sees a key the model attends to: itself, or an
+    /// earlier attended token of its document (a document starts wherever the position ids do
+    /// not go up by one, the exporter's rule), within `window` positions for a model with a
+    /// sliding window. A position that sees none (left padding; padding further past its row's
+    /// last token than the window reaches) gets its attention spread over every column under an
+    /// additive mask, future ones included, so its logits depend on the batch's length: such a
+    /// batch is not rounded up to fewer shapes on a GPU.
+    pub fn every_position_sees_a_key(&self, window: Option<usize>) -> bool {
+        let t = self.seq_len.max(1);
+        let rows = self
+            .attention_mask
+            .chunks(t)
+            .zip(self.position_ids.chunks(t));
+        rows.take(self.rows).all(|(mask, positions)| {
+            let mut last: Option<usize> = None;
+            let mut previous: Option<i64> = None;
+            for (q, (&m, &p)) in mask.iter().zip(positions).enumerate() {
+                if previous.is_some_and(|prev| p != prev.saturating_add(1)) {
+                    last = None;
+                }
+                previous = Some(p);
+                if m != 0 {
+                    last = Some(q);
+                }
+                let seen = last.is_some_and(|l| window.is_none_or(|w| q.saturating_sub(l) < w));
+                if !seen {
+                    return false;
+                }
+            }
+            true
+        })
+    }
+
     /// `m[b,t] = mask[b,t+shift]`, shape `rows × (seq_len-shift)`.
     pub fn shifted_mask(&self, shift: usize) -> Vec<u8> {
         shifted(&self.mask, self.rows, self.seq_len, shift)
@@ -389,6 +422,35 @@ mod tests {
 
     fn row(line: usize, ids: &[i64]) -> Row {
         Row::new(line, ids.to_vec())
+    }
+
+    #[test]
+    fn a_position_that_sees_no_key_is_found() {
+        let fields = crate::data::FieldNames::default();
+        let parse = |json: &str| crate::data::parse_row(json, "d", 1, &fields).unwrap();
+        let batch = |rows: &[Row]| {
+            pad_rows(rows, PaddingRule::new(Some(0), None), "d", Unit::Line).unwrap()
+        };
+        // Right padding sees the row's tokens; without a window, however far.
+        let right = batch(&[row(1, &[4, 5, 6, 7, 8, 9]), row(2, &[7])]);
+        assert!(right.every_position_sees_a_key(None));
+        assert!(right.every_position_sees_a_key(Some(6)));
+        // With a window of 3, the shorter row's padding 3 and more past its token sees none.
+        assert!(!right.every_position_sees_a_key(Some(3)));
+        // Left padding sees nothing before the first token.
+        let left = batch(&[parse(
+            r#"{"input_ids":[0,0,5,6],"attention_mask":[0,0,1,1]}"#,
+        )]);
+        assert!(!left.every_position_sees_a_key(None));
+        // A packed row: each document's first token sees itself; a masked one would not.
+        let packed = batch(&[parse(
+            r#"{"input_ids":[1,2,3,4,5],"position_ids":[0,1,0,1,2]}"#,
+        )]);
+        assert!(packed.every_position_sees_a_key(None));
+        let masked = batch(&[parse(
+            r#"{"input_ids":[1,2,3,4,5],"position_ids":[0,1,0,1,2],"attention_mask":[1,1,0,1,1]}"#,
+        )]);
+        assert!(!masked.every_position_sees_a_key(None));
     }
 
     #[test]

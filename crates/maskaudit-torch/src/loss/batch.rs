@@ -7,6 +7,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::data::batch::Batch;
 use crate::data::{DataError, FieldNames, Pos, Row, Unit};
+use crate::model::record::ExportRecord;
 use crate::model::{self, LanguageModel, ModelError};
 use crate::sys;
 
@@ -114,6 +115,23 @@ impl BatchTensors {
             position_ids: view(&self.position_ids)?,
         })
     }
+}
+
+/// The columns `batch` runs with on a GPU: [`gpu_columns`] for a model with an exporter record,
+/// whose export verified the trace on padded rows, never past its position limit. A file
+/// without one could be anything, so its batches run as they are; so does a batch with a
+/// position that sees no key (`Batch::every_position_sees_a_key`, within the record's sliding
+/// window): its logits there would move with the appended columns.
+pub fn rounded_columns(batch: &Batch, record: Option<&ExportRecord>) -> usize {
+    let t = batch.seq_len;
+    let Some(record) = record else {
+        return t;
+    };
+    let size = |l: i64| usize::try_from(l).unwrap_or(0);
+    if !batch.every_position_sees_a_key(record.sliding_window.map(size)) {
+        return t;
+    }
+    gpu_columns(t, record.position_limit().map(size))
 }
 
 /// The columns a batch of `seq_len` tokens runs with on a GPU: `seq_len` rounded up to a

@@ -43,6 +43,9 @@ pub struct ExportRecord {
     pub length_limit: Option<i64>,
     #[serde(default)]
     pub trace_length: Option<i64>,
+    /// The config's `sliding_window`, for a model whose attention has one.
+    #[serde(default)]
+    pub sliding_window: Option<i64>,
     /// Sequence lengths at which the exporter compared the trace with the eager model.
     #[serde(default)]
     pub verified_lengths: Vec<i64>,
