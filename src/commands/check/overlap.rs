@@ -242,7 +242,7 @@ impl Overlap {
         let forwarded = timed.then(|| CudaEvent::record_timed(self.device_index));
         let (losses, finite) = queue_losses(&padded_logits, &padded.input_ids, t, &path, line)?;
         let probe = if want_rows {
-            // The probe sees the batch as it is: the appended columns are views' business.
+            // The probe sees the batch's own columns: views into the rounded tensors.
             let tensors = padded.narrow(t).map_err(in_batch)?;
             let logits = padded_logits.f_narrow(1, 0, t as i64).map_err(in_batch)?;
             probe_work(model, &tensors, &logits, &batch, opts, &path)?

@@ -2,6 +2,8 @@
 //! device, run through the forward, and its per-token losses computed. Shared by `check` and
 //! the user-loss audit ([`crate::loss::user`]).
 
+use std::borrow::Cow;
+
 use anyhow::{Context, Result};
 use tch::{Device, Kind, Tensor};
 
@@ -73,20 +75,25 @@ impl BatchTensors {
     ) -> Result<Self, tch::TchError> {
         let t = batch.seq_len;
         let columns = columns.max(t);
-        let widen = |v: &[i64], fill: &dyn Fn(&[i64], usize) -> i64| -> Vec<i64> {
+        fn widen<'a>(
+            v: &'a [i64],
+            (rows, t, columns): (usize, usize, usize),
+            fill: impl Fn(&[i64], usize) -> i64,
+        ) -> Cow<'a, [i64]> {
             if columns == t {
-                return v.to_vec();
+                return Cow::Borrowed(v);
             }
-            let mut out = Vec::with_capacity(batch.rows * columns);
-            for row in v.chunks(t.max(1)).take(batch.rows) {
+            let mut out = Vec::with_capacity(rows * columns);
+            for row in v.chunks(t.max(1)).take(rows) {
                 out.extend_from_slice(row);
                 out.extend((1..=columns - t).map(|k| fill(row, k)));
             }
-            out
-        };
-        let ids = widen(&batch.input_ids, &|_, _| pad_id);
-        let mask = widen(&batch.attention_mask, &|_, _| 0);
-        let positions = widen(&batch.position_ids, &|row, k| {
+            Cow::Owned(out)
+        }
+        let dims = (batch.rows, t, columns);
+        let ids = widen(&batch.input_ids, dims, |_, _| pad_id);
+        let mask = widen(&batch.attention_mask, dims, |_, _| 0);
+        let positions = widen(&batch.position_ids, dims, |row, k| {
             row.last().copied().unwrap_or(-1) + k as i64
         });
         let shape = [batch.rows as i64, columns as i64];
