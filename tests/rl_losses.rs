@@ -7,7 +7,6 @@ mod common;
 use common::*;
 use serde_json::Value;
 
-const POLICY: &str = "logprobs,old_logprobs,advantages,response_mask";
 const PREFERENCE: &str = "chosen_logprobs,rejected_logprobs,chosen_mask,rejected_mask,ref_chosen_logprobs,ref_rejected_logprobs";
 
 fn expected() -> Value {
@@ -43,11 +42,7 @@ fn every_policy_loss_is_classified_with_the_generators_weights() {
     let cases = expected["policy"].as_object().unwrap();
     assert!(cases.len() >= 10);
     for (name, want) in cases {
-        let args = if want["takes_count"].as_bool().unwrap() {
-            format!("{POLICY},num_items_in_batch")
-        } else {
-            POLICY.to_string()
-        };
+        let args = policy_loss_args(want);
         let (json, out) = run("rollouts.jsonl", name, &args, &[]);
         let user = &json["user_loss"];
         assert_eq!(

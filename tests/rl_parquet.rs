@@ -6,7 +6,6 @@ mod common;
 use common::*;
 use serde_json::Value;
 
-const POLICY: &str = "logprobs,old_logprobs,advantages,response_mask";
 const PREFERENCE: &str = "chosen_logprobs,rejected_logprobs,chosen_mask,rejected_mask,ref_chosen_logprobs,ref_rejected_logprobs";
 
 fn both(data: &str, loss: &str, args: &str) -> [(Value, Output); 2] {

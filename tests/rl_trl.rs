@@ -10,7 +10,6 @@ mod common;
 use common::*;
 use serde_json::Value;
 
-const POLICY: &str = "logprobs,old_logprobs,advantages,response_mask";
 const PREFERENCE: &str = "chosen_logprobs,rejected_logprobs,chosen_mask,rejected_mask,ref_chosen_logprobs,ref_rejected_logprobs";
 
 fn dir() -> std::path::PathBuf {
@@ -51,11 +50,7 @@ fn trls_grpo_loss_types_are_classified_as_trls_code_reads() {
         );
     }
     for (name, want) in cases {
-        let args = if want["takes_count"].as_bool().unwrap() {
-            format!("{POLICY},num_items_in_batch")
-        } else {
-            POLICY.to_string()
-        };
+        let args = policy_loss_args(want);
         let (json, out) = check("rollouts.jsonl", name, &args, &[]);
         let user = &json["user_loss"];
         assert_eq!(

@@ -272,6 +272,19 @@ pub fn hf_models(sub: &str, file: &str) -> PathBuf {
     dir
 }
 
+/// The `--loss-args` of a policy loss over rollouts (tests/rl_*.rs).
+pub const POLICY: &str = "logprobs,old_logprobs,advantages,response_mask";
+
+/// [`POLICY`] for a case of a generator's expected.json, with `num_items_in_batch` where the
+/// case takes the count (`takes_count`).
+pub fn policy_loss_args(want: &serde_json::Value) -> String {
+    if want["takes_count"].as_bool().unwrap() {
+        format!("{POLICY},num_items_in_batch")
+    } else {
+        POLICY.to_string()
+    }
+}
+
 /// `check --format json` of fixtures/tiny_lm.pt on policy rollouts or preference pairs with a
 /// `--loss` file, four rows (pairs) a batch, on the CPU (tests/rl_losses.rs, tests/rl_trl.rs).
 pub fn check_rl(data: &str, loss: &str, args: &str, extra: &[&str]) -> (serde_json::Value, Output) {
