@@ -115,18 +115,25 @@ fn a_launch_leaves_the_threads_context_as_it_found_it() {
 }
 
 /// The fused losses of a batch's first columns, from logits with padding columns appended (a
-/// batch rounded up to fewer shapes): exactly the losses of those columns alone, and a
-/// non-finite logit in an appended column is not the batch's.
+/// batch rounded up to fewer shapes): the losses of those columns alone, and a non-finite
+/// logit in an appended column is not the batch's. Bit for bit where every logits row starts
+/// on a 16-byte boundary (1024); with 1003 a row's alignment, and so the kernel's split into
+/// scalars and vectors and its order of summing, depends on T: equal to float rounding.
 #[test]
 fn losses_of_the_first_columns_are_those_of_the_batch_alone() {
     let Some(device) = cuda() else { return };
     let _guard = tch::no_grad_guard();
     tch::manual_seed(40);
-    for kind in [Kind::Float, Kind::BFloat16] {
+    for (kind, vocab) in [
+        (Kind::Float, 1003),
+        (Kind::BFloat16, 1003),
+        (Kind::Float, 1024),
+        (Kind::BFloat16, 1024),
+    ] {
         let (t, extra) = (9, 7);
         let logits =
-            (Tensor::randn([3, t + extra, 1003], (Kind::Float, device)) * 4.0).to_kind(kind);
-        let ids = Tensor::randint(1003, [3, t + extra], (Kind::Int64, device));
+            (Tensor::randn([3, t + extra, vocab], (Kind::Float, device)) * 4.0).to_kind(kind);
+        let ids = Tensor::randint(vocab, [3, t + extra], (Kind::Int64, device));
         let alone = cuda_ce::queue_token_losses(
             &logits.narrow(1, 0, t).contiguous(),
             &ids.narrow(1, 0, t).contiguous(),
@@ -136,19 +143,23 @@ fn losses_of_the_first_columns_are_those_of_the_batch_alone() {
         let of = cuda_ce::queue_token_losses_of(&logits, &ids, t)
             .unwrap()
             .unwrap();
-        assert_eq!(of.losses.size(), vec![3, t - 1], "{kind:?}");
-        assert!(of.losses.equal(&alone.losses), "{kind:?}");
-        assert!(bool::try_from(&of.finite).unwrap(), "{kind:?}");
+        assert_eq!(of.losses.size(), vec![3, t - 1], "{kind:?} {vocab}");
+        if vocab % 8 == 0 {
+            assert!(of.losses.equal(&alone.losses), "{kind:?} {vocab}");
+        } else {
+            assert_close(&of.losses, &alone.losses, &format!("{kind:?} {vocab}"));
+        }
+        assert!(bool::try_from(&of.finite).unwrap(), "{kind:?} {vocab}");
         let _ = logits.select(1, t + 2).fill_(f64::NAN);
         let of = cuda_ce::queue_token_losses_of(&logits, &ids, t)
             .unwrap()
             .unwrap();
-        assert!(bool::try_from(&of.finite).unwrap(), "{kind:?}");
+        assert!(bool::try_from(&of.finite).unwrap(), "{kind:?} {vocab}");
         let _ = logits.select(1, t - 2).fill_(f64::NAN);
         let of = cuda_ce::queue_token_losses_of(&logits, &ids, t)
             .unwrap()
             .unwrap();
-        assert!(!bool::try_from(&of.finite).unwrap(), "{kind:?}");
+        assert!(!bool::try_from(&of.finite).unwrap(), "{kind:?} {vocab}");
     }
 }
 
