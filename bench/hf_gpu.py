@@ -14,7 +14,11 @@ whose every key is masked, which a GPU rounds apart in trace and eager. Then eac
 the CPU, where it was not traced: maskaudit must either agree with the same aggregates or stop
 with exit 2 and say where the export was traced, never report other numbers. Last, the
 fixtures' odd models on the GPU (non-finite and huge logits, a float16 model, two user losses)
-must give the verdicts they give on the CPU. Prints a line per run; exit 1 on any mismatch.
+must give the verdicts they give on the CPU. Batches rounded up to fewer shapes on the GPU
+(`loss::batch::gpu_columns`) must give what each batch at its own length gives
+(MASKAUDIT_SHAPE_BUCKETS=0), every aggregate to 1e-5 (bfloat16: 1e-3), all_positions_mean
+included: on the data as it is (right-padded), and on a left-padded copy, whose padding sees no
+key and must therefore not be rounded. Prints a line per run; exit 1 on any mismatch.
 """
 import json
 import os
@@ -72,6 +76,56 @@ def check(binary, models, device):
     return bad
 
 
+def left_padded(src, dst):
+    """Each row of `src` with 1-6 pad tokens in front (attention 0, labels -100)."""
+    with open(src) as f, open(dst, "w") as out:
+        for i, line in enumerate(f):
+            row = json.loads(line)
+            k = 1 + i % 6
+            ids = [0] * k + row["input_ids"]
+            labels = [-100] * k + row.get("labels", row["input_ids"])
+            mask = [0] * k + [1] * len(row["input_ids"])
+            out.write(json.dumps({"input_ids": ids, "labels": labels, "attention_mask": mask})
+                      + "\n")
+
+
+def rounded_against_own(binary, models, device):
+    """Every aggregate with batches rounded up against each batch at its own length."""
+    bad = 0
+    archs = sorted(d for d in os.listdir(models)
+                   if all(os.path.isfile(f"{models}/{d}/{f}")
+                          for f in ("expected.json", "model.pt", "data.jsonl")))
+    for arch in archs:
+        d = f"{models}/{arch}"
+        exp = json.load(open(f"{d}/expected.json"))
+        left = f"{d}/left_padded.jsonl"
+        left_padded(f"{d}/data.jsonl", left)
+        tol = 1e-3 if arch.endswith("bf16") else 1e-5
+        for name, data in (("right-padded", f"{d}/data.jsonl"), ("left-padded", left)):
+            outs = []
+            for buckets in ("1", "0"):
+                rc, out, err = run(binary, ["check", f"{d}/model.pt", data, "--pad-id", "0",
+                                            "--batch-size", str(exp["batch_size"]), "--device",
+                                            device, "--tf32", "off", "--format", "json",
+                                            "--quiet"], {"MASKAUDIT_SHAPE_BUCKETS": buckets})
+                outs.append((rc, out, err))
+            (rc, out, err), (rc0, own, err0) = outs
+            tag = f"{arch:10s} {name:12s} rounded against own lengths"
+            if out is None or own is None:
+                print(f"{tag}: exit {rc} / {rc0}: {err[:200]} {err0[:200]} FAILED")
+                bad += 1
+                continue
+            rels = {k: abs(out["losses"][k] - v) / max(abs(v), 1e-30)
+                    for k, v in own["losses"].items() if isinstance(v, float)}
+            worst = max(rels.values())
+            ok = (worst <= tol and rc == rc0 and out["verdict"] == own["verdict"]
+                  and out["data"]["positions"] == own["data"]["positions"])
+            bad += not ok
+            print(f"{tag}: exit {rc} verdict {out['verdict']}, max relative difference "
+                  f"{worst:.2e} (tolerance {tol}) {'ok' if ok else 'MISMATCH ' + json.dumps(rels)}")
+    return bad
+
+
 def odd_fixtures(binary, fixtures, device):
     bad = 0
     cases = [["nan_logits.pt", "ragged.jsonl"], ["odd/huge_logits.pt", "ragged.jsonl"],
@@ -101,6 +155,7 @@ def main():
     device = sys.argv[5] if len(sys.argv) > 5 and sys.argv[4] == "--device" else "cuda"
     binary = os.path.abspath(binary)
     bad = check(binary, models, device)
+    bad += rounded_against_own(binary, models, device)
     bad += odd_fixtures(binary, fixtures, device)
     print(f"hf_gpu: {'all ok' if bad == 0 else f'{bad} failed'}")
     return 1 if bad else 0
